@@ -1,0 +1,65 @@
+"""Run the tidal passes over one graph, in their one fixed order: find -> plan -> rewrite.
+
+Set `TIDAL_DUMP_GRAPHS=<folder>` to write each graph's code before and after the rewrite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch.fx as fx
+
+from tidal_compile.config import ResolvedPlanConfig, TidalConfig
+from tidal_compile.passes.find_attention import AttentionSite, find_attention
+from tidal_compile.passes.plan import LayerDecision, plan_attention
+from tidal_compile.passes.rewrite_attention import rewrite_attention
+
+_graph_ids = itertools.count()
+
+
+@dataclass
+class PassResult:
+    """What the passes saw and did to one graph."""
+
+    graph_id: int
+    plan: Optional[ResolvedPlanConfig]
+    decisions: list[LayerDecision]
+    counts: Counter
+
+
+def model_depth(sites: list[AttentionSite]) -> Optional[int]:
+    """Number of layers implied by the graph: highest layer index seen + 1."""
+    layers = [s.layer for s in sites if s.layer is not None]
+    return max(layers) + 1 if layers else None
+
+
+def run_tidal_passes(gm: fx.GraphModule, config: TidalConfig,
+                     num_layers: Optional[int] = None) -> PassResult:
+    """Find, plan and rewrite the attention of `gm` in place, and recompile it."""
+    graph_id = next(_graph_ids)
+    sites = find_attention(gm.graph)
+    depth = num_layers or model_depth(sites)
+    if depth is None:  # no attention, or none with a layer index: nothing to rewrite
+        decisions = [LayerDecision(s, "unchanged", f"stays SDPA: {s.unsupported}") for s in sites]
+        return PassResult(graph_id, None, decisions, Counter())
+    family = next((s.family for s in sites if s.family), None)
+    plan = config.resolve(depth, family)
+    decisions = plan_attention(sites, plan)
+    _dump(gm, graph_id, "before")
+    counts = rewrite_attention(gm.graph, decisions, config)
+    gm.graph.lint()
+    gm.recompile()
+    _dump(gm, graph_id, "after")
+    return PassResult(graph_id, plan, decisions, counts)
+
+
+def _dump(gm: fx.GraphModule, graph_id: int, stage: str) -> None:
+    folder = os.environ.get("TIDAL_DUMP_GRAPHS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"graph_{graph_id}_{stage}.py").write_text(gm.code)

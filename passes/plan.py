@@ -1,0 +1,83 @@
+"""Decide what each attention site of a graph becomes, and why.
+
+Kinds (design section 1): `dense` (exact attention through `tidal::dense_attention`),
+`selection` (exact attention plus top-k indices), `sparse` (attention over the indices of the
+nearest earlier selection layer), `oracle` (mode topk_oracle: a layer that selects its own
+top-k and attends to it), and `unchanged` (the original SDPA node stays: prefill, or a call
+the tidal ops cannot compute). Every decision carries a one-line reason for the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from tidal_compile.config import ResolvedPlanConfig
+from tidal_compile.passes.find_attention import AttentionSite
+
+KINDS = ("dense", "selection", "sparse", "oracle", "unchanged")
+
+
+@dataclass
+class LayerDecision:
+    """What the rewrite does with one attention site."""
+
+    site: AttentionSite
+    kind: str
+    reason: str
+    source_layer: Optional[int] = None
+    """For sparse layers: the selection layer whose indices they reuse."""
+    fallback: bool = False
+    """True when the config asked for a sparse layer but it stays dense (the user is warned)."""
+
+
+def plan_attention(sites: list[AttentionSite], plan: ResolvedPlanConfig) -> list[LayerDecision]:
+    """One decision per site, in graph order."""
+    decisions: list[LayerDecision] = []
+    selection_seen: dict[int, LayerDecision] = {}
+    for site in sites:
+        decision = _decide(site, plan, selection_seen)
+        if decision.kind == "selection":
+            selection_seen[site.layer] = decision
+        decisions.append(decision)
+    return decisions
+
+
+def _decide(site: AttentionSite, plan: ResolvedPlanConfig,
+            selection_seen: dict[int, LayerDecision]) -> LayerDecision:
+    cfg = plan.config
+    if site.unsupported is not None:
+        return LayerDecision(site, "unchanged", f"stays SDPA: {site.unsupported}")
+    layer = site.layer
+    if layer >= plan.num_layers:
+        return LayerDecision(site, "unchanged",
+                             f"stays SDPA: layer {layer} is past num_layers={plan.num_layers}", fallback=True)
+    if cfg.mode == "full":
+        return LayerDecision(site, "dense", "mode full: exact attention")
+    if layer in plan.dense_layers:
+        return LayerDecision(site, "dense", f"in dense_layers {list(plan.dense_layers)}")
+    if cfg.mode == "topk_oracle":
+        return LayerDecision(site, "oracle", f"mode topk_oracle: own top-{cfg.budget} by exact scores")
+    if layer in plan.selection_layers:
+        return LayerDecision(site, "selection",
+                             f"in selection_layers {list(plan.selection_layers)}: picks top-{cfg.budget} "
+                             f"({cfg.granularity})")
+    return _sparse(site, plan, selection_seen)
+
+
+def _sparse(site: AttentionSite, plan: ResolvedPlanConfig,
+            selection_seen: dict[int, LayerDecision]) -> LayerDecision:
+    earlier = [s for s in plan.selection_layers if s < site.layer]
+    source = max(earlier)  # config validation guarantees one exists
+    chosen = selection_seen.get(source)
+    if chosen is None:
+        return LayerDecision(site, "dense", f"dense fallback: its selection layer {source} is not a "
+                             "rewritten decode layer earlier in this graph (graph break or unsupported)",
+                             source_layer=source, fallback=True)
+    src = chosen.site
+    if (src.num_heads, src.num_kv_heads) != (site.num_heads, site.num_kv_heads):
+        return LayerDecision(site, "dense", f"dense fallback: head counts ({site.num_heads}/"
+                             f"{site.num_kv_heads}) differ from selection layer {source} "
+                             f"({src.num_heads}/{src.num_kv_heads})", source_layer=source, fallback=True)
+    return LayerDecision(site, "sparse", f"indices from layer {source}, k={plan.config.budget}",
+                         source_layer=source)

@@ -1,0 +1,85 @@
+"""Replace decode-step SDPA nodes by the tidal ops the plan chose.
+
+Before (layers 2 and 3 of a decode graph; `key_2` is `repeat_kv` of the layer's cache)::
+
+    attn_output_10 = torch._C._nn.scaled_dot_product_attention(q_embed_2, key_2, value_2,
+        attn_mask=attention_mask_1, dropout_p=0.0, scale=0.25, is_causal=False)
+    ...
+    attn_output_15 = torch._C._nn.scaled_dot_product_attention(q_embed_3, key_3, value_3, ...)
+
+After (selection at layer 2, sparse at layer 3; the index tensor is a graph edge, and the
+kernels read the un-expanded cache, so the repeat_kv views are gone)::
+
+    selection_attention = torch.ops.tidal.selection_attention.default(q_embed_2,
+        l_kwargs_past_key_values_layers_2_keys, l_kwargs_past_key_values_layers_2_values,
+        attention_mask_1, 0.25, 256, 'query_head', 0, 0)
+    tidal_out_2 = selection_attention[0]
+    tidal_indices_2 = selection_attention[1]
+    ...
+    tidal_out_3 = torch.ops.tidal.sparse_attention.default(q_embed_3,
+        l_kwargs_past_key_values_layers_3_keys, l_kwargs_past_key_values_layers_3_values,
+        tidal_indices_2, 0.25)
+
+Fused ATen SDPA variants return tuples; only their element 0 (the output) may be used.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections import Counter
+
+import torch
+import torch.fx as fx
+
+import tidal_compile.ops  # noqa: F401  (registers torch.ops.tidal)
+from tidal_compile.config import TidalConfig
+from tidal_compile.passes import fx_utils
+from tidal_compile.passes.plan import LayerDecision
+
+log = logging.getLogger(__name__)
+tidal = torch.ops.tidal
+
+
+def rewrite_attention(graph: fx.Graph, decisions: list[LayerDecision], config: TidalConfig) -> Counter:
+    """Rewrite the graph in place; return how many nodes became each kind."""
+    indices_of_layer: dict[int, fx.Node] = {}
+    counts: Counter = Counter()
+    for decision in decisions:
+        if decision.kind == "unchanged":
+            continue
+        site = decision.site
+        with graph.inserting_before(site.node):
+            base = (site.query, site.key, site.value)
+            if decision.kind == "dense":
+                out = graph.call_function(tidal.dense_attention.default, (*base, site.attn_mask, site.scale))
+            elif decision.kind == "sparse":
+                indices = indices_of_layer[decision.source_layer]
+                out = graph.call_function(tidal.sparse_attention.default, (*base, indices, site.scale))
+            else:  # selection or oracle
+                selected = graph.call_function(tidal.selection_attention.default, (
+                    *base, site.attn_mask, site.scale, config.budget, config.granularity,
+                    config.sink, config.recent))
+                out = graph.call_function(operator.getitem, (selected, 0))
+                indices = graph.call_function(operator.getitem, (selected, 1))
+                if decision.kind == "oracle":
+                    out = graph.call_function(tidal.sparse_attention.default, (*base, indices, site.scale))
+                indices_of_layer[site.layer] = indices
+        out.meta["nn_module_stack"] = site.node.meta.get("nn_module_stack", {})
+        _replace_output(site.node, out)
+        counts[decision.kind] += 1
+    log.debug("tidal rewrite: %s", dict(counts))
+    return counts
+
+
+def _replace_output(node: fx.Node, out: fx.Node) -> None:
+    if node.target in fx_utils.PUBLIC_SDPA_TARGETS:
+        node.replace_all_uses_with(out)
+    else:
+        for user in list(node.users):
+            user.replace_all_uses_with(out)
+            node.graph.erase_node(user)
+    inputs = node.all_input_nodes
+    node.graph.erase_node(node)
+    for inp in inputs:
+        fx_utils.erase_if_unused(inp)

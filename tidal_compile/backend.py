@@ -1,0 +1,87 @@
+"""The `tidal` torch.compile backend: rewrite decode attention, then compile with Inductor.
+
+Registered by entry point (`torch_dynamo_backends: tidal`), so after `pip install`::
+
+    torch.compile(model, backend="tidal", options={"config": "tidal.yaml", "budget": 128})
+
+`options` holds `config` (YAML path, dict or TidalConfig), any config key as a shorthand that
+overrides it, and backend keys: `num_layers` (model depth, default: highest layer index in the
+graph + 1) and `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.fx as fx
+
+from tidal_compile.config import ConfigError, TidalConfig
+from tidal_compile.passes import run_tidal_passes
+from tidal_compile.report import build_report, record
+
+log = logging.getLogger("tidal_compile")
+
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+class TidalFallbackWarning(UserWarning):
+    """A layer the config made sparse stays dense (e.g. its selection layer is in another graph)."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """`options=` of torch.compile, parsed: the tidal config plus backend-only settings."""
+
+    config: TidalConfig
+    num_layers: Optional[int] = None
+    inner_backend: str = "inductor"
+
+    @classmethod
+    def parse(cls, options: Optional[Mapping[str, Any]]) -> "BackendOptions":
+        opts = dict(options or {})
+        num_layers = opts.pop("num_layers", None)
+        inner = opts.pop("inner_backend", "inductor")
+        source = opts.pop("config", None)
+        if num_layers is not None and (not isinstance(num_layers, int) or num_layers <= 0):
+            raise ConfigError(f"num_layers must be a positive integer, got {num_layers!r}")
+        if inner not in INNER_BACKENDS:
+            raise ConfigError(f"inner_backend must be one of {', '.join(INNER_BACKENDS)}; got {inner!r}")
+        try:
+            config = TidalConfig.load(source, **opts)
+        except ConfigError as e:
+            if "unknown config key" in str(e):
+                raise ConfigError(f"{e} (backend options: config, num_layers, inner_backend)") from None
+            raise
+        if config.mode == "quest":
+            raise ConfigError("mode 'quest' is not available yet; use one of tidal, full, topk_oracle")
+        return cls(config, num_layers, inner)
+
+
+def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
+                  options: Optional[Mapping[str, Any]] = None) -> Callable:
+    """Dynamo backend: run the tidal passes on `gm`, report, and compile the result."""
+    opts = BackendOptions.parse(options)
+    result = run_tidal_passes(gm, opts.config, opts.num_layers)
+    report = build_report(result, opts.config, example_inputs)
+    record(report)
+    if report.layers:
+        log.info("%s", report)
+    for layer in report.layers:
+        if layer.fallback:
+            warnings.warn(f"tidal: layer {layer.layer} stays dense: {layer.reason}", TidalFallbackWarning,
+                          stacklevel=2)
+    return _inner_compile(opts.inner_backend)(gm, example_inputs)
+
+
+def _inner_compile(name: str) -> Callable:
+    if name == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    if name == "eager":
+        return lambda gm, example_inputs: gm.forward
+    return torch._dynamo.lookup_backend(name)

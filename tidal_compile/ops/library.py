@@ -1,0 +1,116 @@
+"""The `tidal::` custom ops that the attention pass emits.
+
+Each op has a fake kernel (shapes only, for tracing) and a real one. The real one is the
+plain-PyTorch reference of :mod:`tidal_compile.ops.reference` on every device for now; the
+Triton kernels will take the CUDA branch inside the same op.
+
+    tidal::dense_attention(q, k, v, mask, scale) -> out
+    tidal::selection_attention(q, k, v, mask, scale, budget, granularity, sink, recent) -> (out, indices)
+    tidal::sparse_attention(q, k, v, indices, scale) -> out
+
+q is `[B, H, 1, D]`, k/v the un-expanded KV cache `[B, Hkv, L, D]`, indices `int32 [B, S, k]`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from tidal_compile.config import GRANULARITIES
+from tidal_compile.ops import reference
+
+
+def index_sets(granularity: str, num_heads: int, num_kv_heads: int) -> int:
+    """How many index sets (S) a selection layer emits per sequence."""
+    return {"query_head": num_heads, "kv_head": num_kv_heads, "layer": 1}[granularity]
+
+
+def check_decode_inputs(query: Tensor, key: Tensor, value: Tensor) -> None:
+    """Raise a clear error unless q/k/v have decode-step shapes the tidal ops accept."""
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"tidal attention expects 4-D q/k/v, got {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    if query.shape[2] != 1:
+        raise ValueError(f"tidal attention handles one query token per sequence, got query length {query.shape[2]}")
+    b, h, _, d = query.shape
+    if key.shape[0] != b or value.shape[0] != b or key.shape[3] != d:
+        raise ValueError(f"q {tuple(query.shape)} does not match k {tuple(key.shape)}")
+    if key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"k {tuple(key.shape)} and v {tuple(value.shape)} differ in batch, heads or length")
+    if h % key.shape[1] != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({key.shape[1]})")
+    if not query.dtype.is_floating_point:
+        raise ValueError(f"tidal attention needs floating-point q/k/v, got {query.dtype}")
+
+
+def _check_selection_args(budget: int, granularity: str, sink: int, recent: int) -> None:
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    if sink < 0 or recent < 0 or sink + max(recent, 1) > budget:
+        raise ValueError(f"need sink, recent >= 0 and sink + max(recent, 1) <= budget, got "
+                         f"sink={sink}, recent={recent}, budget={budget}")
+
+
+def _check_indices(indices: Tensor, query: Tensor, key: Tensor) -> None:
+    if indices.dtype != torch.int32 or indices.dim() != 3 or indices.shape[0] != query.shape[0]:
+        raise ValueError(f"indices must be int32 [B, S, k], got {indices.dtype} {tuple(indices.shape)}")
+    if indices.shape[1] not in (1, key.shape[1], query.shape[1]):
+        raise ValueError(f"indices hold {indices.shape[1]} sets; expected 1, {key.shape[1]} (KV heads) "
+                         f"or {query.shape[1]} (query heads)")
+
+
+def _output_like(query: Tensor, value: Tensor) -> Tensor:
+    return query.new_empty((*query.shape[:3], value.shape[-1]))
+
+
+@torch.library.custom_op("tidal::dense_attention", mutates_args=())
+def dense_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                    scale: float) -> Tensor:
+    """Exact decode attention over the un-expanded KV cache."""
+    check_decode_inputs(query, key, value)
+    return reference.dense_attention(query, key, value, attn_mask, scale)
+
+
+@dense_attention.register_fake
+def _dense_attention_fake(query, key, value, attn_mask, scale):
+    check_decode_inputs(query, key, value)
+    return _output_like(query, value)
+
+
+@torch.library.custom_op("tidal::selection_attention", mutates_args=())
+def selection_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                        scale: float, budget: int, granularity: str, sink: int, recent: int
+                        ) -> tuple[Tensor, Tensor]:
+    """Exact decode attention and the top-`budget` positions (int32 [B, S, budget])."""
+    check_decode_inputs(query, key, value)
+    _check_selection_args(budget, granularity, sink, recent)
+    return reference.selection_attention(query, key, value, attn_mask, scale, budget, granularity,
+                                         sink, recent)
+
+
+@selection_attention.register_fake
+def _selection_attention_fake(query, key, value, attn_mask, scale, budget, granularity, sink, recent):
+    check_decode_inputs(query, key, value)
+    _check_selection_args(budget, granularity, sink, recent)
+    sets = index_sets(granularity, query.shape[1], key.shape[1])
+    indices = query.new_empty((query.shape[0], sets, budget), dtype=torch.int32)
+    return _output_like(query, value), indices
+
+
+@torch.library.custom_op("tidal::sparse_attention", mutates_args=())
+def sparse_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """Decode attention over exactly the cache positions in `indices` (-1 slots ignored)."""
+    check_decode_inputs(query, key, value)
+    _check_indices(indices, query, key)
+    return reference.sparse_attention(query, key, value, indices, scale)
+
+
+@sparse_attention.register_fake
+def _sparse_attention_fake(query, key, value, indices, scale):
+    check_decode_inputs(query, key, value)
+    _check_indices(indices, query, key)
+    return _output_like(query, value)

@@ -1,0 +1,142 @@
+"""Plain-PyTorch references for the decode-step attention ops (design section 1).
+
+Shapes: query `[B, H, 1, D]`; key/value the un-expanded cache `[B, Hkv, L, D]` with
+`H % Hkv == 0`; `attn_mask` broadcastable to `[B, H, 1, L]`, bool (True = attend) or additive
+float (a value of -inf or the dtype's minimum masks the position, as Hugging Face builds it).
+Indices are `int32 [B, S, k]` with `S` = 1, `Hkv` or `H`: the valid positions ascending, then
+`-1` for unused slots. Arithmetic is float32 (float64 for float64 inputs); outputs take the
+query dtype. These functions define the semantics; the Triton kernels must match them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+INVALID_INDEX = -1
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expand_kv(x: Tensor, num_heads: int) -> Tensor:
+    """`[B, Hkv, L, D]` -> `[B, H, L, D]`: query head h reads KV head h // (H // Hkv)."""
+    return x.repeat_interleave(num_heads // x.shape[1], dim=1)
+
+
+def mask_to_bias(attn_mask: Optional[Tensor], shape: tuple[int, int, int], dtype: torch.dtype,
+                 device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+    """Split a mask into (valid `[B, H, L]` bool, additive bias `[B, H, L]` or None)."""
+    b, h, length = shape
+    if attn_mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device), None
+    m = attn_mask.expand(b, h, 1, length)[:, :, 0, :]
+    if m.dtype == torch.bool:
+        return m, None
+    valid = m > torch.finfo(m.dtype).min
+    return valid, m.to(dtype)
+
+
+def attention_logits(query: Tensor, key: Tensor, attn_mask: Optional[Tensor], scale: float
+                     ) -> tuple[Tensor, Tensor]:
+    """Pre-softmax logits `[B, H, L]` (-inf where masked) and the valid positions `[B, H, L]`."""
+    b, h, _, _ = query.shape
+    length = key.shape[2]
+    dtype = compute_dtype(query.dtype)
+    k = expand_kv(key, h).to(dtype)
+    logits = torch.einsum("bhd,bhld->bhl", query[:, :, 0, :].to(dtype), k) * scale
+    valid, bias = mask_to_bias(attn_mask, (b, h, length), dtype, query.device)
+    if bias is not None:
+        logits = logits + bias
+    return logits.masked_fill(~valid, float("-inf")), valid
+
+
+def _softmax_weighted_sum(logits: Tensor, values: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """softmax(logits) @ values for logits `[B, H, N]`, values `[B, H, N, Dv]` -> `[B, H, 1, Dv]`."""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.einsum("bhn,bhnd->bhd", probs, values.to(probs.dtype))[:, :, None, :].to(out_dtype)
+
+
+def dense_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                    scale: float) -> Tensor:
+    """Exact attention of one query token over all valid cache positions."""
+    logits, _ = attention_logits(query, key, attn_mask, scale)
+    return _softmax_weighted_sum(logits, expand_kv(value, query.shape[1]), query.dtype)
+
+
+def selection_ranking(logits: Tensor, valid: Tensor, num_kv_heads: int, granularity: str
+                      ) -> tuple[Tensor, Tensor]:
+    """The score each index set ranks positions by, and which positions it may pick.
+
+    query_head: each head's logits. kv_head: the sum of softmax probabilities over the G query
+    heads sharing a KV head. layer: the sum of probabilities over all heads. A position is
+    valid for a set if it is valid for any head of the set.
+    """
+    if granularity == "query_head":
+        return logits, valid
+    b, h, length = logits.shape
+    groups = num_kv_heads if granularity == "kv_head" else 1
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    rank = probs.view(b, groups, h // groups, length).sum(2)
+    return rank, valid.view(b, groups, h // groups, length).any(2)
+
+
+def top_positions(rank: Tensor, valid: Tensor, budget: int, sink: int = 0, recent: int = 0) -> Tensor:
+    """The `budget` positions of each row with the highest rank, as sorted int32 indices.
+
+    Always kept (inside the budget): the last valid position (the current token), the first
+    `sink` and the last `recent` valid positions. Invalid positions are never chosen; ties go to
+    the lower position. Rows with fewer than `budget` valid positions end in -1.
+    """
+    length = rank.shape[-1]
+    count_from_start = valid.cumsum(-1)
+    count_from_end = valid.sum(-1, keepdim=True) - count_from_start + 1
+    forced = valid & ((count_from_start <= sink) | (count_from_end <= max(recent, 1)))
+    lowest = torch.finfo(rank.dtype).min
+    key = torch.where(valid, rank.clamp(min=lowest), torch.full_like(rank, float("-inf")))
+    key = key.masked_fill(forced, float("inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :budget]
+    picked = torch.gather(valid, -1, order)
+    # Sort ascending with the unused slots last: park them past the end, sort, then mark -1.
+    parked = torch.where(picked, order, torch.full_like(order, length)).sort(dim=-1).values
+    indices = torch.where(parked < length, parked, torch.full_like(parked, INVALID_INDEX))
+    if indices.shape[-1] < budget:
+        pad = indices.new_full((*indices.shape[:-1], budget - indices.shape[-1]), INVALID_INDEX)
+        indices = torch.cat([indices, pad], dim=-1)
+    return indices.to(torch.int32)
+
+
+def selection_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                        scale: float, budget: int, granularity: str, sink: int = 0, recent: int = 0
+                        ) -> tuple[Tensor, Tensor]:
+    """Exact attention output plus the top-`budget` positions by attention score."""
+    logits, valid = attention_logits(query, key, attn_mask, scale)
+    out = _softmax_weighted_sum(logits, expand_kv(value, query.shape[1]), query.dtype)
+    rank, rank_valid = selection_ranking(logits, valid, key.shape[1], granularity)
+    return out, top_positions(rank, rank_valid, budget, sink, recent)
+
+
+def indices_per_query_head(indices: Tensor, num_heads: int) -> Tensor:
+    """`[B, S, k]` index sets -> `[B, H, k]`, one row per query head (S = 1, Hkv or H)."""
+    sets = indices.shape[1]
+    if sets == num_heads:
+        return indices
+    return indices.repeat_interleave(num_heads // sets, dim=1)
+
+
+def sparse_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """softmax(q K_I^T s) V_I over exactly the positions I of each head's index set (-1 ignored)."""
+    b, h, _, d = query.shape
+    dtype = compute_dtype(query.dtype)
+    idx = indices_per_query_head(indices, h).long()
+    used = idx >= 0
+    gather_at = idx.clamp(min=0)[..., None]
+    k_sel = torch.gather(expand_kv(key, h), 2, gather_at.expand(-1, -1, -1, d)).to(dtype)
+    v_sel = torch.gather(expand_kv(value, h), 2, gather_at.expand(-1, -1, -1, value.shape[-1]))
+    logits = torch.einsum("bhd,bhkd->bhk", query[:, :, 0, :].to(dtype), k_sel) * scale
+    logits = logits.masked_fill(~used, float("-inf"))
+    return _softmax_weighted_sum(logits, v_sel, query.dtype)

@@ -1,0 +1,110 @@
+"""What the tidal backend did to each compiled graph, for `tidal_compile.explain(...)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+
+from tidal_compile.config import TidalConfig
+from tidal_compile.passes import PassResult
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One attention call: its layer, what it became and why."""
+
+    layer: Optional[int]
+    module_path: Optional[str]
+    phase: str  # "decode" or "prefill"
+    kind: str
+    reason: str
+    source_layer: Optional[int] = None
+    fallback: bool = False
+
+    def __str__(self) -> str:
+        layer = "  ?" if self.layer is None else f"{self.layer:3d}"
+        return f"  layer {layer}  {self.phase:<7}  {self.kind:<9}  {self.reason}"
+
+
+@dataclass(frozen=True)
+class GraphReport:
+    """The decisions for one graph handed to the backend."""
+
+    graph_id: int
+    config: TidalConfig
+    num_layers: Optional[int]
+    family: Optional[str]
+    layers: tuple[LayerReport, ...]
+    parameter_ids: frozenset[int]
+
+    @property
+    def phase(self) -> str:
+        phases = {r.phase for r in self.layers}
+        return phases.pop() if len(phases) == 1 else ("mixed" if phases else "no attention")
+
+    def count(self, kind: str) -> int:
+        return sum(r.kind == kind for r in self.layers)
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{self.count(k)} {k}" for k in ("dense", "selection", "sparse", "oracle", "unchanged")
+                          if self.count(k))
+        cfg = self.config
+        return (f"tidal graph {self.graph_id} ({self.phase}, {self.family or 'unknown family'}, "
+                f"{self.num_layers} layers, mode={cfg.mode}, budget={cfg.budget}, "
+                f"granularity={cfg.granularity}): {kinds or 'no attention layers'}")
+
+    def __str__(self) -> str:
+        return "\n".join([self.summary(), *map(str, self.layers)])
+
+
+class Explanation(list):
+    """The graph reports that `explain` found; prints as one table per graph."""
+
+    def __str__(self) -> str:
+        if not self:
+            return "tidal: no graph compiled yet (reports appear after the first call of the compiled model)"
+        return "\n\n".join(map(str, self))
+
+    @property
+    def layers(self) -> list[LayerReport]:
+        return [layer for graph in self for layer in graph.layers]
+
+
+_REPORTS: list[GraphReport] = []
+
+
+def build_report(result: PassResult, config: TidalConfig, example_inputs: Iterable[Any]) -> GraphReport:
+    """Turn a pass result into a report, remembering which parameters the graph uses."""
+    layers = tuple(
+        LayerReport(layer=d.site.layer, module_path=d.site.module_path,
+                    phase="decode" if d.site.is_decode else "prefill", kind=d.kind, reason=d.reason,
+                    source_layer=d.source_layer, fallback=d.fallback)
+        for d in result.decisions)
+    family = next((d.site.family for d in result.decisions if d.site.family), None)
+    params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
+    num_layers = result.plan.num_layers if result.plan else None
+    return GraphReport(result.graph_id, config, num_layers, family, layers, params)
+
+
+def record(report: GraphReport) -> None:
+    _REPORTS.append(report)
+
+
+def clear_reports() -> None:
+    """Forget all recorded reports (e.g. after `torch._dynamo.reset()`)."""
+    _REPORTS.clear()
+
+
+def explain(target: Any = None) -> Explanation:
+    """Reports of the graphs the tidal backend compiled.
+
+    `target` may be a model (or the module `torch.compile` returned): only graphs that use its
+    parameters are listed. With no target, or a compiled function, every graph is listed.
+    """
+    module = getattr(target, "_orig_mod", target)
+    if isinstance(module, torch.nn.Module):
+        ids = {id(p) for p in module.parameters()}
+        return Explanation(r for r in _REPORTS if r.parameter_ids & ids)
+    return Explanation(_REPORTS)

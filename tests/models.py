@@ -1,0 +1,65 @@
+"""Tiny random-initialised Hugging Face decoders built inside the tests (no downloads)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, StaticCache)
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+VOCAB = 96
+
+
+def tiny_model(family: str = "llama", layers: int = 4, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
+               dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    config_cls, model_cls = FAMILIES[family]
+    extra = {"sliding_window": None} if family == "mistral" else {}
+    config = config_cls(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
+                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                        head_dim=head_dim, max_position_embeddings=512, attn_implementation="sdpa", **extra)
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype).eval()
+    # Random init gives near-uniform attention; sharper weights make top-k selection matter.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model
+
+
+def greedy_decode(forward: Callable, model: torch.nn.Module, prompt: torch.Tensor, steps: int,
+                  max_cache_len: int, padding: Optional[torch.Tensor] = None,
+                  tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill `prompt` then decode `steps` tokens with a StaticCache through `forward`.
+
+    `padding` ([B, P] bool, True = real token) masks left padding. With `tokens` given, those
+    are fed instead of the argmax (teacher forcing), so two runs see identical inputs.
+    Returns (generated tokens [B, steps], last-position logits [steps + 1, B, V]).
+    """
+    batch, length = prompt.shape
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    mask = torch.ones(batch, max_cache_len, dtype=torch.long)
+    if padding is not None:
+        mask[:, :length] = padding.long()
+    position = (mask[:, :length].cumsum(-1) - 1).clamp(min=0)
+    logits, generated = [], []
+    with torch.no_grad():
+        out = forward(input_ids=prompt, attention_mask=mask, position_ids=position, past_key_values=cache,
+                      use_cache=True)
+        for step in range(steps + 1):
+            last = out.logits[:, -1].float()
+            logits.append(last)
+            if step == steps:
+                break
+            token = tokens[:, step:step + 1] if tokens is not None else last.argmax(-1, keepdim=True)
+            generated.append(token)
+            position = position[:, -1:] + 1
+            out = forward(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+                          use_cache=True)
+    return torch.cat(generated, dim=1), torch.stack(logits)

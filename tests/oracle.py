@@ -1,0 +1,95 @@
+"""Slow, obviously-correct decode attention used as the independent check of the ops and pass.
+
+Everything runs per (sequence, head) in float64 with Python loops over positions; nothing here
+shares code with `tidal_compile`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+
+def valid_positions(mask: Optional[torch.Tensor], b: int, length: int) -> list[int]:
+    if mask is None:
+        return list(range(length))
+    return [j for j in range(length) if bool(mask[b, 0, 0, j])]
+
+
+def head_logits(q, k, mask, scale, b: int, h: int) -> dict[int, float]:
+    """{position: q_h . k_j * scale} over the valid positions of sequence b, head h."""
+    group = q.shape[1] // k.shape[1]
+    qh = q[b, h, 0].double()
+    kh = k[b, h // group].double()
+    return {j: float(qh @ kh[j]) * scale for j in valid_positions(mask, b, k.shape[2])}
+
+
+def softmax(logits: dict[int, float]) -> dict[int, float]:
+    top = max(logits.values())
+    exp = {j: math.exp(x - top) for j, x in logits.items()}
+    total = sum(exp.values())
+    return {j: e / total for j, e in exp.items()}
+
+
+def attend(q, k, v, scale, b: int, h: int, positions: Sequence[int]) -> torch.Tensor:
+    """softmax(q K_P^T s) V_P for one head over `positions`, in float64."""
+    group = q.shape[1] // k.shape[1]
+    logits = {j: float(q[b, h, 0].double() @ k[b, h // group, j].double()) * scale for j in positions}
+    probs = softmax(logits)
+    out = torch.zeros(v.shape[-1], dtype=torch.float64)
+    for j, p in probs.items():
+        out += p * v[b, h // group, j].double()
+    return out
+
+
+def ranking(q, k, mask, scale, b: int, granularity: str) -> list[dict[int, float]]:
+    """Per index set of sequence b: {position: the score it is ranked by}."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if granularity == "query_head":
+        return [head_logits(q, k, mask, scale, b, h) for h in range(heads)]
+    members = ([list(range(g * heads // kv_heads, (g + 1) * heads // kv_heads)) for g in range(kv_heads)]
+               if granularity == "kv_head" else [list(range(heads))])
+    sets = []
+    for heads_of_set in members:
+        total: dict[int, float] = {}
+        for h in heads_of_set:
+            for j, p in softmax(head_logits(q, k, mask, scale, b, h)).items():
+                total[j] = total.get(j, 0.0) + p
+        sets.append(total)
+    return sets
+
+
+def select(rank: dict[int, float], budget: int, sink: int = 0, recent: int = 0) -> list[int]:
+    """Top-`budget` positions: forced current/sink/recent first, then highest rank, lower
+    position on ties; ascending, padded with -1."""
+    valid = sorted(rank)
+    forced = set(valid[:sink]) | set(valid[-max(recent, 1):])
+    rest = sorted((j for j in valid if j not in forced), key=lambda j: (-rank[j], j))
+    chosen = sorted(forced | set(rest[:budget - len(forced)]))
+    return chosen + [-1] * (budget - len(chosen))
+
+
+def selection_indices(q, k, mask, scale, budget, granularity, sink=0, recent=0) -> torch.Tensor:
+    rows = [[select(r, budget, sink, recent) for r in ranking(q, k, mask, scale, b, granularity)]
+            for b in range(q.shape[0])]
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def dense(q, k, v, mask, scale) -> torch.Tensor:
+    out = torch.zeros(q.shape[0], q.shape[1], 1, v.shape[-1], dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            out[b, h, 0] = attend(q, k, v, scale, b, h, valid_positions(mask, b, k.shape[2]))
+    return out
+
+
+def sparse(q, k, v, indices, scale) -> torch.Tensor:
+    heads, sets = q.shape[1], indices.shape[1]
+    out = torch.zeros(q.shape[0], heads, 1, v.shape[-1], dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for h in range(heads):
+            row = indices[b, h * sets // heads].tolist()
+            out[b, h, 0] = attend(q, k, v, scale, b, h, [j for j in row if j >= 0])
+    return out

@@ -127,8 +127,9 @@ def _check_mask(mask: Any, q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
     if m.dtype != torch.bool and not m.dtype.is_floating_point:
         return f"attention mask dtype {m.dtype} is neither bool nor floating point"
     target = (q.shape[0], q.shape[1], 1, k.shape[2])
-    if m.dim() != 4 or not all(fx_utils.known_equal(a, 1) or fx_utils.known_equal(a, b)
-                               for a, b in zip(m.shape, target)):
+    shape = (1,) * (4 - m.dim()) + tuple(m.shape)  # broadcasting aligns from the right
+    if m.dim() > 4 or not all(fx_utils.known_equal(a, 1) or fx_utils.known_equal(a, b)
+                              for a, b in zip(shape, target)):
         return f"attention mask shape {tuple(m.shape)} does not broadcast to [B, H, 1, L] = {target}"
     return None
 

@@ -40,7 +40,17 @@ def plan_attention(sites: list[AttentionSite], plan: ResolvedPlanConfig) -> list
         if decision.kind == "selection":
             selection_seen[site.layer] = decision
         decisions.append(decision)
+    _demote_unused_selections(decisions)
     return decisions
+
+
+def _demote_unused_selections(decisions: list[LayerDecision]) -> None:
+    """A selection layer whose indices no sparse layer of this graph reads only needs dense attention."""
+    used = {d.source_layer for d in decisions if d.kind == "sparse"}
+    for d in decisions:
+        if d.kind == "selection" and d.site.layer not in used:
+            d.kind = "dense"
+            d.reason = f"selection layer, but no sparse layer of this graph reads its indices; {d.reason}"
 
 
 def _decide(site: AttentionSite, plan: ResolvedPlanConfig,

@@ -5,6 +5,10 @@
     print(tidal_compile.explain(model))
 """
 
+from typing import Any
+
+import torch
+
 from tidal_compile import ops  # noqa: F401  (registers torch.ops.tidal.*)
 from tidal_compile.backend import BackendOptions, TidalFallbackWarning, tidal_backend
 from tidal_compile.config import ConfigError, CorrectionConfig, TidalConfig
@@ -12,5 +16,15 @@ from tidal_compile.report import clear_reports, explain
 
 __version__ = "0.1.0"
 
+
+def compile(model: Any, config: Any = None, **options: Any) -> Any:
+    """`torch.compile(model, backend="tidal", options=...)`, with the options checked now
+    (a bad key raises :class:`ConfigError` here rather than at the first call)."""
+    if config is not None:
+        options = {"config": config, **options}
+    BackendOptions.parse(options)
+    return torch.compile(model, backend="tidal", options=options)
+
+
 __all__ = ["BackendOptions", "ConfigError", "CorrectionConfig", "TidalConfig", "TidalFallbackWarning",
-           "clear_reports", "explain", "tidal_backend"]
+           "clear_reports", "compile", "explain", "tidal_backend"]

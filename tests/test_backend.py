@@ -1,0 +1,65 @@
+"""The `tidal` backend: registration, options, errors, explain and the compile-time log."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+import tidal_compile
+from tidal_compile import BackendOptions, ConfigError, TidalConfig
+from toy_decoder import ToyDecoder
+
+
+def test_registered_by_entry_point():
+    names = [ep.name for ep in entry_points(group="torch_dynamo_backends")]
+    assert "tidal" in names
+    assert "tidal" in torch._dynamo.list_backends(exclude_tags=())
+
+
+def test_options_merge_yaml_and_shorthands(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("budget: 64\ngranularity: layer\n")
+    opts = BackendOptions.parse({"config": str(path), "budget": 32, "num_layers": 8, "inner_backend": "eager"})
+    assert opts.config == TidalConfig(budget=32, granularity="layer")
+    assert (opts.num_layers, opts.inner_backend) == (8, "eager")
+    assert BackendOptions.parse({"config": TidalConfig(budget=8)}).config.budget == 8
+    assert BackendOptions.parse(None).config == TidalConfig()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"budgt": 3}, "unknown config key 'budgt'.*backend options: config, num_layers, inner_backend"),
+    ({"inner_backend": "tvm"}, "inner_backend must be one of inductor, aot_eager, eager"),
+    ({"num_layers": 0}, "num_layers must be a positive integer"),
+    ({"mode": "quest"}, "mode 'quest' is not available yet"),
+    ({"budget": 0}, "budget must be a positive integer"),
+])
+def test_bad_options_raise_config_error(options, message):
+    with pytest.raises(ConfigError, match=message):
+        BackendOptions.parse(options)
+    with pytest.raises(ConfigError, match=message):
+        tidal_compile.compile(torch.nn.Linear(2, 2), **options)
+
+
+def test_bad_key_through_torch_compile_names_it():
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend="tidal", options={"budgt": 3})
+    with pytest.raises(Exception, match="unknown config key 'budgt'"):
+        compiled(torch.randn(2, 4))
+
+
+def test_explain_lists_layers_and_logs_at_compile_time(caplog):
+    torch._dynamo.reset()
+    tidal_compile.clear_reports()
+    assert "no graph compiled yet" in str(tidal_compile.explain())
+    model, other = ToyDecoder(num_layers=4), ToyDecoder(num_layers=4)
+    compiled = tidal_compile.compile(model, budget=4, inner_backend="eager")
+    with caplog.at_level(logging.INFO, logger="tidal_compile"), torch.no_grad():
+        compiled(*model.inputs())
+    text = str(tidal_compile.explain(compiled))
+    assert "2 dense, 1 selection, 1 sparse" in text
+    assert "layer   3  decode   sparse     indices from layer 2, k=4" in text
+    assert "tidal graph" in caplog.text and "indices from layer 2" in caplog.text
+    assert tidal_compile.explain(other) == [] and len(tidal_compile.explain()) == 1

@@ -63,3 +63,8 @@ def test_explain_lists_layers_and_logs_at_compile_time(caplog):
     assert "layer   3  decode   sparse     indices from layer 2, k=4" in text
     assert "tidal graph" in caplog.text and "indices from layer 2" in caplog.text
     assert tidal_compile.explain(other) == [] and len(tidal_compile.explain()) == 1
+
+
+def test_correction_warns_that_it_is_not_implemented():
+    with pytest.warns(tidal_compile.TidalFallbackWarning, match="correction.interval is not implemented"):
+        BackendOptions.parse({"correction": {"interval": 8}})

@@ -58,6 +58,9 @@ class BackendOptions:
             raise
         if config.mode == "quest":
             raise ConfigError("mode 'quest' is not available yet; use one of tidal, full, topk_oracle")
+        if config.correction.interval:
+            warnings.warn("tidal: correction.interval is not implemented yet and has no effect; decoding "
+                          "runs without KV-cache correction", TidalFallbackWarning, stacklevel=3)
         return cls(config, num_layers, inner)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import tidal_compile
@@ -14,7 +14,9 @@ from patched_attention import LayerPlan, patched
 
 heads_and_kv = st.sampled_from([(4, 2), (4, 4), (4, 1), (6, 2)])  # GQA, MHA, MQA, G = 3
 families = st.sampled_from(["llama", "qwen2", "mistral"])
-model_settings = settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+# Whole-model examples cost seconds each: no shrinking, so a failure reports its example at once.
+model_settings = settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck),
+                          phases=(Phase.explicit, Phase.reuse, Phase.generate))
 
 
 def compile_tidal(model, **options):
@@ -47,7 +49,7 @@ def check_budget_covering_context(family, heads, kv_heads, layers, granularity, 
     compiled = compile_tidal(model, budget=cache_len, granularity=granularity, inner_backend=inner)
     tokens, logits = greedy_decode(compiled, model, prompt, steps, cache_len, padding)
     report = decode_report(model)
-    assert report.count("sparse") == layers - 2 - report.count("selection") > 0, str(report)
+    assert report.count("sparse") > 0 and report.count("unchanged") == 0, str(report)
     torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(tokens, eager_tokens)
 

@@ -146,7 +146,7 @@ def auto_selection_layers(num_layers: int, dense_layers: Sequence[int],
     first = max(dense_layers, default=-1) + 1
     fraction = _RESELECT_FRACTION.get(family or "", DEFAULT_RESELECT_FRACTION)
     reselect = round(fraction * num_layers)
-    chosen = {first} | ({reselect} if reselect > first else set())
+    chosen = {first} | ({reselect} if reselect > first + 1 else set())  # adjacent: nothing to reuse
     return tuple(sorted(i for i in chosen if i < num_layers and i not in dense_layers))
 
 

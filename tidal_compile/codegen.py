@@ -1,0 +1,61 @@
+"""Render Triton kernel templates (`templates/*.py.jinja`) into importable modules, once.
+
+A rendered module is written to the kernel cache folder (`$TIDAL_KERNEL_CACHE`, default
+`~/.cache/tidal_compile/kernels`) under a name that hashes the template source and its
+parameters, so editing either gives a new module; `triton.jit` needs a real source file, and
+the file is there to read when debugging (`rendered_path(...)`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jinja2
+
+TEMPLATE_DIR = Path(str(importlib.resources.files("tidal_compile.templates")))
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
+                          keep_trailing_newline=True)
+
+
+def cache_dir() -> Path:
+    folder = Path(os.environ.get("TIDAL_KERNEL_CACHE", Path.home() / ".cache" / "tidal_compile" / "kernels"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def render(template: str, **params: Any) -> str:
+    """The Triton source of `template` with `params` (StrictUndefined: a missing one is an error)."""
+    return _ENV.get_template(template).render(**params)
+
+
+def rendered_path(template: str, **params: Any) -> Path:
+    """Where the rendered module for these parameters lives (written if missing)."""
+    source = render(template, **params)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    path = cache_dir() / f"{template.split('.')[0]}_{digest}.py"
+    if not path.exists() or path.read_text() != source:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(source)
+        tmp.replace(path)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _load(template: str, frozen_params: tuple) -> ModuleType:
+    path = rendered_path(template, **dict(frozen_params))
+    spec = importlib.util.spec_from_file_location(f"tidal_kernels.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(template: str, **params: Any) -> ModuleType:
+    """Render (once per process and parameter set) and import a kernel module."""
+    return _load(template, tuple(sorted(params.items())))

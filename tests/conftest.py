@@ -1,7 +1,12 @@
 import os
 import sys
 
+import torch
 from hypothesis import settings
+
+# Without a GPU, Triton kernels run in its interpreter; it must be on before Triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))
 

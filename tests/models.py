@@ -44,7 +44,7 @@ def greedy_decode(forward: Callable, model: torch.nn.Module, prompt: torch.Tenso
     """
     batch, length = prompt.shape
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-    mask = torch.ones(batch, max_cache_len, dtype=torch.long)
+    mask = torch.ones(batch, max_cache_len, dtype=torch.long, device=prompt.device)
     if padding is not None:
         mask[:, :length] = padding.long()
     position = (mask[:, :length].cumsum(-1) - 1).clamp(min=0)

@@ -48,7 +48,7 @@ def rendered_path(template: str, **params: Any) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _load(template: str, frozen_params: tuple) -> ModuleType:
+def _load(template: str, frozen_params: tuple, interpret: str) -> ModuleType:
     path = rendered_path(template, **dict(frozen_params))
     spec = importlib.util.spec_from_file_location(f"tidal_kernels.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -57,5 +57,7 @@ def _load(template: str, frozen_params: tuple) -> ModuleType:
 
 
 def load(template: str, **params: Any) -> ModuleType:
-    """Render (once per process and parameter set) and import a kernel module."""
-    return _load(template, tuple(sorted(params.items())))
+    """Render (once per process and parameter set) and import a kernel module.
+
+    Modules loaded under `TRITON_INTERPRET=1` hold interpreted kernels and are cached apart."""
+    return _load(template, tuple(sorted(params.items())), os.environ.get("TRITON_INTERPRET", "0"))

@@ -1,8 +1,10 @@
 """The `tidal::` custom ops that the attention pass emits.
 
-Each op has a fake kernel (shapes only, for tracing) and a real one. The real one is the
-plain-PyTorch reference of :mod:`tidal_compile.ops.reference` on every device for now; the
-Triton kernels will take the CUDA branch inside the same op.
+Each op is a `torch.library.triton_op`: on CUDA tensors its body launches the Triton kernels
+of :mod:`tidal_compile.ops.kernels` (through `wrap_triton`, so Inductor compiles them inside
+the graph); on other devices, and for inputs the kernels do not take (float64, per-head
+masks), it runs the plain-PyTorch reference of :mod:`tidal_compile.ops.reference`. The body is
+traced with fake tensors, which gives the ops their shapes under torch.compile.
 
     tidal::dense_attention(q, k, v, mask, scale) -> out
     tidal::selection_attention(q, k, v, mask, scale, budget, granularity, sink, recent) -> (out, indices)
@@ -20,6 +22,15 @@ from torch import Tensor
 
 from tidal_compile.config import GRANULARITIES
 from tidal_compile.ops import reference
+
+try:
+    from tidal_compile.ops import kernels
+except ImportError:  # no Triton on this platform: the reference runs everywhere
+    kernels = None
+
+
+def _use_kernels(query: Tensor, attn_mask: Optional[Tensor] = None) -> bool:
+    return kernels is not None and query.is_cuda and kernels.supports(query, attn_mask)
 
 
 def index_sets(granularity: str, num_heads: int, num_kv_heads: int) -> int:
@@ -63,54 +74,40 @@ def _check_indices(indices: Tensor, query: Tensor, key: Tensor) -> None:
                          f"or {query.shape[1]} (query heads)")
 
 
-def _output_like(query: Tensor, value: Tensor) -> Tensor:
-    return query.new_empty((*query.shape[:3], value.shape[-1]))
-
-
-@torch.library.custom_op("tidal::dense_attention", mutates_args=())
+@torch.library.triton_op("tidal::dense_attention", mutates_args=())
 def dense_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                     scale: float) -> Tensor:
     """Exact decode attention over the un-expanded KV cache."""
     check_decode_inputs(query, key, value)
+    if _use_kernels(query, attn_mask):
+        summary = kernels.summarize_mask(attn_mask, query.shape[0], key.shape[2], query.device)
+        return kernels.flash_decode(query, key, value, attn_mask, scale, summary.kv_len)[0]
     return reference.dense_attention(query, key, value, attn_mask, scale)
 
 
-@dense_attention.register_fake
-def _dense_attention_fake(query, key, value, attn_mask, scale):
-    check_decode_inputs(query, key, value)
-    return _output_like(query, value)
-
-
-@torch.library.custom_op("tidal::selection_attention", mutates_args=())
+@torch.library.triton_op("tidal::selection_attention", mutates_args=())
 def selection_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                         scale: float, budget: int, granularity: str, sink: int, recent: int
                         ) -> tuple[Tensor, Tensor]:
     """Exact decode attention and the top-`budget` positions (int32 [B, S, budget])."""
     check_decode_inputs(query, key, value)
     _check_selection_args(budget, granularity, sink, recent)
+    if _use_kernels(query, attn_mask):
+        summary = kernels.summarize_mask(attn_mask, query.shape[0], key.shape[2], query.device, sink, recent)
+        out, lse, logits = kernels.flash_decode(query, key, value, attn_mask, scale, summary.kv_len,
+                                                emit_logits=True)
+        sets = index_sets(granularity, query.shape[1], key.shape[1])
+        indices = kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head")
+        return out, indices
     return reference.selection_attention(query, key, value, attn_mask, scale, budget, granularity,
                                          sink, recent)
 
 
-@selection_attention.register_fake
-def _selection_attention_fake(query, key, value, attn_mask, scale, budget, granularity, sink, recent):
-    check_decode_inputs(query, key, value)
-    _check_selection_args(budget, granularity, sink, recent)
-    sets = index_sets(granularity, query.shape[1], key.shape[1])
-    indices = query.new_empty((query.shape[0], sets, budget), dtype=torch.int32)
-    return _output_like(query, value), indices
-
-
-@torch.library.custom_op("tidal::sparse_attention", mutates_args=())
+@torch.library.triton_op("tidal::sparse_attention", mutates_args=())
 def sparse_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float) -> Tensor:
     """Decode attention over exactly the cache positions in `indices` (-1 slots ignored)."""
     check_decode_inputs(query, key, value)
     _check_indices(indices, query, key)
+    if _use_kernels(query):
+        return kernels.sparse_decode(query, key, value, indices, scale)
     return reference.sparse_attention(query, key, value, indices, scale)
-
-
-@sparse_attention.register_fake
-def _sparse_attention_fake(query, key, value, indices, scale):
-    check_decode_inputs(query, key, value)
-    _check_indices(indices, query, key)
-    return _output_like(query, value)

@@ -1,0 +1,60 @@
+"""Triton kernels on a CUDA GPU at real shapes, through the `tidal::` ops (marked `gpu`;
+skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tidal_compile.ops import reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-12))
+
+
+def _real_problem(batch, heads, kv_heads, length, dtype, integer_valued=False, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def draw(*shape):
+        if integer_valued:
+            return torch.randint(-2, 3, shape, generator=gen, device="cuda").to(dtype)
+        return torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+
+    q, k, v = draw(batch, heads, 1, 128), draw(batch, kv_heads, length + 64, 128), draw(batch, kv_heads, length + 64, 128)
+    mask = torch.zeros(batch, 1, 1, length + 64, dtype=torch.bool, device="cuda")
+    mask[..., :length] = True  # the last 64 static-cache slots are unfilled
+    if batch > 1:
+        mask[1, ..., :17] = False  # left padding
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("length", [1000, 4099, 33000])
+@pytest.mark.parametrize("batch, heads, kv_heads", [(1, 32, 8), (3, 32, 32)])
+def test_gpu_dense_and_sparse_ops_equal_reference(length, batch, heads, kv_heads):
+    tidal = torch.ops.tidal
+    q, k, v, mask = _real_problem(batch, heads, kv_heads, length, torch.bfloat16)
+    expected = reference.dense_attention(q, k, v, mask, 128 ** -0.5)
+    assert rel_err(tidal.dense_attention(q, k, v, mask, 128 ** -0.5), expected) < 1e-2
+    for granularity in ("query_head", "kv_head", "layer"):
+        out, idx = tidal.selection_attention(q, k, v, mask, 128 ** -0.5, 2048, granularity, 0, 0)
+        assert rel_err(out, expected) < 1e-2
+        sparse = tidal.sparse_attention(q, k, v, idx, 128 ** -0.5)
+        assert rel_err(sparse, reference.sparse_attention(q, k, v, idx, 128 ** -0.5)) < 1e-2
+
+
+@pytest.mark.parametrize("length, budget", [(1000, 256), (33000, 2048), (131072, 256)])
+@pytest.mark.parametrize("granularity", ["query_head", "kv_head", "layer"])
+def test_gpu_topk_is_exactly_the_reference_set(length, budget, granularity):
+    q, k, v, mask = _real_problem(2, 32, 8, length, torch.bfloat16, integer_valued=True)
+    _, idx = torch.ops.tidal.selection_attention(q, k, v, mask, 1.0, budget, granularity, 4, 8)
+    _, expected = reference.selection_attention(q, k, v, mask, 1.0, budget, granularity, 4, 8)
+    torch.testing.assert_close(idx, expected, rtol=0, atol=0)
+
+
+def test_gpu_compiled_tiny_model_equals_eager():
+    from test_models import check_budget_covering_context
+
+    check_budget_covering_context("llama", 8, 2, 6, "kv_head", 2, True, "inductor", device="cuda")

@@ -1,0 +1,105 @@
+"""Triton kernels against the reference, on the CPU under TRITON_INTERPRET=1: small shapes,
+launchers called directly (torch.compile cannot trace interpreted launches on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import oracle
+from strategies import TOLERANCE, decode_problems, granularities
+
+kernels = pytest.importorskip("tidal_compile.ops.kernels")
+from tidal_compile.ops import index_sets, reference  # noqa: E402
+
+
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="kernels run on the CPU only in Triton's interpreter (set by conftest)")
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-12))
+
+
+def kernel_selection(p, budget, granularity, sink=0, recent=0):
+    b, h = p.query.shape[:2]
+    summary = kernels.summarize_mask(p.mask, b, p.key.shape[2], p.query.device, sink, recent)
+    out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, summary.kv_len,
+                                            emit_logits=True)
+    sets = index_sets(granularity, h, p.num_kv_heads)
+    return out, kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head")
+
+
+small = dict(dtypes=(torch.float32, torch.float16), max_len=70)
+
+
+@settings(max_examples=12, deadline=None)
+@given(p=decode_problems(**small))
+def test_flash_decode_equals_reference(p):
+    summary = kernels.summarize_mask(p.mask, p.query.shape[0], p.key.shape[2], p.query.device)
+    out, lse, _ = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, summary.kv_len)
+    expected = oracle.dense(p.query, p.key, p.value, p.mask, p.scale)
+    assert out.dtype == p.query.dtype and rel_err(out, expected) < TOLERANCE[p.query.dtype]
+    logits, _ = reference.attention_logits(p.query, p.key, p.mask, p.scale)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-3, atol=1e-3)
+
+
+@settings(max_examples=12, deadline=None)
+@given(p=decode_problems(integer_valued=True, max_len=70), budget=st.integers(1, 24), granularity=granularities,
+       sink=st.integers(0, 2), recent=st.integers(0, 2))
+def test_radix_topk_returns_exactly_the_reference_set(p, budget, granularity, sink, recent):
+    """Integer inputs make scores exact, so ties are real: the kernel must break them like the
+    reference (lower position first) and return the same sorted indices."""
+    budget = max(budget, sink + max(recent, 1))
+    _, idx = kernel_selection(p, budget, granularity, sink, recent)
+    expected = oracle.selection_indices(p.query, p.key, p.mask, p.scale, budget, granularity, sink, recent)
+    torch.testing.assert_close(idx, expected, rtol=0, atol=0)
+
+
+def test_radix_topk_on_a_row_longer_than_a_block():
+    """Several blocks per row and all three radix passes (kv_len > budget)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randint(-3, 4, (1, 4, 1, 16), generator=gen).float(), torch.randint(-3, 4, (1, 2, 700, 16), generator=gen).float()
+    p = type("P", (), dict(query=q, key=k, value=k, mask=None, scale=1.0, num_kv_heads=2))
+    for granularity in ("query_head", "kv_head", "layer"):
+        _, idx = kernel_selection(p, 37, granularity)
+        torch.testing.assert_close(idx, oracle.selection_indices(q, k, None, 1.0, 37, granularity), rtol=0, atol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(p=decode_problems(**small), budget=st.integers(1, 24), granularity=granularities)
+def test_sparse_decode_equals_reference(p, budget, granularity):
+    _, idx = reference.selection_attention(p.query, p.key, p.value, p.mask, p.scale, budget, granularity)
+    out = kernels.sparse_decode(p.query, p.key, p.value, idx, p.scale)
+    assert rel_err(out, oracle.sparse(p.query, p.key, p.value, idx, p.scale)) < TOLERANCE[p.query.dtype]
+
+
+def test_additive_mask_matches_bool_mask():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(s, generator=gen) for s in ((2, 4, 1, 16), (2, 2, 50, 16), (2, 2, 50, 16)))
+    allowed = torch.ones(2, 1, 1, 50, dtype=torch.bool)
+    allowed[0, ..., 40:] = False
+    allowed[1, ..., :7] = False
+    additive = torch.zeros(2, 1, 1, 50).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    kv_len = kernels.summarize_mask(allowed, 2, 50, q.device).kv_len
+    out_b, _, _ = kernels.flash_decode(q, k, v, allowed, 0.25, kv_len)
+    out_f, _, _ = kernels.flash_decode(q, k, v, additive, 0.25, kv_len)
+    torch.testing.assert_close(out_b, out_f)
+    torch.testing.assert_close(out_b, reference.dense_attention(q, k, v, allowed, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_rendered_source_is_kept_and_keyed_by_parameters(tmp_path, monkeypatch):
+    from tidal_compile import codegen
+
+    monkeypatch.setenv("TIDAL_KERNEL_CACHE", str(tmp_path))
+    with_logits = codegen.rendered_path("flash_decode.py.jinja", mask_kind="bool", emit_logits=True)
+    without = codegen.rendered_path("flash_decode.py.jinja", mask_kind="none", emit_logits=False)
+    assert with_logits != without and with_logits.parent == tmp_path
+    assert "tl.store(Logits" in with_logits.read_text() and "Logits +" not in without.read_text()
+    with pytest.raises(Exception, match="undefined"):
+        codegen.render("flash_decode.py.jinja", mask_kind="bool")

@@ -1,0 +1,208 @@
+"""Launchers of the Triton decode-attention kernels (templates rendered by `codegen`).
+
+Each launcher allocates outputs, picks the split count and block sizes from the shapes and the
+device, and launches through `wrap_triton` so that Inductor compiles the kernels inside the
+graph. They run wherever Triton does: CUDA, or the CPU under `TRITON_INTERPRET=1` (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import wrap_triton
+
+from tidal_compile import codegen
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class DecodeBlocks:
+    """Tile sizes of the split-K decode kernels."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# One default per head dim: K/V tiles of block_n x D stay near 16-32 KB per stage.
+_DECODE_BLOCKS = {64: DecodeBlocks(64, 4, 3), 128: DecodeBlocks(64, 4, 3), 256: DecodeBlocks(32, 8, 2)}
+MIN_SPLIT = 256  # positions per split: below this, combining costs more than the split saves
+
+
+def decode_blocks(head_dim: int) -> DecodeBlocks:
+    return _DECODE_BLOCKS.get(triton.next_power_of_2(head_dim), DecodeBlocks(32, 4, 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def num_splits(programs: int, length: int, device: torch.device) -> int:
+    """Splits per sequence so that programs x splits covers the GPU about twice."""
+    wanted = triton.cdiv(2 * _sm_count(device), max(programs, 1))
+    return max(1, min(wanted, triton.cdiv(length, MIN_SPLIT)))
+
+
+@dataclass(frozen=True)
+class MaskSummary:
+    """Per sequence: valid length (last valid position + 1), and where sink / recent start."""
+
+    kv_len: Tensor
+    sink_end: Tensor
+    recent_start: Tensor
+
+
+def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device: torch.device,
+                   sink: int = 0, recent: int = 0) -> MaskSummary:
+    """Valid positions from a mask broadcast over heads ([B|1, 1, 1, L], bool or additive)."""
+    if attn_mask is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+    else:
+        m = attn_mask.expand(batch, 1, 1, length)[:, 0, 0, :]
+        valid = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min
+    count = valid.to(torch.int32).cumsum(-1)
+    positions = torch.arange(1, length + 1, device=device, dtype=torch.int32)
+    kv_len = torch.where(valid, positions, 0).amax(-1).to(torch.int32)
+    total = count[:, -1:]
+    sink_end = (count <= sink).sum(-1, dtype=torch.int32)
+    recent_start = (count <= total - max(recent, 1)).sum(-1, dtype=torch.int32)
+    return MaskSummary(kv_len, sink_end, recent_start)
+
+
+def supports(query: Tensor, attn_mask: Optional[Tensor]) -> bool:
+    """Whether the kernels take these inputs (else the op uses the PyTorch reference)."""
+    per_head_mask = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] != 1
+    return query.dtype in KERNEL_DTYPES and not per_head_mask
+
+
+def _group_pad(group: int) -> int:
+    return max(16, triton.next_power_of_2(group))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _mask_args(attn_mask: Optional[Tensor], batch: int, heads: int, length: int, like: Tensor):
+    """(tensor, strides b/h/n, kind, min value) for the kernels' mask arguments."""
+    if attn_mask is None:
+        return like, (0, 0, 0), "none", 0.0
+    m = attn_mask.expand(batch, heads, 1, length)
+    kind = "bool" if m.dtype == torch.bool else "additive"
+    low = 0.0 if kind == "bool" else float(torch.finfo(m.dtype).min)
+    return m, (m.stride(0), m.stride(1), m.stride(3)), kind, low
+
+
+def _combine(part_out: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+    b, h, splits, d = part_out.shape
+    kernel = codegen.load("combine_splits.py.jinja").combine_splits
+    wrap_triton(kernel)[(b * h,)](
+        part_out, part_lse, out, lse,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        NUM_HEADS=h, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d))
+
+
+def _partials(batch: int, heads: int, splits: int, head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    return (torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=device),
+            torch.empty(batch, heads, splits, dtype=torch.float32, device=device))
+
+
+def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: float,
+                 kv_len: Tensor, emit_logits: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Exact decode attention. Returns (out [B, H, 1, D], lse [B, H] fp32, logits [B, H, L] fp32
+    or None); logits are written only below kv_len."""
+    b, h, _, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    group = h // hkv
+    blocks = decode_blocks(d)
+    splits = num_splits(b * hkv, length, query.device)
+    split_len = triton.cdiv(triton.cdiv(length, splits), blocks.block_n) * blocks.block_n
+    splits = triton.cdiv(length, split_len)
+    q = query.contiguous()
+    part_out, part_lse = _partials(b, h, splits, d, query.device)
+    logits = torch.empty(b, h, length, dtype=torch.float32, device=query.device) if emit_logits else part_lse
+    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, h, length, kv_len)
+    kernel = codegen.load("flash_decode.py.jinja", mask_kind=mask_kind, emit_logits=emit_logits).flash_decode_split
+    wrap_triton(kernel)[(b * hkv, splits)](
+        q, key, value, mask, kv_len, part_out, part_lse, logits,
+        q.stride(0), q.stride(1),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        *mask_strides,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        logits.stride(0), logits.stride(1) if emit_logits else 0,
+        scale, split_len,
+        NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=blocks.block_n, MASK_MIN=mask_min,
+        DOT_PRECISION=_dot_precision(query.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    out = torch.empty(b, h, 1, d, dtype=query.dtype, device=query.device)
+    lse = torch.empty(b, h, dtype=torch.float32, device=query.device)
+    _combine(part_out, part_lse, out, lse)
+    return out, lse, logits if emit_logits else None
+
+
+def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float) -> Tensor:
+    """Attention over the positions in `indices` (int32 [B, S, k], -1 ignored)."""
+    b, h, _, d = query.shape
+    hkv = key.shape[1]
+    sets, budget = indices.shape[1], indices.shape[2]
+    group = h // hkv
+    shared = sets != h or group == 1
+    blocks = decode_blocks(d)
+    programs = b * hkv if shared else b * h
+    splits = num_splits(programs, budget, query.device) if budget > MIN_SPLIT else 1
+    split_len = triton.cdiv(triton.cdiv(budget, splits), blocks.block_n) * blocks.block_n
+    splits = triton.cdiv(budget, split_len)
+    q = query.contiguous()
+    idx = indices.contiguous()
+    part_out, part_lse = _partials(b, h, splits, d, query.device)
+    kernel = codegen.load("sparse_decode.py.jinja", shared=shared).sparse_decode_split
+    wrap_triton(kernel)[(programs, splits)](
+        q, key, value, idx, part_out, part_lse,
+        q.stride(0), q.stride(1),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        idx.stride(0), idx.stride(1),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        scale, split_len, budget,
+        NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_group_pad(group if shared else 1), HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=blocks.block_n, SETS=sets,
+        DOT_PRECISION=_dot_precision(query.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    out = torch.empty(b, h, 1, d, dtype=query.dtype, device=query.device)
+    lse = torch.empty(b, h, dtype=torch.float32, device=query.device)
+    _combine(part_out, part_lse, out, lse)
+    return out
+
+
+def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
+                rank_by_prob: bool) -> Tensor:
+    """The top-`budget` positions per index set from flash_decode's logits (int32 [B, S, k]).
+
+    A set ranks by its head's logit (query_head) or, with `rank_by_prob`, by the sum over its
+    H / S heads of softmax probabilities (kv_head, layer)."""
+    b, h, _ = logits.shape
+    heads_per_set = h // sets
+    heads_pad = triton.next_power_of_2(heads_per_set)
+    out = torch.empty(b, sets, budget, dtype=torch.int32, device=logits.device)
+    kernel = codegen.load("radix_topk.py.jinja", rank_by_prob=rank_by_prob).radix_topk
+    wrap_triton(kernel)[(b * sets,)](
+        logits, lse, summary.kv_len, summary.sink_end, summary.recent_start, out,
+        logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
+        budget,
+        NUM_SETS=sets, NUM_HEADS=h, HEADS_PER_SET=heads_per_set, HEADS_PAD=heads_pad,
+        BLOCK=max(256, 2048 // heads_pad), num_warps=8)
+    return out

@@ -26,13 +26,14 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-12))
 
 
-def kernel_selection(p, budget, granularity, sink=0, recent=0):
+def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=16):
+    """Selection through the kernels; small top-k chunks so that rows span several programs."""
     b, h = p.query.shape[:2]
     summary = kernels.summarize_mask(p.mask, b, p.key.shape[2], p.query.device, sink, recent)
-    out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, summary.kv_len,
-                                            emit_logits=True)
+    out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=True)
     sets = index_sets(granularity, h, p.num_kv_heads)
-    return out, kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head")
+    return out, kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head",
+                                    chunk=chunk, block=block)
 
 
 small = dict(dtypes=(torch.float32, torch.float16), max_len=70)
@@ -41,8 +42,7 @@ small = dict(dtypes=(torch.float32, torch.float16), max_len=70)
 @settings(max_examples=12, deadline=None)
 @given(p=decode_problems(**small))
 def test_flash_decode_equals_reference(p):
-    summary = kernels.summarize_mask(p.mask, p.query.shape[0], p.key.shape[2], p.query.device)
-    out, lse, _ = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, summary.kv_len)
+    out, lse, _ = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale)
     expected = oracle.dense(p.query, p.key, p.value, p.mask, p.scale)
     assert out.dtype == p.query.dtype and rel_err(out, expected) < TOLERANCE[p.query.dtype]
     logits, _ = reference.attention_logits(p.query, p.key, p.mask, p.scale)
@@ -62,12 +62,12 @@ def test_radix_topk_returns_exactly_the_reference_set(p, budget, granularity, si
 
 
 def test_radix_topk_on_a_row_longer_than_a_block():
-    """Several blocks per row and all three radix passes (kv_len > budget)."""
+    """Production chunk sizes: several blocks per chunk, all three radix passes (kv_len > budget)."""
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randint(-3, 4, (1, 4, 1, 16), generator=gen).float(), torch.randint(-3, 4, (1, 2, 700, 16), generator=gen).float()
     p = type("P", (), dict(query=q, key=k, value=k, mask=None, scale=1.0, num_kv_heads=2))
     for granularity in ("query_head", "kv_head", "layer"):
-        _, idx = kernel_selection(p, 37, granularity)
+        _, idx = kernel_selection(p, 37, granularity, chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK)
         torch.testing.assert_close(idx, oracle.selection_indices(q, k, None, 1.0, 37, granularity), rtol=0, atol=0)
 
 
@@ -86,9 +86,8 @@ def test_additive_mask_matches_bool_mask():
     allowed[0, ..., 40:] = False
     allowed[1, ..., :7] = False
     additive = torch.zeros(2, 1, 1, 50).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    kv_len = kernels.summarize_mask(allowed, 2, 50, q.device).kv_len
-    out_b, _, _ = kernels.flash_decode(q, k, v, allowed, 0.25, kv_len)
-    out_f, _, _ = kernels.flash_decode(q, k, v, additive, 0.25, kv_len)
+    out_b, _, _ = kernels.flash_decode(q, k, v, allowed, 0.25)
+    out_f, _, _ = kernels.flash_decode(q, k, v, additive, 0.25)
     torch.testing.assert_close(out_b, out_f)
     torch.testing.assert_close(out_b, reference.dense_attention(q, k, v, allowed, 0.25), rtol=1e-5, atol=1e-5)
 

@@ -46,9 +46,9 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def num_splits(programs: int, length: int, device: torch.device) -> int:
-    """Splits per sequence so that programs x splits covers the GPU about twice."""
-    wanted = triton.cdiv(2 * _sm_count(device), max(programs, 1))
+def num_splits(programs: int, length: int, device: torch.device, waves: int = 2) -> int:
+    """Splits per sequence so that programs x splits covers the GPU `waves` times."""
+    wanted = triton.cdiv(waves * _sm_count(device), max(programs, 1))
     return max(1, min(wanted, triton.cdiv(length, MIN_SPLIT)))
 
 
@@ -92,14 +92,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _mask_args(attn_mask: Optional[Tensor], batch: int, heads: int, length: int, like: Tensor):
-    """(tensor, strides b/h/n, kind, min value) for the kernels' mask arguments."""
+def _mask_args(attn_mask: Optional[Tensor], batch: int, length: int, like: Tensor):
+    """(tensor, strides b/n, kind, min value) for the kernels' per-sequence mask argument."""
     if attn_mask is None:
-        return like, (0, 0, 0), "none", 0.0
-    m = attn_mask.expand(batch, heads, 1, length)
+        return like, (0, 0), "none", 0.0
+    m = attn_mask.expand(batch, 1, 1, length)
     kind = "bool" if m.dtype == torch.bool else "additive"
     low = 0.0 if kind == "bool" else float(torch.finfo(m.dtype).min)
-    return m, (m.stride(0), m.stride(1), m.stride(3)), kind, low
+    return m, (m.stride(0), m.stride(3)), kind, low
 
 
 def _combine(part_out: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> None:
@@ -120,23 +120,24 @@ def _partials(batch: int, heads: int, splits: int, head_dim: int, device: torch.
 
 
 def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: float,
-                 kv_len: Tensor, emit_logits: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+                 emit_logits: bool = False, blocks: Optional[DecodeBlocks] = None, waves: int = 2
+                 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Exact decode attention. Returns (out [B, H, 1, D], lse [B, H] fp32, logits [B, H, L] fp32
-    or None); logits are written only below kv_len."""
+    with -inf at masked positions, or None). `blocks` and `waves` override the tuned defaults."""
     b, h, _, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     group = h // hkv
-    blocks = decode_blocks(d)
-    splits = num_splits(b * hkv, length, query.device)
+    blocks = blocks or decode_blocks(d)
+    splits = num_splits(b * hkv, length, query.device, waves)
     split_len = triton.cdiv(triton.cdiv(length, splits), blocks.block_n) * blocks.block_n
     splits = triton.cdiv(length, split_len)
     q = query.contiguous()
     part_out, part_lse = _partials(b, h, splits, d, query.device)
     logits = torch.empty(b, h, length, dtype=torch.float32, device=query.device) if emit_logits else part_lse
-    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, h, length, kv_len)
+    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, part_lse)
     kernel = codegen.load("flash_decode.py.jinja", mask_kind=mask_kind, emit_logits=emit_logits).flash_decode_split
     wrap_triton(kernel)[(b * hkv, splits)](
-        q, key, value, mask, kv_len, part_out, part_lse, logits,
+        q, key, value, mask, part_out, part_lse, logits,
         q.stride(0), q.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
@@ -144,7 +145,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         logits.stride(0), logits.stride(1) if emit_logits else 0,
-        scale, split_len,
+        scale, length, split_len,
         NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=d,
         BLOCK_D=triton.next_power_of_2(d), BLOCK_N=blocks.block_n, MASK_MIN=mask_min,
         DOT_PRECISION=_dot_precision(query.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
@@ -188,21 +189,44 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
     return out
 
 
+TOPK_BLOCK = 1024
+TOPK_CHUNK = 4096
+RADIX_LEVELS = ((0, 21, 11), (1, 10, 11), (2, 0, 10))  # (level, shift, width) over 32-bit keys
+
+
 def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
-                rank_by_prob: bool) -> Tensor:
+                rank_by_prob: bool, chunk: int = TOPK_CHUNK, block: int = TOPK_BLOCK) -> Tensor:
     """The top-`budget` positions per index set from flash_decode's logits (int32 [B, S, k]).
 
     A set ranks by its head's logit (query_head) or, with `rank_by_prob`, by the sum over its
-    H / S heads of softmax probabilities (kv_head, layer)."""
-    b, h, _ = logits.shape
-    heads_per_set = h // sets
-    heads_pad = triton.next_power_of_2(heads_per_set)
+    H / S heads of softmax probabilities (kv_head, layer). Each row is cut into chunks of
+    `chunk` positions (a multiple of `block`), one program each."""
+    b, h, length = logits.shape
+    rows = b * sets
+    chunks = triton.cdiv(length, chunk)
+    module = codegen.load("radix_topk.py.jinja")
+    rank = logits
+    if rank_by_prob:
+        heads_per_set = h // sets
+        rank = torch.empty(b, sets, length, dtype=torch.float32, device=logits.device)
+        wrap_triton(module.rank_by_prob)[(rows, chunks)](
+            logits, lse, summary.kv_len, rank, logits.stride(0), logits.stride(1), rank.stride(0), rank.stride(1),
+            NUM_SETS=sets, NUM_HEADS=h, HEADS_PER_SET=heads_per_set,
+            HEADS_PAD=triton.next_power_of_2(heads_per_set),
+            BLOCK=max(16, block // triton.next_power_of_2(heads_per_set)), CHUNK=chunk)
+    hist = torch.zeros(rows, 3, 2048, dtype=torch.int32, device=logits.device)
+    chunks_pad = triton.next_power_of_2(chunks)
+    counts = torch.empty(rows, chunks_pad, 2, dtype=torch.int32, device=logits.device)
     out = torch.empty(b, sets, budget, dtype=torch.int32, device=logits.device)
-    kernel = codegen.load("radix_topk.py.jinja", rank_by_prob=rank_by_prob).radix_topk
-    wrap_triton(kernel)[(b * sets,)](
-        logits, lse, summary.kv_len, summary.sink_end, summary.recent_start, out,
-        logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
-        budget,
-        NUM_SETS=sets, NUM_HEADS=h, HEADS_PER_SET=heads_per_set, HEADS_PAD=heads_pad,
-        BLOCK=max(256, 2048 // heads_pad), num_warps=8)
+    row_args = (rank, hist, summary.kv_len, summary.sink_end, summary.recent_start)
+    for level, shift, width in RADIX_LEVELS:
+        wrap_triton(module.radix_histogram)[(rows, chunks)](
+            *row_args, rank.stride(0), rank.stride(1), budget,
+            LEVEL=level, SHIFT=shift, WIDTH=width, NUM_SETS=sets, BLOCK=block, CHUNK=chunk)
+    wrap_triton(module.radix_count)[(rows, chunks)](
+        *row_args, counts, rank.stride(0), rank.stride(1), budget,
+        NUM_SETS=sets, BLOCK=block, CHUNK=chunk, CHUNKS_PAD=chunks_pad)
+    wrap_triton(module.radix_emit)[(rows, chunks)](
+        *row_args, counts, out, rank.stride(0), rank.stride(1), out.stride(0), out.stride(1), budget,
+        NUM_SETS=sets, BLOCK=block, CHUNK=chunk, CHUNKS_PAD=chunks_pad)
     return out

@@ -80,8 +80,7 @@ def dense_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
     """Exact decode attention over the un-expanded KV cache."""
     check_decode_inputs(query, key, value)
     if _use_kernels(query, attn_mask):
-        summary = kernels.summarize_mask(attn_mask, query.shape[0], key.shape[2], query.device)
-        return kernels.flash_decode(query, key, value, attn_mask, scale, summary.kv_len)[0]
+        return kernels.flash_decode(query, key, value, attn_mask, scale)[0]
     return reference.dense_attention(query, key, value, attn_mask, scale)
 
 
@@ -94,8 +93,7 @@ def selection_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Op
     _check_selection_args(budget, granularity, sink, recent)
     if _use_kernels(query, attn_mask):
         summary = kernels.summarize_mask(attn_mask, query.shape[0], key.shape[2], query.device, sink, recent)
-        out, lse, logits = kernels.flash_decode(query, key, value, attn_mask, scale, summary.kv_len,
-                                                emit_logits=True)
+        out, lse, logits = kernels.flash_decode(query, key, value, attn_mask, scale, emit_logits=True)
         sets = index_sets(granularity, query.shape[1], key.shape[1])
         indices = kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head")
         return out, indices

@@ -1,0 +1,132 @@
+"""Per-layer decode attention: PyTorch SDPA, FlexAttention, and the tidal kernels, side by side.
+
+    python benchmarks/attention.py [--quick] [--out results.json]
+
+For each shape (Llama-3-8B: 32 query / 8 KV heads; Llama-2-7B: 32 / 32; head dim 128, bf16)
+and context, every method runs on the same inputs in this process, timed with CUDA-graph
+replays (triton.testing.do_bench_cudagraph, median). Printed per row: time, achieved GB/s
+counting the bytes the method must read (K and V of the valid positions; for sparse, of the
+selected rows), that as a percentage of the measured copy bandwidth, and the ratio to SDPA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench_cudagraph
+
+import tidal_compile  # noqa: F401  (registers torch.ops.tidal)
+
+tidal = torch.ops.tidal
+MODELS = {"llama3-8b": (32, 8), "llama2-7b": (32, 32)}
+HEAD_DIM = 128
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    context: int
+    method: str
+    budget: int
+    ms: float
+    gbps: float
+    pct_peak: float
+    vs_sdpa: float
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second: the practical HBM peak."""
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def flex_decode():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def bench(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+def run_shape(model: str, batch: int, context: int, budgets: list[int], peak: float, flex, rows: list[Row]):
+    heads, kv_heads = MODELS[model]
+    scale = HEAD_DIM ** -0.5
+    q = torch.randn(batch, heads, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, kv_heads, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    mask = torch.ones(batch, 1, 1, context, device="cuda", dtype=torch.bool)
+    kv_bytes = 2 * k.numel() * k.element_size()
+
+    def record(method, ms, nbytes, budget=0):
+        gbps = nbytes / (ms * 1e-3) / 1e9
+        sdpa_ms = next((r.ms for r in rows if (r.model, r.batch, r.context, r.method) ==
+                        (model, batch, context, "sdpa")), ms)
+        row = Row(model, batch, context, method, budget, ms, gbps, 100 * gbps * 1e9 / peak, ms / sdpa_ms)
+        rows.append(row)
+        print(f"{model:10s} B={batch:<2d} L={context:<7d} {method:24s} k={budget:<5d} {ms:8.3f} ms "
+              f"{gbps:7.0f} GB/s {row.pct_peak:5.1f}% peak  x{row.vs_sdpa:5.2f} vs sdpa", flush=True)
+
+    record("sdpa", bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)), kv_bytes)
+    if flex is not None:
+        try:
+            record("flex_attention", bench(lambda: flex(q, k, v, scale=scale, enable_gqa=True)), kv_bytes)
+        except Exception as e:  # report, keep benchmarking the rest
+            print(f"  flex_attention failed: {type(e).__name__}: {str(e)[:120]}")
+    record("tidal dense", bench(lambda: tidal.dense_attention(q, k, v, mask, scale)), kv_bytes)
+    for budget in budgets:
+        for granularity in ("query_head", "kv_head"):
+            record(f"tidal selection {granularity}",
+                   bench(lambda: tidal.selection_attention(q, k, v, mask, scale, budget, granularity, 0, 0)),
+                   kv_bytes, budget)
+            _, idx = tidal.selection_attention(q, k, v, mask, scale, budget, granularity, 0, 0)
+            rows_read = heads if granularity == "query_head" else kv_heads
+            sparse_bytes = 2 * batch * rows_read * min(budget, context) * HEAD_DIM * 2
+            record(f"tidal sparse {granularity}", bench(lambda: tidal.sparse_attention(q, k, v, idx, scale)),
+                   sparse_bytes, budget)
+    del q, k, v, mask
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (compiles per shape)")
+    parser.add_argument("--out", default=None, help="write rows as JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU")
+
+    peak = copy_bandwidth()
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+          f"triton {triton.__version__}; copy bandwidth {peak / 1e12:.2f} TB/s (read + write)")
+    flex = None if args.no_flex else flex_decode()
+    contexts = [8192, 32768, 131072] if not args.quick else [32768]
+    rows: list[Row] = []
+    for model in MODELS:
+        for batch in (1, 8):
+            for context in contexts + ([262144] if batch == 1 and not args.quick else []):
+                run_shape(model, batch, context, [256, 2048], peak, flex, rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+                       "python": platform.python_version(), "copy_bandwidth": peak,
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

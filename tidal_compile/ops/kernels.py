@@ -30,8 +30,9 @@ class DecodeBlocks:
     num_stages: int
 
 
-# One default per head dim: K/V tiles of block_n x D stay near 16-32 KB per stage.
-_DECODE_BLOCKS = {64: DecodeBlocks(64, 4, 3), 128: DecodeBlocks(64, 4, 3), 256: DecodeBlocks(32, 8, 2)}
+# One default per head dim. D=128 from benchmarks/tune_decode.py on an H100 (within 1-3% of
+# SDPA's flash backend at B 1/8, Hkv 8/32, L 8K-128K); 64 and 256 keep the same tile bytes.
+_DECODE_BLOCKS = {64: DecodeBlocks(128, 4, 3), 128: DecodeBlocks(128, 8, 3), 256: DecodeBlocks(64, 8, 2)}
 MIN_SPLIT = 256  # positions per split: below this, combining costs more than the split saves
 
 

@@ -23,6 +23,7 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import tidal_compile  # noqa: F401  (registers torch.ops.tidal)
+from tidal_compile.ops import kernels
 
 tidal = torch.ops.tidal
 MODELS = {"llama3-8b": (32, 8), "llama2-7b": (32, 32)}
@@ -51,8 +52,10 @@ def copy_bandwidth() -> float:
 
 
 def flex_decode():
+    """FlexAttention compiled for one shape (a fresh compile per shape: no recompile limit)."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    torch._dynamo.reset()
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -62,7 +65,8 @@ def bench(fn) -> float:
     return do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
-def run_shape(model: str, batch: int, context: int, budgets: list[int], peak: float, flex, rows: list[Row]):
+def run_shape(model: str, batch: int, context: int, budgets: list[int], peak: float, use_flex: bool,
+              rows: list[Row]):
     heads, kv_heads = MODELS[model]
     scale = HEAD_DIM ** -0.5
     q = torch.randn(batch, heads, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -81,12 +85,25 @@ def run_shape(model: str, batch: int, context: int, budgets: list[int], peak: fl
               f"{gbps:7.0f} GB/s {row.pct_peak:5.1f}% peak  x{row.vs_sdpa:5.2f} vs sdpa", flush=True)
 
     record("sdpa", bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)), kv_bytes)
-    if flex is not None:
+    if use_flex:
+        flex = flex_decode()
         try:
             record("flex_attention", bench(lambda: flex(q, k, v, scale=scale, enable_gqa=True)), kv_bytes)
         except Exception as e:  # report, keep benchmarking the rest
             print(f"  flex_attention failed: {type(e).__name__}: {str(e)[:120]}")
     record("tidal dense", bench(lambda: tidal.dense_attention(q, k, v, mask, scale)), kv_bytes)
+    # Where selection's time goes: the attention pass that also writes logits, then the top-k.
+    record("  part: dense+logits", bench(lambda: kernels.flash_decode(q, k, v, mask, scale, emit_logits=True)),
+           kv_bytes)
+    _, lse, logits = kernels.flash_decode(q, k, v, mask, scale, emit_logits=True)
+    summary = kernels.summarize_mask(mask, batch, context, q.device)
+    record("  part: mask summary", bench(lambda: kernels.summarize_mask(mask, batch, context, q.device)), 0)
+    for budget in budgets:
+        for granularity, sets in (("query_head", heads), ("kv_head", kv_heads)):
+            record(f"  part: top-k {granularity}",
+                   bench(lambda: kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head")),
+                   logits.numel() * 4, budget)
+    del logits
     for budget in budgets:
         for granularity in ("query_head", "kv_head"):
             record(f"tidal selection {granularity}",
@@ -114,13 +131,12 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}; copy bandwidth {peak / 1e12:.2f} TB/s (read + write)")
-    flex = None if args.no_flex else flex_decode()
     contexts = [8192, 32768, 131072] if not args.quick else [32768]
     rows: list[Row] = []
     for model in MODELS:
         for batch in (1, 8):
             for context in contexts + ([262144] if batch == 1 and not args.quick else []):
-                run_shape(model, batch, context, [256, 2048], peak, flex, rows)
+                run_shape(model, batch, context, [256, 2048], peak, not args.no_flex, rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": props.name, "torch": torch.__version__, "triton": triton.__version__,

@@ -102,3 +102,21 @@ def test_rendered_source_is_kept_and_keyed_by_parameters(tmp_path, monkeypatch):
     assert "tl.store(Logits" in with_logits.read_text() and "Logits +" not in without.read_text()
     with pytest.raises(Exception, match="undefined"):
         codegen.render("flash_decode.py.jinja", mask_kind="bool")
+
+
+@settings(max_examples=15, deadline=None)
+@given(p=decode_problems(max_len=70), sink=st.integers(0, 4), recent=st.integers(0, 4),
+       additive=st.booleans())
+def test_mask_summary_matches_reference_counts(p, sink, recent, additive):
+    b, length = p.query.shape[0], p.key.shape[2]
+    mask = p.mask
+    if mask is not None and additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    summary = kernels.summarize_mask(mask, b, length, p.query.device, sink, recent)
+    for row in range(b):
+        valid = oracle.valid_positions(p.mask, row, length)
+        forced_start = set(valid[:sink])
+        forced_end = set(valid[-max(recent, 1):])
+        assert summary.kv_len[row] == valid[-1] + 1
+        assert {j for j in valid if j < summary.sink_end[row]} == forced_start
+        assert {j for j in valid if j >= summary.recent_start[row]} == forced_end

@@ -64,19 +64,14 @@ class MaskSummary:
 
 def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device: torch.device,
                    sink: int = 0, recent: int = 0) -> MaskSummary:
-    """Valid positions from a mask broadcast over heads ([B|1, 1, 1, L], bool or additive)."""
-    if attn_mask is None:
-        valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-    else:
-        m = attn_mask.expand(batch, 1, 1, length)[:, 0, 0, :]
-        valid = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min
-    count = valid.to(torch.int32).cumsum(-1)
-    positions = torch.arange(1, length + 1, device=device, dtype=torch.int32)
-    kv_len = torch.where(valid, positions, 0).amax(-1).to(torch.int32)
-    total = count[:, -1:]
-    sink_end = (count <= sink).sum(-1, dtype=torch.int32)
-    recent_start = (count <= total - max(recent, 1)).sum(-1, dtype=torch.int32)
-    return MaskSummary(kv_len, sink_end, recent_start)
+    """Valid length and sink / recent boundaries per sequence, from a mask broadcast over heads."""
+    summary = MaskSummary(*(torch.empty(batch, dtype=torch.int32, device=device) for _ in range(3)))
+    like = summary.kv_len
+    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, batch, length, like)
+    kernel = codegen.load("mask_summary.py.jinja", mask_kind=mask_kind).mask_summary
+    wrap_triton(kernel)[(batch,)](mask, summary.kv_len, summary.sink_end, summary.recent_start, *mask_strides,
+                                  length, sink, recent, MASK_MIN=mask_min, BLOCK=4096)
+    return summary
 
 
 def supports(query: Tensor, attn_mask: Optional[Tensor]) -> bool:
@@ -121,7 +116,7 @@ def _partials(batch: int, heads: int, splits: int, head_dim: int, device: torch.
 
 
 def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: float,
-                 emit_logits: bool = False, blocks: Optional[DecodeBlocks] = None, waves: int = 2
+                 emit_logits: bool = False, blocks: Optional[DecodeBlocks] = None, waves: Optional[int] = None
                  ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Exact decode attention. Returns (out [B, H, 1, D], lse [B, H] fp32, logits [B, H, L] fp32
     with -inf at masked positions, or None). `blocks` and `waves` override the tuned defaults."""
@@ -129,6 +124,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     hkv, length = key.shape[1], key.shape[2]
     group = h // hkv
     blocks = blocks or decode_blocks(d)
+    waves = waves or (4 if group == 1 else 2)  # MHA runs more, smaller programs (tune_decode.py)
     splits = num_splits(b * hkv, length, query.device, waves)
     split_len = triton.cdiv(triton.cdiv(length, splits), blocks.block_n) * blocks.block_n
     splits = triton.cdiv(length, split_len)

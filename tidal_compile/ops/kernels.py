@@ -188,7 +188,7 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
 
 TOPK_BLOCK = 1024
 TOPK_CHUNK = 4096
-RADIX_LEVELS = ((0, 21, 11), (1, 10, 11), (2, 0, 10))  # (level, shift, width) over 32-bit keys
+RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_topk.py.jinja)
 
 
 def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
@@ -211,15 +211,15 @@ def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, 
             NUM_SETS=sets, NUM_HEADS=h, HEADS_PER_SET=heads_per_set,
             HEADS_PAD=triton.next_power_of_2(heads_per_set),
             BLOCK=max(16, block // triton.next_power_of_2(heads_per_set)), CHUNK=chunk)
-    hist = torch.zeros(rows, 3, 2048, dtype=torch.int32, device=logits.device)
+    hist = torch.zeros(rows, RADIX_LEVELS, 256, dtype=torch.int32, device=logits.device)
     chunks_pad = triton.next_power_of_2(chunks)
     counts = torch.empty(rows, chunks_pad, 2, dtype=torch.int32, device=logits.device)
     out = torch.empty(b, sets, budget, dtype=torch.int32, device=logits.device)
     row_args = (rank, hist, summary.kv_len, summary.sink_end, summary.recent_start)
-    for level, shift, width in RADIX_LEVELS:
+    for level in range(RADIX_LEVELS):
         wrap_triton(module.radix_histogram)[(rows, chunks)](
             *row_args, rank.stride(0), rank.stride(1), budget,
-            LEVEL=level, SHIFT=shift, WIDTH=width, NUM_SETS=sets, BLOCK=block, CHUNK=chunk)
+            LEVEL=level, NUM_SETS=sets, BLOCK=block, CHUNK=chunk)
     wrap_triton(module.radix_count)[(rows, chunks)](
         *row_args, counts, rank.stride(0), rank.stride(1), budget,
         NUM_SETS=sets, BLOCK=block, CHUNK=chunk, CHUNKS_PAD=chunks_pad)

@@ -93,3 +93,26 @@ def sparse(q, k, v, indices, scale) -> torch.Tensor:
             row = indices[b, h * sets // heads].tolist()
             out[b, h, 0] = attend(q, k, v, scale, b, h, [j for j in row if j >= 0])
     return out
+
+
+def assert_is_topk(indices: torch.Tensor, q, k, mask, scale, budget: int, granularity: str,
+                   sink: int = 0, recent: int = 0, rel_tol: float = 1e-5) -> None:
+    """`indices` is a valid top-`budget` choice for every index set: layout (valid positions
+    ascending, then -1), only valid positions, the forced ones (current, sink, recent) kept,
+    and no unchosen position ranked above a chosen one by more than rounding (`rel_tol`)."""
+    for b in range(indices.shape[0]):
+        for s, rank in enumerate(ranking(q, k, mask, scale, b, granularity)):
+            row = indices[b, s].tolist()
+            chosen = [j for j in row if j >= 0]
+            assert row == chosen + [-1] * (budget - len(chosen)), "valid indices first, then -1"
+            assert chosen == sorted(set(chosen)), "ascending and unique"
+            assert set(chosen) <= set(rank), "only valid positions"
+            assert len(chosen) == min(budget, len(rank))
+            valid = sorted(rank)
+            forced = set(valid[:sink]) | set(valid[-max(recent, 1):])
+            assert forced <= set(chosen), "current token, sink and recent are always kept"
+            others_in = [rank[j] for j in chosen if j not in forced]
+            others_out = [rank[j] for j in rank if j not in chosen]
+            if others_in and others_out:
+                top_out = max(others_out)
+                assert min(others_in) >= top_out - rel_tol * max(1.0, abs(top_out))

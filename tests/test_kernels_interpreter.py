@@ -50,15 +50,24 @@ def test_flash_decode_equals_reference(p):
 
 
 @settings(max_examples=12, deadline=None)
-@given(p=decode_problems(integer_valued=True, max_len=70), budget=st.integers(1, 24), granularity=granularities,
+@given(p=decode_problems(integer_valued=True, max_len=70), budget=st.integers(1, 24),
        sink=st.integers(0, 2), recent=st.integers(0, 2))
-def test_radix_topk_returns_exactly_the_reference_set(p, budget, granularity, sink, recent):
-    """Integer inputs make scores exact, so ties are real: the kernel must break them like the
+def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent):
+    """Integer inputs make logits exact, so ties are real: the kernel must break them like the
     reference (lower position first) and return the same sorted indices."""
     budget = max(budget, sink + max(recent, 1))
-    _, idx = kernel_selection(p, budget, granularity, sink, recent)
-    expected = oracle.selection_indices(p.query, p.key, p.mask, p.scale, budget, granularity, sink, recent)
+    _, idx = kernel_selection(p, budget, "query_head", sink, recent)
+    expected = oracle.selection_indices(p.query, p.key, p.mask, p.scale, budget, "query_head", sink, recent)
     torch.testing.assert_close(idx, expected, rtol=0, atol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(p=decode_problems(max_len=70), budget=st.integers(1, 24), granularity=granularities,
+       sink=st.integers(0, 2), recent=st.integers(0, 2))
+def test_radix_topk_is_a_topk_of_float_scores(p, budget, granularity, sink, recent):
+    budget = max(budget, sink + max(recent, 1))
+    _, idx = kernel_selection(p, budget, granularity, sink, recent)
+    oracle.assert_is_topk(idx, p.query, p.key, p.mask, p.scale, budget, granularity, sink, recent, rel_tol=1e-4)
 
 
 def test_radix_topk_on_a_row_longer_than_a_block():
@@ -66,9 +75,11 @@ def test_radix_topk_on_a_row_longer_than_a_block():
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randint(-3, 4, (1, 4, 1, 16), generator=gen).float(), torch.randint(-3, 4, (1, 2, 700, 16), generator=gen).float()
     p = type("P", (), dict(query=q, key=k, value=k, mask=None, scale=1.0, num_kv_heads=2))
-    for granularity in ("query_head", "kv_head", "layer"):
+    _, idx = kernel_selection(p, 37, "query_head", chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK)
+    torch.testing.assert_close(idx, oracle.selection_indices(q, k, None, 1.0, 37, "query_head"), rtol=0, atol=0)
+    for granularity in ("kv_head", "layer"):
         _, idx = kernel_selection(p, 37, granularity, chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK)
-        torch.testing.assert_close(idx, oracle.selection_indices(q, k, None, 1.0, 37, granularity), rtol=0, atol=0)
+        oracle.assert_is_topk(idx, q, k, None, 1.0, 37, granularity, rel_tol=1e-4)
 
 
 @settings(max_examples=12, deadline=None)

@@ -30,14 +30,20 @@ class DecodeBlocks:
     num_stages: int
 
 
-# One default per head dim. D=128 from benchmarks/tune_decode.py on an H100 (within 1-3% of
-# SDPA's flash backend at B 1/8, Hkv 8/32, L 8K-128K); 64 and 256 keep the same tile bytes.
-_DECODE_BLOCKS = {64: DecodeBlocks(128, 4, 3), 128: DecodeBlocks(128, 8, 3), 256: DecodeBlocks(64, 8, 2)}
+# Defaults per head dim, for few (B x Hkv <= 32) and many sequence-heads. D=128 from
+# benchmarks/tune_decode.py on an H100 (docs/results/tune-decode-*.log: within 1-3% of SDPA's
+# flash backend at B 1/8, Hkv 8/32); 64 and 256 keep the same tile bytes.
+_DECODE_BLOCKS = {
+    64: (DecodeBlocks(128, 8, 3), DecodeBlocks(128, 4, 3)),
+    128: (DecodeBlocks(128, 8, 3), DecodeBlocks(128, 4, 3)),
+    256: (DecodeBlocks(64, 8, 2), DecodeBlocks(64, 4, 2)),
+}
 MIN_SPLIT = 256  # positions per split: below this, combining costs more than the split saves
 
 
-def decode_blocks(head_dim: int) -> DecodeBlocks:
-    return _DECODE_BLOCKS.get(triton.next_power_of_2(head_dim), DecodeBlocks(32, 4, 2))
+def decode_blocks(head_dim: int, sequence_heads: int = 1) -> DecodeBlocks:
+    few, many = _DECODE_BLOCKS.get(triton.next_power_of_2(head_dim), (DecodeBlocks(32, 4, 2),) * 2)
+    return few if sequence_heads <= 32 else many
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,7 +129,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     b, h, _, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     group = h // hkv
-    blocks = blocks or decode_blocks(d)
+    blocks = blocks or decode_blocks(d, b * hkv)
     waves = waves or (4 if group == 1 else 2)  # MHA runs more, smaller programs (tune_decode.py)
     splits = num_splits(b * hkv, length, query.device, waves)
     split_len = triton.cdiv(triton.cdiv(length, splits), blocks.block_n) * blocks.block_n
@@ -159,7 +165,7 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
     sets, budget = indices.shape[1], indices.shape[2]
     group = h // hkv
     shared = sets != h or group == 1
-    blocks = decode_blocks(d)
+    blocks = decode_blocks(d, b * hkv)
     programs = b * hkv if shared else b * h
     splits = num_splits(programs, budget, query.device) if budget > MIN_SPLIT else 1
     split_len = triton.cdiv(triton.cdiv(budget, splits), blocks.block_n) * blocks.block_n

@@ -104,8 +104,11 @@ def _mask_args(attn_mask: Optional[Tensor], batch: int, length: int, like: Tenso
     return m, (m.stride(0), m.stride(3)), kind, low
 
 
-def _combine(part_out: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+def _combine(part_out: Tensor, part_lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Merge split partials into (out [B, H, 1, D] in `dtype`, lse [B, H] fp32)."""
     b, h, splits, d = part_out.shape
+    out = torch.empty(b, h, 1, d, dtype=dtype, device=part_out.device)
+    lse = torch.empty(b, h, dtype=torch.float32, device=part_out.device)
     kernel = codegen.load("combine_splits.py.jinja").combine_splits
     wrap_triton(kernel)[(b * h,)](
         part_out, part_lse, out, lse,
@@ -114,6 +117,7 @@ def _combine(part_out: Tensor, part_lse: Tensor, out: Tensor, lse: Tensor) -> No
         out.stride(0), out.stride(1),
         NUM_HEADS=h, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d))
+    return out, lse
 
 
 def _partials(batch: int, heads: int, splits: int, head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -152,9 +156,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=d,
         BLOCK_D=triton.next_power_of_2(d), BLOCK_N=blocks.block_n, MASK_MIN=mask_min,
         DOT_PRECISION=_dot_precision(query.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    out = torch.empty(b, h, 1, d, dtype=query.dtype, device=query.device)
-    lse = torch.empty(b, h, dtype=torch.float32, device=query.device)
-    _combine(part_out, part_lse, out, lse)
+    out, lse = _combine(part_out, part_lse, query.dtype)
     return out, lse, logits if emit_logits else None
 
 
@@ -186,10 +188,7 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
         NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_group_pad(group if shared else 1), HEAD_DIM=d,
         BLOCK_D=triton.next_power_of_2(d), BLOCK_N=blocks.block_n, SETS=sets,
         DOT_PRECISION=_dot_precision(query.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    out = torch.empty(b, h, 1, d, dtype=query.dtype, device=query.device)
-    lse = torch.empty(b, h, dtype=torch.float32, device=query.device)
-    _combine(part_out, part_lse, out, lse)
-    return out
+    return _combine(part_out, part_lse, query.dtype)[0]
 
 
 TOPK_BLOCK = 1024

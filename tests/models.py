@@ -17,9 +17,10 @@ VOCAB = 96
 
 
 def tiny_model(family: str = "llama", layers: int = 4, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
-               dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+               dtype: torch.dtype = torch.float32, seed: int = 0, **config_overrides) -> torch.nn.Module:
     config_cls, model_cls = FAMILIES[family]
     extra = {"sliding_window": None} if family == "mistral" else {}
+    extra.update(config_overrides)
     config = config_cls(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                         head_dim=head_dim, max_position_embeddings=512, attn_implementation="sdpa", **extra)
@@ -35,15 +36,17 @@ def tiny_model(family: str = "llama", layers: int = 4, heads: int = 4, kv_heads:
 
 def greedy_decode(forward: Callable, model: torch.nn.Module, prompt: torch.Tensor, steps: int,
                   max_cache_len: int, padding: Optional[torch.Tensor] = None,
-                  tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  tokens: Optional[torch.Tensor] = None, cache: Optional[StaticCache] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill `prompt` then decode `steps` tokens with a StaticCache through `forward`.
 
     `padding` ([B, P] bool, True = real token) masks left padding. With `tokens` given, those
-    are fed instead of the argmax (teacher forcing), so two runs see identical inputs.
+    are fed instead of the argmax (teacher forcing), so two runs see identical inputs. `cache`
+    lets the caller inspect the StaticCache afterwards.
     Returns (generated tokens [B, steps], last-position logits [steps + 1, B, V]).
     """
     batch, length = prompt.shape
-    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    cache = cache if cache is not None else StaticCache(config=model.config, max_cache_len=max_cache_len)
     mask = torch.ones(batch, max_cache_len, dtype=torch.long, device=prompt.device)
     if padding is not None:
         mask[:, :length] = padding.long()

@@ -65,6 +65,10 @@ def test_explain_lists_layers_and_logs_at_compile_time(caplog):
     assert tidal_compile.explain(other) == [] and len(tidal_compile.explain()) == 1
 
 
-def test_correction_warns_that_it_is_not_implemented():
-    with pytest.warns(tidal_compile.TidalFallbackWarning, match="correction.interval is not implemented"):
-        BackendOptions.parse({"correction": {"interval": 8}})
+def test_correction_through_the_bare_backend_warns():
+    torch._dynamo.reset()
+    model = ToyDecoder(num_layers=4)
+    compiled = tidal_compile.compile(model, correction={"interval": 8}, inner_backend="eager")
+    with pytest.warns(tidal_compile.TidalFallbackWarning, match="takes effect through .*compile_for_generation"):
+        with torch.no_grad():
+            compiled(*model.inputs())

@@ -58,9 +58,6 @@ class BackendOptions:
             raise
         if config.mode == "quest":
             raise ConfigError("mode 'quest' is not available yet; use one of tidal, full, topk_oracle")
-        if config.correction.interval:
-            warnings.warn("tidal: correction.interval is not implemented yet and has no effect; decoding "
-                          "runs without KV-cache correction", TidalFallbackWarning, stacklevel=3)
         return cls(config, num_layers, inner)
 
 
@@ -68,6 +65,10 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
                   options: Optional[Mapping[str, Any]] = None) -> Callable:
     """Dynamo backend: run the tidal passes on `gm`, report, and compile the result."""
     opts = BackendOptions.parse(options)
+    if opts.config.correction.interval:
+        warnings.warn("tidal: correction.interval takes effect through tidal_compile.hf.compile_for_generation; "
+                      "a bare torch.compile backend cannot correct the cache, so this graph decodes without "
+                      "correction", TidalFallbackWarning, stacklevel=2)
     result = run_tidal_passes(gm, opts.config, opts.num_layers)
     report = build_report(result, opts.config, example_inputs)
     record(report)

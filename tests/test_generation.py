@@ -1,0 +1,168 @@
+"""tidal_compile.hf: KV-cache correction, generate integration, and the not-yet-supported cases."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from transformers import StaticCache
+
+import tidal_compile
+from tidal_compile import TidalFallbackWarning
+from tidal_compile.hf import compile_for_generation
+from models import VOCAB, greedy_decode, tiny_model
+
+FAST = {"inner_backend": "aot_eager"}
+slow_settings = settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck),
+                         phases=(Phase.explicit, Phase.reuse, Phase.generate))
+
+
+def fresh(model):
+    torch._dynamo.reset()
+    tidal_compile.clear_reports()
+    return model
+
+
+def eager(model):
+    """The model's own (dense, uncompiled) forward, whatever model.forward was replaced by."""
+    return lambda **kwargs: type(model).forward(model, **kwargs)
+
+
+def dense_cache(model, tokens, padding, cache_len):
+    """Cache entries of one dense prefill over `tokens`: the K/V a dense-only run writes."""
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    mask = torch.ones(tokens.shape[0], cache_len, dtype=torch.long)
+    if padding is not None:
+        mask[:, : padding.shape[1]] = padding.long()
+    position = (mask[:, : tokens.shape[1]].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        eager(model)(input_ids=tokens, attention_mask=mask, position_ids=position, past_key_values=cache)
+    return cache
+
+
+def prompt_and_padding(batch, length, padded, seed=0):
+    prompt = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    padding = None
+    if padded and batch > 1:
+        padding = torch.ones(batch, length, dtype=torch.bool)
+        padding[1, : length // 3] = False
+    return prompt, padding
+
+
+def run_with_correction(interval, steps, batch, padded, budget=4):
+    model = fresh(tiny_model("llama", layers=6))
+    compile_for_generation(model, budget=budget, selection_layers=[2], correction={"interval": interval}, **FAST)
+    prompt, padding = prompt_and_padding(batch, 20, padded)
+    cache_len = 20 + steps + 2
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    tokens, _ = greedy_decode(model, model, prompt, steps, cache_len, padding, cache=cache)
+    sequence = torch.cat([prompt, tokens], dim=1)
+    return model, cache, dense_cache(model, sequence, padding, cache_len), prompt.shape[1]
+
+
+@slow_settings
+@given(interval=st.integers(1, 4), steps=st.integers(2, 10), batch=st.integers(1, 2), padded=st.booleans())
+def test_corrected_entries_equal_a_dense_run(interval, steps, batch, padded):
+    """After each correction the rewritten cache entries are the K/V a dense-only run writes."""
+    _, cache, dense, start = run_with_correction(interval, steps, batch, padded)
+    corrected = interval * ((steps - 1) // interval)  # corrections run before steps interval+1, 2*interval+1, ...
+    end = start + corrected
+    for ours, ref in zip(cache.layers, dense.layers):
+        torch.testing.assert_close(ours.keys[:, :, :end], ref.keys[:, :, :end], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.values[:, :, :end], ref.values[:, :, :end], rtol=1e-4, atol=1e-4)
+    polluted = max((ours.keys[:, :, end:start + steps] - ref.keys[:, :, end:start + steps]).abs().max().item()
+                   for ours, ref in zip(cache.layers[3:], dense.layers[3:]))
+    assert polluted > 1e-4, "entries written by sparse steps (not yet corrected) differ from dense"
+
+
+def test_interval_one_writes_dense_kv():
+    steps = 8
+    _, cache, dense, start = run_with_correction(1, steps, 2, True)
+    end = start + steps - 1  # every entry but the last step's has been corrected
+    for ours, ref in zip(cache.layers, dense.layers):
+        torch.testing.assert_close(ours.keys[:, :, :end], ref.keys[:, :, :end], rtol=1e-4, atol=1e-4)
+
+
+def test_without_correction_entries_stay_polluted():
+    _, cache, dense, start = run_with_correction(0, 6, 1, False)
+    assert (cache.layers[5].keys[:, :, start:start + 5] - dense.layers[5].keys[:, :, start:start + 5]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("interval", [0, 3])
+def test_generate_through_compile_for_generation(interval):
+    """model.generate with tidal (k >= length) gives eager's tokens, correction on and off, and
+    the decode steps run the rewritten graph."""
+    model = fresh(tiny_model("llama", layers=6))
+    prompt, padding = prompt_and_padding(2, 12, True)
+    mask = padding.long()
+    expected = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                              cache_implementation="static")
+    compile_for_generation(model, budget=64, correction={"interval": interval}, **FAST)
+    out = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, expected)
+    decode = [g for g in tidal_compile.explain(model) if g.phase == "decode"]
+    assert decode and decode[0].count("sparse") > 0
+
+
+def test_generate_with_transformers_compile_config():
+    """generate(compile_config=CompileConfig(backend="tidal", ...)) compiles with tidal."""
+    from transformers import CompileConfig
+
+    model = fresh(tiny_model("qwen2", layers=5))
+    prompt, _ = prompt_and_padding(1, 10, False)
+    expected = model.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    config = CompileConfig(backend="tidal", mode=None, fullgraph=False, options={"budget": 64, **FAST})
+    config._compile_all_devices = True  # transformers compiles on CPU only when asked
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static",
+                         compile_config=config)
+    assert torch.equal(out, expected)
+    assert any(g.phase == "decode" and g.count("sparse") > 0 for g in tidal_compile.explain(model))
+
+
+def test_beam_search_runs_without_correction_with_a_warning():
+    model = fresh(tiny_model("llama", layers=6))
+    prompt, _ = prompt_and_padding(1, 10, False)
+    expected = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, cache_implementation="static")
+    compile_for_generation(model, budget=64, correction={"interval": 2}, **FAST)
+    with pytest.warns(TidalFallbackWarning, match="does not support beam search"):
+        out = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(out, expected)
+    assert model.forward.interval == 2, "correction comes back for the next call"
+
+
+def test_dynamic_cache_runs_dense_with_a_warning():
+    model = fresh(tiny_model("llama", layers=5))
+    prompt, _ = prompt_and_padding(1, 10, False)
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    compile_for_generation(model, budget=4, **FAST)
+    with pytest.warns(TidalFallbackWarning, match="needs a static cache"):
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="dynamic")
+    assert torch.equal(out, expected)
+    assert tidal_compile.explain(model) == [], "nothing was compiled for the dense call"
+
+
+def test_sliding_window_layers_stay_dense_with_a_warning():
+    layer_types = ["full_attention"] * 3 + ["sliding_attention"] + ["full_attention"] * 2
+    model = fresh(tiny_model("qwen2", layers=6, layer_types=layer_types, sliding_window=6, use_sliding_window=True))
+    with pytest.warns(TidalFallbackWarning, match=r"layers \[3\] use sliding-window attention"):
+        compile_for_generation(model, budget=4, selection_layers=[2], **FAST)
+    prompt, _ = prompt_and_padding(1, 12, False)
+    model.generate(prompt, max_new_tokens=3, do_sample=False)
+    decode = next(g for g in tidal_compile.explain(model) if g.phase == "decode")
+    kinds = {r.layer: r.kind for r in decode.layers}
+    assert kinds[3] == "dense" and kinds[4] == "sparse"
+
+
+def test_encoder_decoder_models_stay_dense_with_a_warning():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    model = BartForConditionalGeneration(BartConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
+                                                    encoder_attention_heads=2, decoder_attention_heads=2,
+                                                    encoder_ffn_dim=32, decoder_ffn_dim=32)).eval()
+    forward = model.forward
+    with pytest.warns(TidalFallbackWarning, match="encoder-decoder models are not supported"):
+        assert compile_for_generation(model, budget=4) is model
+    assert model.forward == forward

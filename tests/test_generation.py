@@ -166,3 +166,20 @@ def test_encoder_decoder_models_stay_dense_with_a_warning():
     with pytest.warns(TidalFallbackWarning, match="encoder-decoder models are not supported"):
         assert compile_for_generation(model, budget=4) is model
     assert model.forward == forward
+
+
+def test_layer_sets_are_checked_against_the_model_at_setup():
+    model = tiny_model("llama", layers=4)
+    with pytest.raises(tidal_compile.ConfigError, match="selection_layers: layer 4 is out of range"):
+        compile_for_generation(model, selection_layers=[2, 4])
+
+
+def test_plain_torch_compile_of_forward_with_static_cache_generate():
+    """The README's usage: model.forward = torch.compile(..., backend="tidal"), then generate."""
+    model = fresh(tiny_model("mistral", layers=5, kv_heads=4))
+    prompt, _ = prompt_and_padding(1, 10, False)
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    model.forward = torch.compile(model.forward, backend="tidal", options={"budget": 64, **FAST})
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert torch.equal(out, expected)
+    assert any(g.phase == "decode" and g.count("sparse") > 0 for g in tidal_compile.explain(model))

@@ -139,6 +139,8 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     if getattr(model_config, "num_hidden_layers", None) is not None:
         options.setdefault("num_layers", model_config.num_hidden_layers)
     parsed = BackendOptions.parse(options).config
+    if "num_layers" in options:
+        parsed.resolve(options["num_layers"])  # layer sets that do not fit the model fail here, not in generate
     if getattr(model_config, "is_encoder_decoder", False):
         warnings.warn("tidal: encoder-decoder models are not supported yet; generation stays dense",
                       TidalFallbackWarning, stacklevel=2)

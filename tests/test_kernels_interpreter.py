@@ -131,3 +131,11 @@ def test_mask_summary_matches_reference_counts(p, sink, recent, additive):
         assert summary.kv_len[row] == valid[-1] + 1
         assert {j for j in valid if j < summary.sink_end[row]} == forced_start
         assert {j for j in valid if j >= summary.recent_start[row]} == forced_end
+
+
+def test_kernels_decline_inputs_they_do_not_take():
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16)
+    assert kernels.supports(q, k, None)
+    assert not kernels.supports(q.double(), k.double(), None), "float64 runs the reference"
+    assert not kernels.supports(q, torch.randn(1, 2, 8, 32), None), "value head dim differs"
+    assert not kernels.supports(q, k, torch.ones(1, 4, 1, 8, dtype=torch.bool)), "per-head mask"

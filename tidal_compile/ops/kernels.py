@@ -80,10 +80,12 @@ def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device:
     return summary
 
 
-def supports(query: Tensor, attn_mask: Optional[Tensor]) -> bool:
-    """Whether the kernels take these inputs (else the op uses the PyTorch reference)."""
+def supports(query: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> bool:
+    """Whether the kernels take these inputs (else the op uses the PyTorch reference): fp16 /
+    bf16 / fp32, one head dim <= 256 for q, k and v, and a mask shared by all heads."""
     per_head_mask = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] != 1
-    return query.dtype in KERNEL_DTYPES and not per_head_mask
+    same_dim = value.shape[-1] == query.shape[-1] <= 256
+    return query.dtype in KERNEL_DTYPES and same_dim and not per_head_mask
 
 
 def _group_pad(group: int) -> int:

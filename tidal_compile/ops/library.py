@@ -29,8 +29,8 @@ except ImportError:  # no Triton on this platform: the reference runs everywhere
     kernels = None
 
 
-def _use_kernels(query: Tensor, attn_mask: Optional[Tensor] = None) -> bool:
-    return kernels is not None and query.is_cuda and kernels.supports(query, attn_mask)
+def _use_kernels(query: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None) -> bool:
+    return kernels is not None and query.is_cuda and kernels.supports(query, value, attn_mask)
 
 
 def index_sets(granularity: str, num_heads: int, num_kv_heads: int) -> int:
@@ -79,7 +79,7 @@ def dense_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
                     scale: float) -> Tensor:
     """Exact decode attention over the un-expanded KV cache."""
     check_decode_inputs(query, key, value)
-    if _use_kernels(query, attn_mask):
+    if _use_kernels(query, value, attn_mask):
         return kernels.flash_decode(query, key, value, attn_mask, scale)[0]
     return reference.dense_attention(query, key, value, attn_mask, scale)
 
@@ -91,7 +91,7 @@ def selection_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Op
     """Exact decode attention and the top-`budget` positions (int32 [B, S, budget])."""
     check_decode_inputs(query, key, value)
     _check_selection_args(budget, granularity, sink, recent)
-    if _use_kernels(query, attn_mask):
+    if _use_kernels(query, value, attn_mask):
         summary = kernels.summarize_mask(attn_mask, query.shape[0], key.shape[2], query.device, sink, recent)
         out, lse, logits = kernels.flash_decode(query, key, value, attn_mask, scale, emit_logits=True)
         sets = index_sets(granularity, query.shape[1], key.shape[1])
@@ -106,6 +106,6 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor,
     """Decode attention over exactly the cache positions in `indices` (-1 slots ignored)."""
     check_decode_inputs(query, key, value)
     _check_indices(indices, query, key)
-    if _use_kernels(query):
+    if _use_kernels(query, value):
         return kernels.sparse_decode(query, key, value, indices, scale)
     return reference.sparse_attention(query, key, value, indices, scale)

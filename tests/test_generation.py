@@ -31,13 +31,17 @@ def eager(model):
     return lambda **kwargs: type(model).forward(model, **kwargs)
 
 
-def dense_cache(model, tokens, padding, cache_len):
-    """Cache entries of one dense prefill over `tokens`: the K/V a dense-only run writes."""
+def dense_cache(model, tokens, padding, cache_len, padded_positions=True):
+    """Cache entries of one dense prefill over `tokens`: the K/V a dense-only run writes.
+    Positions skip left padding as in `greedy_decode`, or, like transformers' generate, count
+    every slot (`padded_positions=False`)."""
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     mask = torch.ones(tokens.shape[0], cache_len, dtype=torch.long)
     if padding is not None:
         mask[:, : padding.shape[1]] = padding.long()
     position = (mask[:, : tokens.shape[1]].cumsum(-1) - 1).clamp(min=0)
+    if not padded_positions:
+        position = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
         eager(model)(input_ids=tokens, attention_mask=mask, position_ids=position, past_key_values=cache)
     return cache
@@ -104,7 +108,8 @@ def test_generate_through_compile_for_generation(interval):
     out = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False)
     assert torch.equal(out, expected)
     decode = [g for g in tidal_compile.explain(model) if g.phase == "decode"]
-    assert decode and decode[0].count("sparse") > 0
+    assert len(decode) == 1, "one decode graph serves every step (no recompile per token)"
+    assert decode[0].count("sparse") > 0
 
 
 def test_generate_with_transformers_compile_config():
@@ -183,3 +188,23 @@ def test_plain_torch_compile_of_forward_with_static_cache_generate():
     out = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="static")
     assert torch.equal(out, expected)
     assert any(g.phase == "decode" and g.count("sparse") > 0 for g in tidal_compile.explain(model))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_correction_inside_generate_writes_dense_kv(padded):
+    """Through model.generate (4-D mask built by transformers), corrected entries equal a dense run's."""
+    model = fresh(tiny_model("llama", layers=6))
+    compile_for_generation(model, budget=4, selection_layers=[2], correction={"interval": 3}, **FAST)
+    prompt, padding = prompt_and_padding(2, 16, padded)
+    steps, cache_len = 8, 30
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    mask = padding.long() if padding is not None else torch.ones_like(prompt)
+    out = model.generate(prompt, attention_mask=mask, max_new_tokens=steps + 1, do_sample=False, past_key_values=cache)
+    sequence = out[:, : 16 + steps]
+    dense = dense_cache(model, sequence, padding, cache_len, padded_positions=False)
+    end = 16 + 3 * ((steps - 1) // 3)
+    for ours, ref in zip(cache.layers, dense.layers):
+        torch.testing.assert_close(ours.keys[:, :, :end], ref.keys[:, :, :end], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.values[:, :, :end], ref.values[:, :, :end], rtol=1e-4, atol=1e-4)
+    polluted = (cache.layers[5].keys[:, :, end:16 + steps] - dense.layers[5].keys[:, :, end:16 + steps]).abs().max()
+    assert polluted > 1e-4, "the steps since the last correction were sparse, so the test can fail"

@@ -170,8 +170,12 @@ def _install(model: torch.nn.Module, dense_forward: Callable, forward: TidalForw
 
     def tidal_generate(*args: Any, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
-        implementation = kwargs.get("cache_implementation", "static")
-        if implementation != "static" or (cache is not None and type(cache).__name__ != "StaticCache"):
+        if cache is not None:  # the caller's cache replaces the configured cache_implementation
+            static = type(cache).__name__ == "StaticCache"
+            kwargs.setdefault("cache_implementation", None)
+        else:
+            static = kwargs.get("cache_implementation", "static") == "static"
+        if not static:
             warnings.warn("tidal: decoding needs a static cache (cache_implementation='static'); this "
                           "generate call runs dense, without the tidal compile", TidalFallbackWarning, stacklevel=2)
             model.forward = dense_forward

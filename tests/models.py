@@ -34,6 +34,19 @@ def tiny_model(family: str = "llama", layers: int = 4, heads: int = 4, kv_heads:
     return model
 
 
+def prompts(batch: int, length: int, padded: bool, seed: int = 0, device: str = "cpu"
+            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Random prompts [B, L] and, when `padded` (and B > 1), a left-padding mask for sequence 1."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, VOCAB, (batch, length), generator=gen)
+    padding = None
+    if padded and batch > 1:
+        padding = torch.ones(batch, length, dtype=torch.bool)
+        padding[1, : length // 3] = False
+        padding = padding.to(device)
+    return prompt.to(device), padding
+
+
 def greedy_decode(forward: Callable, model: torch.nn.Module, prompt: torch.Tensor, steps: int,
                   max_cache_len: int, padding: Optional[torch.Tensor] = None,
                   tokens: Optional[torch.Tensor] = None, cache: Optional[StaticCache] = None

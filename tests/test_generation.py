@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
@@ -13,7 +11,7 @@ from transformers import StaticCache
 import tidal_compile
 from tidal_compile import TidalFallbackWarning
 from tidal_compile.hf import compile_for_generation
-from models import VOCAB, greedy_decode, tiny_model
+from models import greedy_decode, prompts, tiny_model
 
 FAST = {"inner_backend": "aot_eager"}
 slow_settings = settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck),
@@ -47,19 +45,10 @@ def dense_cache(model, tokens, padding, cache_len, padded_positions=True):
     return cache
 
 
-def prompt_and_padding(batch, length, padded, seed=0):
-    prompt = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-    padding = None
-    if padded and batch > 1:
-        padding = torch.ones(batch, length, dtype=torch.bool)
-        padding[1, : length // 3] = False
-    return prompt, padding
-
-
 def run_with_correction(interval, steps, batch, padded, budget=4):
     model = fresh(tiny_model("llama", layers=6))
     compile_for_generation(model, budget=budget, selection_layers=[2], correction={"interval": interval}, **FAST)
-    prompt, padding = prompt_and_padding(batch, 20, padded)
+    prompt, padding = prompts(batch, 20, padded)
     cache_len = 20 + steps + 2
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     tokens, _ = greedy_decode(model, model, prompt, steps, cache_len, padding, cache=cache)
@@ -100,7 +89,7 @@ def test_generate_through_compile_for_generation(interval):
     """model.generate with tidal (k >= length) gives eager's tokens, correction on and off, and
     the decode steps run the rewritten graph."""
     model = fresh(tiny_model("llama", layers=6))
-    prompt, padding = prompt_and_padding(2, 12, True)
+    prompt, padding = prompts(2, 12, True)
     mask = padding.long()
     expected = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False,
                               cache_implementation="static")
@@ -117,7 +106,7 @@ def test_generate_with_transformers_compile_config():
     from transformers import CompileConfig
 
     model = fresh(tiny_model("qwen2", layers=5))
-    prompt, _ = prompt_and_padding(1, 10, False)
+    prompt, _ = prompts(1, 10, False)
     expected = model.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static")
     config = CompileConfig(backend="tidal", mode=None, fullgraph=False, options={"budget": 64, **FAST})
     config._compile_all_devices = True  # transformers compiles on CPU only when asked
@@ -129,7 +118,7 @@ def test_generate_with_transformers_compile_config():
 
 def test_beam_search_runs_without_correction_with_a_warning():
     model = fresh(tiny_model("llama", layers=6))
-    prompt, _ = prompt_and_padding(1, 10, False)
+    prompt, _ = prompts(1, 10, False)
     expected = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, cache_implementation="static")
     compile_for_generation(model, budget=64, correction={"interval": 2}, **FAST)
     with pytest.warns(TidalFallbackWarning, match="does not support beam search"):
@@ -140,7 +129,7 @@ def test_beam_search_runs_without_correction_with_a_warning():
 
 def test_dynamic_cache_runs_dense_with_a_warning():
     model = fresh(tiny_model("llama", layers=5))
-    prompt, _ = prompt_and_padding(1, 10, False)
+    prompt, _ = prompts(1, 10, False)
     expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
     compile_for_generation(model, budget=4, **FAST)
     with pytest.warns(TidalFallbackWarning, match="needs a static cache"):
@@ -154,7 +143,7 @@ def test_sliding_window_layers_stay_dense_with_a_warning():
     model = fresh(tiny_model("qwen2", layers=6, layer_types=layer_types, sliding_window=6, use_sliding_window=True))
     with pytest.warns(TidalFallbackWarning, match=r"layers \[3\] use sliding-window attention"):
         compile_for_generation(model, budget=4, selection_layers=[2], **FAST)
-    prompt, _ = prompt_and_padding(1, 12, False)
+    prompt, _ = prompts(1, 12, False)
     model.generate(prompt, max_new_tokens=3, do_sample=False)
     decode = next(g for g in tidal_compile.explain(model) if g.phase == "decode")
     kinds = {r.layer: r.kind for r in decode.layers}
@@ -182,7 +171,7 @@ def test_layer_sets_are_checked_against_the_model_at_setup():
 def test_plain_torch_compile_of_forward_with_static_cache_generate():
     """The README's usage: model.forward = torch.compile(..., backend="tidal"), then generate."""
     model = fresh(tiny_model("mistral", layers=5, kv_heads=4))
-    prompt, _ = prompt_and_padding(1, 10, False)
+    prompt, _ = prompts(1, 10, False)
     expected = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="static")
     model.forward = torch.compile(model.forward, backend="tidal", options={"budget": 64, **FAST})
     out = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="static")
@@ -195,7 +184,7 @@ def test_correction_inside_generate_writes_dense_kv(padded):
     """Through model.generate (4-D mask built by transformers), corrected entries equal a dense run's."""
     model = fresh(tiny_model("llama", layers=6))
     compile_for_generation(model, budget=4, selection_layers=[2], correction={"interval": 3}, **FAST)
-    prompt, padding = prompt_and_padding(2, 16, padded)
+    prompt, padding = prompts(2, 16, padded)
     steps, cache_len = 8, 30
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     mask = padding.long() if padding is not None else torch.ones_like(prompt)

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import tidal_compile
-from models import VOCAB, greedy_decode, tiny_model
+from models import greedy_decode, prompts, tiny_model
 from patched_attention import LayerPlan, patched
 
 heads_and_kv = st.sampled_from([(4, 2), (4, 4), (4, 1), (6, 2)])  # GQA, MHA, MQA, G = 3
@@ -23,17 +23,6 @@ def compile_tidal(model, **options):
     torch._dynamo.reset()
     tidal_compile.clear_reports()
     return torch.compile(model, backend="tidal", options=options)
-
-
-def prompts(batch: int, length: int, padded: bool, seed: int, device: str = "cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, VOCAB, (batch, length), generator=gen)
-    padding = None
-    if padded and batch > 1:
-        padding = torch.ones(batch, length, dtype=torch.bool)
-        padding[1, : length // 3] = False
-        padding = padding.to(device)
-    return prompt.to(device), padding
 
 
 def decode_report(model):

@@ -58,3 +58,12 @@ def test_gpu_compiled_tiny_model_equals_eager():
     from test_models import check_budget_covering_context
 
     check_budget_covering_context("llama", 8, 2, 6, "kv_head", 2, True, "inductor", device="cuda")
+
+
+def test_gpu_cuda_graphs_compiled_model_equals_eager():
+    """backend option cudagraphs=True (what mode="reduce-overhead" does): the triton_op kernels
+    are captured and replayed inside CUDA graphs."""
+    from test_models import check_budget_covering_context
+
+    check_budget_covering_context("qwen2", 8, 2, 6, "query_head", 2, True, "inductor", device="cuda",
+                                  cudagraphs=True)

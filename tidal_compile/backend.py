@@ -6,11 +6,14 @@ Registered by entry point (`torch_dynamo_backends: tidal`), so after `pip instal
 
 `options` holds `config` (YAML path, dict or TidalConfig), any config key as a shorthand that
 overrides it, and backend keys: `num_layers` (model depth, default: highest layer index in the
-graph + 1) and `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug).
+graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug) and
+`cudagraphs` (Inductor captures the graph in CUDA graphs, as `mode="reduce-overhead"` does;
+torch.compile does not take `mode` together with `options`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -39,26 +42,30 @@ class BackendOptions:
     config: TidalConfig
     num_layers: Optional[int] = None
     inner_backend: str = "inductor"
+    cudagraphs: bool = False
 
     @classmethod
     def parse(cls, options: Optional[Mapping[str, Any]]) -> "BackendOptions":
         opts = dict(options or {})
         num_layers = opts.pop("num_layers", None)
         inner = opts.pop("inner_backend", "inductor")
+        cudagraphs = opts.pop("cudagraphs", False)
         source = opts.pop("config", None)
         if num_layers is not None and (not isinstance(num_layers, int) or num_layers <= 0):
             raise ConfigError(f"num_layers must be a positive integer, got {num_layers!r}")
         if inner not in INNER_BACKENDS:
             raise ConfigError(f"inner_backend must be one of {', '.join(INNER_BACKENDS)}; got {inner!r}")
+        if not isinstance(cudagraphs, bool):
+            raise ConfigError(f"cudagraphs must be true or false, got {cudagraphs!r}")
         try:
             config = TidalConfig.load(source, **opts)
         except ConfigError as e:
             if "unknown config key" in str(e):
-                raise ConfigError(f"{e} (backend options: config, num_layers, inner_backend)") from None
+                raise ConfigError(f"{e} (backend options: config, num_layers, inner_backend, cudagraphs)") from None
             raise
         if config.mode == "quest":
             raise ConfigError("mode 'quest' is not available yet; use one of tidal, full, topk_oracle")
-        return cls(config, num_layers, inner)
+        return cls(config, num_layers, inner, cudagraphs)
 
 
 def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
@@ -78,14 +85,15 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
         if layer.fallback:
             warnings.warn(f"tidal: layer {layer.layer} stays dense: {layer.reason}", TidalFallbackWarning,
                           stacklevel=2)
-    return _inner_compile(opts.inner_backend)(gm, example_inputs)
+    return _inner_compile(opts)(gm, example_inputs)
 
 
-def _inner_compile(name: str) -> Callable:
+def _inner_compile(opts: BackendOptions) -> Callable:
+    name = opts.inner_backend
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx
+        return functools.partial(compile_fx, config_patches={"triton.cudagraphs": opts.cudagraphs})
     if name == "eager":
         return lambda gm, example_inputs: gm.forward
     return torch._dynamo.lookup_backend(name)

@@ -3,7 +3,8 @@
     python benchmarks/attention.py [--quick] [--out results.json]
 
 For each shape (Llama-3-8B: 32 query / 8 KV heads; Llama-2-7B: 32 / 32; head dim 128, bf16)
-and context, every method runs on the same inputs in this process, timed with CUDA-graph
+and context, every method (SDPA as PyTorch dispatches it and with the memory-efficient backend
+forced, FlexAttention, tidal dense / selection / sparse) runs on the same inputs in this process, timed with CUDA-graph
 replays (triton.testing.do_bench_cudagraph, median). Printed per row: time, achieved GB/s
 counting the bytes the method must read (K and V of the valid positions; for sparse, of the
 selected rows), that as a percentage of the measured copy bandwidth, and the ratio to SDPA.
@@ -59,6 +60,13 @@ def flex_decode():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def sdpa_efficient(q, k, v, scale):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+
 def bench(fn) -> float:
     fn()
     torch.cuda.synchronize()
@@ -85,6 +93,10 @@ def run_shape(model: str, batch: int, context: int, budgets: list[int], peak: fl
               f"{gbps:7.0f} GB/s {row.pct_peak:5.1f}% peak  x{row.vs_sdpa:5.2f} vs sdpa", flush=True)
 
     record("sdpa", bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)), kv_bytes)
+    try:  # the memory-efficient backend, forced (PyTorch picks flash by default)
+        record("sdpa efficient", bench(lambda: sdpa_efficient(q, k, v, scale)), kv_bytes)
+    except RuntimeError as e:
+        print(f"  sdpa efficient failed: {str(e)[:120]}")
     if use_flex:
         flex = flex_decode()
         try:

@@ -197,3 +197,19 @@ def test_correction_inside_generate_writes_dense_kv(padded):
         torch.testing.assert_close(ours.values[:, :, :end], ref.values[:, :, :end], rtol=1e-4, atol=1e-4)
     polluted = (cache.layers[5].keys[:, :, end:16 + steps] - dense.layers[5].keys[:, :, end:16 + steps]).abs().max()
     assert polluted > 1e-4, "the steps since the last correction were sparse, so the test can fail"
+
+
+def test_one_token_prompt_starts_a_new_sequence():
+    """A one-token prompt goes through the decode graph; correction must still anchor on it and
+    not on the previous sequence's tokens."""
+    model = fresh(tiny_model("llama", layers=6))
+    compile_for_generation(model, budget=4, selection_layers=[2], correction={"interval": 2}, **FAST)
+    first, _ = prompts(1, 12, False, seed=1)
+    model.generate(first, max_new_tokens=5, do_sample=False)  # leaves steps pending
+    prompt, _ = prompts(1, 1, False, seed=2)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    dense = dense_cache(model, out[:, :10], None, 16)
+    end = 1 + 2 * ((9 - 1) // 2)
+    for ours, ref in zip(cache.layers, dense.layers):
+        torch.testing.assert_close(ours.keys[:, :, :end], ref.keys[:, :, :end], rtol=1e-4, atol=1e-4)

@@ -94,8 +94,10 @@ class TidalForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
-        # A new sequence: a prefill (or embeddings), or a one-token prompt into an empty cache.
-        if input_ids is None or input_ids.shape[1] != 1 or cache is None or _cache_length(cache) == 0:
+        # A new sequence: a prefill (or embeddings), or a one-token prompt into an empty cache
+        # (checked only with correction on: reading the cache length syncs with the GPU).
+        if (input_ids is None or input_ids.shape[1] != 1 or cache is None
+                or (self.interval and _cache_length(cache) == 0)):
             self.pending.restart(input_ids, kwargs.get("position_ids"))
             return self.compiled(*args, **kwargs)
         if self.interval and self.pending.input_ids and self.pending.steps == self.interval:

@@ -12,6 +12,12 @@ from typing import Optional, Sequence
 import torch
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    expected = expected.double()
+    return float((actual.double() - expected).norm() / expected.norm().clamp(min=1e-12))
+
+
 def valid_positions(mask: Optional[torch.Tensor], b: int, length: int) -> list[int]:
     if mask is None:
         return list(range(length))

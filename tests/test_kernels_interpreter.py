@@ -22,10 +22,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="kernels run on the CPU only in Triton's interpreter (set by conftest)")
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-12))
-
-
 def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=16):
     """Selection through the kernels; small top-k chunks so that rows span several programs."""
     b, h = p.query.shape[:2]
@@ -44,7 +40,7 @@ small = dict(dtypes=(torch.float32, torch.float16), max_len=70)
 def test_flash_decode_equals_reference(p):
     out, lse, _ = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale)
     expected = oracle.dense(p.query, p.key, p.value, p.mask, p.scale)
-    assert out.dtype == p.query.dtype and rel_err(out, expected) < TOLERANCE[p.query.dtype]
+    assert out.dtype == p.query.dtype and oracle.relative_error(out, expected) < TOLERANCE[p.query.dtype]
     logits, _ = reference.attention_logits(p.query, p.key, p.mask, p.scale)
     torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-3, atol=1e-3)
 
@@ -87,7 +83,7 @@ def test_radix_topk_on_a_row_longer_than_a_block():
 def test_sparse_decode_equals_reference(p, budget, granularity):
     _, idx = reference.selection_attention(p.query, p.key, p.value, p.mask, p.scale, budget, granularity)
     out = kernels.sparse_decode(p.query, p.key, p.value, idx, p.scale)
-    assert rel_err(out, oracle.sparse(p.query, p.key, p.value, idx, p.scale)) < TOLERANCE[p.query.dtype]
+    assert oracle.relative_error(out, oracle.sparse(p.query, p.key, p.value, idx, p.scale)) < TOLERANCE[p.query.dtype]
 
 
 def test_additive_mask_matches_bool_mask():

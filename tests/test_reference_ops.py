@@ -17,7 +17,7 @@ tidal = torch.ops.tidal
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     assert actual.dtype == dtype
-    err = (actual.double() - expected).norm() / expected.norm().clamp(min=1e-12)
+    err = oracle.relative_error(actual, expected)
     assert err < TOLERANCE[dtype], f"relative error {err:.2e} over {TOLERANCE[dtype]:.0e} for {dtype}"
 
 

@@ -53,10 +53,14 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def num_splits(programs: int, length: int, device: torch.device, waves: int = 2) -> int:
-    """Splits per sequence so that programs x splits covers the GPU `waves` times."""
+def split_work(programs: int, length: int, block_n: int, device: torch.device, waves: int = 2
+               ) -> tuple[int, int]:
+    """(splits, positions per split) so that programs x splits covers the GPU `waves` times,
+    with at least MIN_SPLIT positions per split and a split length that is a multiple of block_n."""
     wanted = triton.cdiv(waves * _sm_count(device), max(programs, 1))
-    return max(1, min(wanted, triton.cdiv(length, MIN_SPLIT)))
+    splits = max(1, min(wanted, triton.cdiv(length, MIN_SPLIT)))
+    split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
+    return triton.cdiv(length, split_len), split_len
 
 
 @dataclass(frozen=True)
@@ -137,9 +141,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     group = h // hkv
     blocks = blocks or decode_blocks(d, b * hkv)
     waves = waves or (4 if group == 1 else 2)  # MHA runs more, smaller programs (tune_decode.py)
-    splits = num_splits(b * hkv, length, query.device, waves)
-    split_len = triton.cdiv(triton.cdiv(length, splits), blocks.block_n) * blocks.block_n
-    splits = triton.cdiv(length, split_len)
+    splits, split_len = split_work(b * hkv, length, blocks.block_n, query.device, waves)
     q = query.contiguous()
     part_out, part_lse = _partials(b, h, splits, d, query.device)
     logits = torch.empty(b, h, length, dtype=torch.float32, device=query.device) if emit_logits else part_lse
@@ -171,9 +173,7 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
     shared = sets != h or group == 1
     blocks = decode_blocks(d, b * hkv)
     programs = b * hkv if shared else b * h
-    splits = num_splits(programs, budget, query.device) if budget > MIN_SPLIT else 1
-    split_len = triton.cdiv(triton.cdiv(budget, splits), blocks.block_n) * blocks.block_n
-    splits = triton.cdiv(budget, split_len)
+    splits, split_len = split_work(programs, budget, blocks.block_n, query.device)
     q = query.contiguous()
     idx = indices.contiguous()
     part_out, part_lse = _partials(b, h, splits, d, query.device)

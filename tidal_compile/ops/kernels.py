@@ -164,11 +164,13 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     return out, lse, logits if emit_logits else None
 
 
-def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float) -> Tensor:
-    """Attention over the positions in `indices` (int32 [B, S, k], -1 ignored)."""
+def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float,
+                  attn_mask: Optional[Tensor] = None, page_size: int = 0) -> Tensor:
+    """Attention over the positions in `indices` (int32 [B, S, k], -1 ignored). With `page_size`,
+    indices are pages (Quest): each covers `page_size` positions, those valid under `attn_mask` used."""
     b, h, _, d = query.shape
-    hkv = key.shape[1]
-    sets, budget = indices.shape[1], indices.shape[2]
+    hkv, length = key.shape[1], key.shape[2]
+    sets, budget = indices.shape[1], indices.shape[2] * max(page_size, 1)
     group = h // hkv
     shared = sets != h or group == 1
     blocks = decode_blocks(d, b * hkv)
@@ -177,20 +179,70 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
     q = query.contiguous()
     idx = indices.contiguous()
     part_out, part_lse = _partials(b, h, splits, d, query.device)
-    kernel = codegen.load("sparse_decode.py.jinja", shared=shared).sparse_decode_split
+    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask if page_size else None, b, length, part_lse)
+    kernel = codegen.load("sparse_decode.py.jinja", shared=shared, paged=bool(page_size),
+                          mask_kind=mask_kind).sparse_decode_split
     wrap_triton(kernel)[(programs, splits)](
-        q, key, value, idx, part_out, part_lse,
+        q, key, value, idx, mask, part_out, part_lse,
         q.stride(0), q.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         idx.stride(0), idx.stride(1),
+        *mask_strides,
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
-        scale, split_len, budget,
+        scale, split_len, budget, length,
         NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_group_pad(group if shared else 1), HEAD_DIM=d,
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=blocks.block_n, SETS=sets,
-        DOT_PRECISION=_dot_precision(query.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=blocks.block_n, SETS=sets, PAGE=max(page_size, 1),
+        MASK_MIN=mask_min, DOT_PRECISION=_dot_precision(query.dtype), num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages)
     return _combine(part_out, part_lse, query.dtype)[0]
+
+
+QUEST_METADATA_PROGRAMS = 16  # programs per (sequence, KV head) when the whole cache is summarised
+QUEST_BLOCK_P = 64
+
+
+def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
+                          filled: Tensor, epoch: Tensor, seen_epoch: Tensor, page_size: int) -> None:
+    """Summarise the pages written since the last call (all of them after a new epoch), in place."""
+    b, hkv, length, d = key.shape
+    kv_len = summarize_mask(attn_mask, b, length, key.device).kv_len
+    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, kv_len)
+    kernel = codegen.load("quest_metadata.py.jinja", mask_kind=mask_kind).quest_metadata
+    wrap_triton(kernel)[(b * hkv, QUEST_METADATA_PROGRAMS)](
+        key, mask, page_min, page_max, filled, kv_len, epoch, seen_epoch,
+        key.stride(0), key.stride(1), key.stride(2), *mask_strides,
+        page_min.stride(0), page_min.stride(1), page_min.stride(2), length,
+        NUM_KV_HEADS=hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        NPROG=QUEST_METADATA_PROGRAMS, MASK_MIN=mask_min)
+    filled.copy_(kv_len)
+    seen_epoch.copy_(epoch)
+
+
+def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,
+                    page_max: Tensor, scale: float, budget: int, page_size: int) -> Tensor:
+    """Quest decode attention: page scores, per-head top pages (the current one forced), then
+    attention over the chosen pages' valid positions."""
+    b, h, _, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    pages = page_min.shape[2]
+    summary = summarize_mask(attn_mask, b, length, query.device)
+    scores = torch.empty(b, h, pages, dtype=torch.float32, device=query.device)
+    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, scores)
+    q = query.contiguous()
+    kernel = codegen.load("quest_scores.py.jinja", mask_kind=mask_kind).quest_scores
+    wrap_triton(kernel)[(b * h, triton.cdiv(pages, QUEST_BLOCK_P))](
+        q, page_min, page_max, mask, summary.kv_len, scores,
+        q.stride(0), q.stride(1), page_min.stride(0), page_min.stride(1), page_min.stride(2),
+        *mask_strides, scores.stride(0), scores.stride(1), length, pages,
+        NUM_HEADS=h, GROUP=h // hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_P=QUEST_BLOCK_P, MASK_MIN=mask_min)
+    valid_pages = (summary.kv_len + page_size - 1) // page_size
+    # The page of the current token is the last valid page: forced like the current token.
+    page_summary = MaskSummary(valid_pages, torch.zeros_like(valid_pages), valid_pages - 1)
+    chosen = select_topk(scores, scores, page_summary, budget // page_size, h, rank_by_prob=False)
+    return sparse_decode(query, key, value, chosen, scale, attn_mask, page_size)
 
 
 TOPK_BLOCK = 1024

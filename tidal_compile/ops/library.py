@@ -9,6 +9,8 @@ traced with fake tensors, which gives the ops their shapes under torch.compile.
     tidal::dense_attention(q, k, v, mask, scale) -> out
     tidal::selection_attention(q, k, v, mask, scale, budget, granularity, sink, recent) -> (out, indices)
     tidal::sparse_attention(q, k, v, indices, scale) -> out
+    tidal::quest_update_metadata(k, mask, page_min!, page_max!, filled!, epoch, seen_epoch!, page_size)
+    tidal::quest_attention(q, k, v, mask, page_min, page_max, scale, budget, page_size) -> out
 
 q is `[B, H, 1, D]`, k/v the un-expanded KV cache `[B, Hkv, L, D]`, indices `int32 [B, S, k]`.
 """
@@ -109,3 +111,44 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor,
     if _use_kernels(query, value):
         return kernels.sparse_decode(query, key, value, indices, scale)
     return reference.sparse_attention(query, key, value, indices, scale)
+
+
+def _check_quest_args(key: Tensor, page_min: Tensor, page_max: Tensor, budget: int, page_size: int) -> None:
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    if budget < page_size:
+        raise ValueError(f"budget ({budget}) must hold at least one page of {page_size} positions")
+    b, hkv, length, d = key.shape
+    expected = (b, hkv, -(-length // page_size), d)
+    for name, t in (("page_min", page_min), ("page_max", page_max)):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} must be [B, Hkv, ceil(L / page_size), D] = {list(expected)}, got "
+                             f"{list(t.shape)}")
+
+
+@torch.library.triton_op("tidal::quest_update_metadata",
+                         mutates_args=("page_min", "page_max", "filled", "seen_epoch"))
+def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
+                          filled: Tensor, epoch: Tensor, seen_epoch: Tensor, page_size: int) -> None:
+    """Bring Quest's page metadata (`page_min`/`page_max` [B, Hkv, P, D]) up to date with the
+    cache in place: only pages written since the last call, everything when `epoch` (bumped by
+    every prefill) differs from `seen_epoch`. `filled` int32 [B] is the valid length summarised."""
+    _check_quest_args(key, page_min, page_max, page_size, page_size)
+    if kernels is not None and key.is_cuda and kernels.supports(key, key, attn_mask):
+        kernels.quest_update_metadata(key, attn_mask, page_min, page_max, filled, epoch, seen_epoch, page_size)
+        return
+    reference.quest_update_metadata(key, attn_mask, page_min, page_max, filled,
+                                    bool((epoch != seen_epoch).any()), page_size)
+    seen_epoch.copy_(epoch)
+
+
+@torch.library.triton_op("tidal::quest_attention", mutates_args=())
+def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,
+                    page_max: Tensor, scale: float, budget: int, page_size: int) -> Tensor:
+    """Quest decode attention over the `budget // page_size` most critical pages per query head
+    (the current token's page always among them), from up-to-date page metadata."""
+    check_decode_inputs(query, key, value)
+    _check_quest_args(key, page_min, page_max, budget, page_size)
+    if _use_kernels(query, value, attn_mask):
+        return kernels.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size)
+    return reference.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size)

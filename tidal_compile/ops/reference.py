@@ -140,3 +140,108 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor,
     logits = torch.einsum("bhd,bhkd->bhk", query[:, :, 0, :].to(dtype), k_sel) * scale
     logits = logits.masked_fill(~used, float("-inf"))
     return _softmax_weighted_sum(logits, v_sel, query.dtype)
+
+
+# ---------------------------------------------------------------------------- Quest
+# Pages of `page_size` cache positions; per page and KV head the channel-wise min and max of the
+# keys of its valid positions (design section 1, "Baseline modes").
+
+
+def valid_positions(attn_mask: Optional[Tensor], batch: int, length: int, device: torch.device) -> Tensor:
+    """Which cache positions each sequence may attend to, `[B, L]` bool (a mask shared by heads)."""
+    return mask_to_bias(attn_mask, (batch, 1, length), torch.float32, device)[0][:, 0, :]
+
+
+def valid_length(valid: Tensor) -> Tensor:
+    """Last valid position + 1 per sequence, `[B]` int64 (0 when none is valid)."""
+    positions = torch.arange(1, valid.shape[-1] + 1, device=valid.device)
+    return torch.where(valid, positions, 0).amax(-1)
+
+
+def quest_page_metadata(key: Tensor, attn_mask: Optional[Tensor], page_size: int) -> tuple[Tensor, Tensor]:
+    """Channel-wise key (min, max) per page, recomputed from the whole cache: `[B, Hkv, P, D]`,
+    P = ceil(L / page_size), in the key dtype; 0 for pages with no valid position."""
+    b, hkv, length, d = key.shape
+    pages = -(-length // page_size)
+    valid = valid_positions(attn_mask, b, length, key.device)
+    pad = pages * page_size - length
+    k = torch.nn.functional.pad(key, (0, 0, 0, pad)).view(b, hkv, pages, page_size, d)
+    ok = torch.nn.functional.pad(valid, (0, pad)).view(b, 1, pages, page_size, 1)
+    any_ok = ok.any(3)
+    low = torch.where(ok, k, float("inf")).amin(3)
+    high = torch.where(ok, k, float("-inf")).amax(3)
+    return torch.where(any_ok, low, 0).to(key.dtype), torch.where(any_ok, high, 0).to(key.dtype)
+
+
+def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
+                          filled: Tensor, new_sequence: bool, page_size: int) -> None:
+    """Bring the page metadata up to date in place after cache writes, touching only the pages
+    that changed: from the page holding position `filled[b]` (the first position not yet
+    summarised) to the page of the last valid position; everything when `new_sequence`, or
+    when the valid length shrank (a new sequence in the same cache). Sets `filled` to the
+    valid length."""
+    b = key.shape[0]
+    length = valid_length(valid_positions(attn_mask, b, key.shape[2], key.device))
+    for row in range(b):
+        end, done = int(length[row]), int(filled[row])
+        start = 0 if new_sequence or done > end else done // page_size
+        stop = -(-end // page_size)
+        if stop <= start:
+            continue
+        lo, hi = start * page_size, min(stop * page_size, key.shape[2])
+        row_mask = None if attn_mask is None else attn_mask.expand(b, 1, 1, key.shape[2])[row:row + 1, ..., lo:hi]
+        low, high = quest_page_metadata(key[row:row + 1, :, lo:hi], row_mask, page_size)
+        page_min[row, :, start:stop] = low[0]
+        page_max[row, :, start:stop] = high[0]
+    filled.copy_(length.to(filled.dtype))
+
+
+def quest_page_scores(query: Tensor, page_min: Tensor, page_max: Tensor, page_valid: Tensor) -> Tensor:
+    """Page criticality per query head, `[B, H, P]`: sum_d max(q_d * min_d, q_d * max_d); -inf
+    for pages without a valid position. page_valid is `[B, P]`."""
+    h = query.shape[1]
+    dtype = compute_dtype(query.dtype)
+    q = query[:, :, 0, None, :].to(dtype)  # [B, H, 1, D]
+    low, high = expand_kv(page_min, h).to(dtype), expand_kv(page_max, h).to(dtype)
+    scores = torch.maximum(q * low, q * high).sum(-1)
+    return scores.masked_fill(~page_valid[:, None, :], float("-inf"))
+
+
+def pages_valid(valid: Tensor, page_size: int, pages: int) -> Tensor:
+    """`[B, P]`: pages holding at least one valid position."""
+    pad = pages * page_size - valid.shape[-1]
+    return torch.nn.functional.pad(valid, (0, pad)).view(valid.shape[0], pages, page_size).any(-1)
+
+
+def quest_select_pages(query: Tensor, page_min: Tensor, page_max: Tensor, attn_mask: Optional[Tensor],
+                       length: int, budget: int, page_size: int) -> Tensor:
+    """Per query head, the page of the current token plus the `budget // page_size - 1` other
+    pages of highest criticality (ties to the lower page): sorted int32 `[B, H, budget // page_size]`,
+    -1 in unused slots."""
+    b = query.shape[0]
+    valid = valid_positions(attn_mask, b, length, query.device)
+    page_ok = pages_valid(valid, page_size, page_min.shape[2])
+    scores = quest_page_scores(query, page_min, page_max, page_ok)
+    return top_positions(scores, page_ok[:, None, :].expand_as(scores), budget // page_size)
+
+
+def pages_to_positions(pages: Tensor, page_size: int, valid: Tensor) -> Tensor:
+    """Page indices `[B, H, n]` -> the valid cache positions they cover, `int32 [B, H, n * page_size]`
+    (-1 for unused pages and invalid positions)."""
+    offsets = torch.arange(page_size, device=pages.device, dtype=torch.long)
+    pos = (pages.long()[..., None] * page_size + offsets).flatten(-2)
+    used = (pages[..., None] >= 0).expand(*pages.shape, page_size).flatten(-2)
+    length = valid.shape[-1]
+    in_range = used & (pos < length)
+    ok = in_range & torch.gather(valid[:, None, :].expand(-1, pages.shape[1], -1), 2,
+                                 torch.where(in_range, pos, 0))
+    return torch.where(ok, pos, INVALID_INDEX).to(torch.int32)
+
+
+def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,
+                    page_max: Tensor, scale: float, budget: int, page_size: int) -> Tensor:
+    """Quest decode attention: each query head attends to the valid positions of its chosen pages."""
+    b, _, length, _ = key.shape
+    pages = quest_select_pages(query, page_min, page_max, attn_mask, length, budget, page_size)
+    positions = pages_to_positions(pages, page_size, valid_positions(attn_mask, b, length, query.device))
+    return sparse_attention(query, key, value, positions, scale)

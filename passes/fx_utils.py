@@ -122,3 +122,11 @@ def known_equal(a: Any, b: Any) -> bool:
 
 def same_shape(shape: Any, expected: tuple) -> bool:
     return len(shape) == len(expected) and all(known_equal(a, b) for a, b in zip(shape, expected))
+
+
+def static_shape(node: Any) -> Optional[tuple[int, ...]]:
+    """The node's tensor shape if every dimension is a plain int, else None."""
+    value = fake_value(node)
+    if value is None or not all(isinstance(size, int) for size in value.shape):
+        return None
+    return tuple(value.shape)

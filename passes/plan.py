@@ -3,7 +3,8 @@
 Kinds (design section 1): `dense` (exact attention through `tidal::dense_attention`),
 `selection` (exact attention plus top-k indices), `sparse` (attention over the indices of the
 nearest earlier selection layer), `oracle` (mode topk_oracle: a layer that selects its own
-top-k and attends to it), and `unchanged` (the original SDPA node stays: prefill, or a call
+top-k and attends to it), `quest` (mode quest: attention over the layer's own top pages by
+page criticality, from page metadata kept beside the cache), and `unchanged` (the original SDPA node stays: prefill, or a call
 the tidal ops cannot compute). Every decision carries a one-line reason for the report.
 """
 
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tidal_compile.config import ResolvedPlanConfig
+from tidal_compile.passes import fx_utils
 from tidal_compile.passes.find_attention import AttentionSite
 
-KINDS = ("dense", "selection", "sparse", "oracle", "unchanged")
+KINDS = ("dense", "selection", "sparse", "oracle", "quest", "unchanged")
 
 
 @dataclass
@@ -68,6 +70,8 @@ def _decide(site: AttentionSite, plan: ResolvedPlanConfig,
         return LayerDecision(site, "dense", f"in dense_layers {list(plan.dense_layers)}")
     if cfg.mode == "topk_oracle":
         return LayerDecision(site, "oracle", f"mode topk_oracle: own top-{cfg.budget} by exact scores")
+    if cfg.mode == "quest":
+        return _quest(site, plan)
     if layer in plan.selection_layers:
         return LayerDecision(site, "selection",
                              f"in selection_layers {list(plan.selection_layers)}: picks top-{cfg.budget} "
@@ -91,3 +95,13 @@ def _sparse(site: AttentionSite, plan: ResolvedPlanConfig,
                              f"({src.num_heads}/{src.num_kv_heads})", source_layer=source, fallback=True)
     return LayerDecision(site, "sparse", f"indices from layer {source}, k={plan.config.budget}",
                          source_layer=source)
+
+
+def _quest(site: AttentionSite, plan: ResolvedPlanConfig) -> LayerDecision:
+    cfg = plan.config
+    shape = fx_utils.static_shape(site.key)
+    if shape is None:
+        return LayerDecision(site, "dense", "dense fallback: Quest's page metadata needs a KV cache of static "
+                             "shape (a static cache), this one is dynamic", fallback=True)
+    return LayerDecision(site, "quest", f"mode quest: top {cfg.budget // cfg.page_size} pages of {cfg.page_size} "
+                         "by page criticality, current page included")

@@ -8,11 +8,15 @@ Registered by entry point (`torch_dynamo_backends: tidal`), so after `pip instal
 overrides it, and backend keys: `num_layers` (model depth, default: highest layer index in the
 graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug) and
 `cudagraphs` (Inductor captures the graph in CUDA graphs, as `mode="reduce-overhead"` does;
-torch.compile does not take `mode` together with `options`).
+torch.compile does not take `mode` together with `options`), and `quest_state` (mode quest:
+the :class:`QuestState` holding page metadata; created on first use and stored back into the
+`options` dict, which torch.compile hands unchanged to every graph of the same compiled
+function, so prefill and decode graphs share it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import warnings
@@ -24,6 +28,7 @@ import torch.fx as fx
 
 from tidal_compile.config import ConfigError, TidalConfig
 from tidal_compile.passes import run_tidal_passes
+from tidal_compile.quest_state import QuestState
 from tidal_compile.report import build_report, record
 
 log = logging.getLogger("tidal_compile")
@@ -43,6 +48,7 @@ class BackendOptions:
     num_layers: Optional[int] = None
     inner_backend: str = "inductor"
     cudagraphs: bool = False
+    quest_state: Optional[QuestState] = None
 
     @classmethod
     def parse(cls, options: Optional[Mapping[str, Any]]) -> "BackendOptions":
@@ -51,6 +57,9 @@ class BackendOptions:
         inner = opts.pop("inner_backend", "inductor")
         cudagraphs = opts.pop("cudagraphs", False)
         source = opts.pop("config", None)
+        quest_state = opts.pop("quest_state", None)
+        if quest_state is not None and not isinstance(quest_state, QuestState):
+            raise ConfigError(f"quest_state must be a tidal_compile.QuestState, got {type(quest_state).__name__}")
         if num_layers is not None and (not isinstance(num_layers, int) or num_layers <= 0):
             raise ConfigError(f"num_layers must be a positive integer, got {num_layers!r}")
         if inner not in INNER_BACKENDS:
@@ -61,22 +70,27 @@ class BackendOptions:
             config = TidalConfig.load(source, **opts)
         except ConfigError as e:
             if "unknown config key" in str(e):
-                raise ConfigError(f"{e} (backend options: config, num_layers, inner_backend, cudagraphs)") from None
+                raise ConfigError(f"{e} (backend options: config, num_layers, inner_backend, cudagraphs, "
+                                  "quest_state)") from None
             raise
-        if config.mode == "quest":
-            raise ConfigError("mode 'quest' is not available yet; use one of tidal, full, topk_oracle")
-        return cls(config, num_layers, inner, cudagraphs)
+        return cls(config, num_layers, inner, cudagraphs, quest_state)
 
 
 def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
                   options: Optional[Mapping[str, Any]] = None) -> Callable:
     """Dynamo backend: run the tidal passes on `gm`, report, and compile the result."""
     opts = BackendOptions.parse(options)
+    if opts.config.mode == "quest" and opts.quest_state is None:
+        if not isinstance(options, dict):
+            raise ConfigError("mode quest stores its page metadata in options['quest_state']: pass options "
+                              f"as a dict (got {type(options).__name__}) or give a QuestState")
+        options["quest_state"] = QuestState()
+        opts = dataclasses.replace(opts, quest_state=options["quest_state"])
     if opts.config.correction.interval:
         warnings.warn("tidal: correction.interval takes effect through tidal_compile.hf.compile_for_generation; "
                       "a bare torch.compile backend cannot correct the cache, so this graph decodes without "
                       "correction", TidalFallbackWarning, stacklevel=2)
-    result = run_tidal_passes(gm, opts.config, opts.num_layers)
+    result = run_tidal_passes(gm, opts.config, opts.num_layers, opts.quest_state)
     report = build_report(result, opts.config, example_inputs)
     record(report)
     if report.layers:

@@ -9,6 +9,7 @@ import torch
 
 from tidal_compile.config import TidalConfig
 from tidal_compile.passes import PassResult
+from tidal_compile.passes.plan import KINDS
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,12 @@ class GraphReport:
         return sum(r.kind == kind for r in self.layers)
 
     def summary(self) -> str:
-        kinds = ", ".join(f"{self.count(k)} {k}" for k in ("dense", "selection", "sparse", "oracle", "unchanged")
-                          if self.count(k))
+        kinds = ", ".join(f"{self.count(k)} {k}" for k in KINDS if self.count(k))
         cfg = self.config
+        detail = f"page_size={cfg.page_size}" if cfg.mode == "quest" else f"granularity={cfg.granularity}"
         return (f"tidal graph {self.graph_id} ({self.phase}, {self.family or 'unknown family'}, "
                 f"{self.num_layers} layers, mode={cfg.mode}, budget={cfg.budget}, "
-                f"granularity={cfg.granularity}): {kinds or 'no attention layers'}")
+                f"{detail}): {kinds or 'no attention layers'}")
 
     def __str__(self) -> str:
         return "\n".join([self.summary(), *map(str, self.layers)])

@@ -137,9 +137,22 @@ def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Te
     if kernels is not None and key.is_cuda and kernels.supports(key, key, attn_mask):
         kernels.quest_update_metadata(key, attn_mask, page_min, page_max, filled, epoch, seen_epoch, page_size)
         return
+    quest_update_metadata_reference(key, attn_mask, page_min, page_max, filled, epoch, seen_epoch, page_size)
+
+
+@torch.library.custom_op("tidal::quest_update_metadata_reference",
+                         mutates_args=("page_min", "page_max", "filled", "seen_epoch"))
+def quest_update_metadata_reference(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
+                                    filled: Tensor, epoch: Tensor, seen_epoch: Tensor, page_size: int) -> None:
+    """The reference update, an opaque op: it reads lengths on the host, which tracing cannot."""
     reference.quest_update_metadata(key, attn_mask, page_min, page_max, filled,
                                     bool((epoch != seen_epoch).any()), page_size)
     seen_epoch.copy_(epoch)
+
+
+@quest_update_metadata_reference.register_fake
+def _(key, attn_mask, page_min, page_max, filled, epoch, seen_epoch, page_size) -> None:
+    return None
 
 
 @torch.library.triton_op("tidal::quest_attention", mutates_args=())

@@ -46,7 +46,7 @@ def losses(model: LlamaForCausalLM, batch: data.Batch) -> tuple[torch.Tensor, to
 @torch.no_grad()
 def needle_accuracy(model: LlamaForCausalLM, language: data.FillerLanguage, length: int, device: torch.device,
                     cases: int = 64) -> float:
-    """Share of single-needle prompts (depths spread over [0, 1]) whose 4 answer tokens the model
+    """Share of single-needle prompts (depths spread over [0, 1]) whose 5 answer tokens the model
     predicts exactly, teacher-forced (equal to greedy decoding of the 4 tokens)."""
     gen = torch.Generator(device=device).manual_seed(99)
     hits = 0

@@ -122,3 +122,39 @@ def assert_is_topk(indices: torch.Tensor, q, k, mask, scale, budget: int, granul
             if others_in and others_out:
                 top_out = max(others_out)
                 assert min(others_in) >= top_out - rel_tol * max(1.0, abs(top_out))
+
+
+def quest_pages(q, k, mask, b: int, h: int, budget: int, page_size: int) -> list[int]:
+    """Quest's chosen pages for sequence b, head h: the page of the last valid position, then
+    the highest sum_d max(q_d min_d, q_d max_d) over pages with a valid position (lower page
+    on ties); ascending, padded with -1."""
+    group = q.shape[1] // k.shape[1]
+    valid = valid_positions(mask, b, k.shape[2])
+    rows: dict[int, list[int]] = {}
+    for j in valid:
+        rows.setdefault(j // page_size, []).append(j)
+    scores = {}
+    for page, members in rows.items():
+        score = 0.0
+        for d in range(q.shape[-1]):
+            column = [float(k[b, h // group, j, d]) for j in members]
+            qd = float(q[b, h, 0, d])
+            score += max(qd * min(column), qd * max(column))
+        scores[page] = score
+    current = valid[-1] // page_size
+    slots = budget // page_size
+    rest = sorted((p for p in scores if p != current), key=lambda p: (-scores[p], p))
+    chosen = sorted({current, *rest[:slots - 1]})
+    return chosen + [-1] * (slots - len(chosen))
+
+
+def quest(q, k, v, mask, scale, budget: int, page_size: int) -> torch.Tensor:
+    """Quest decode attention: each head attends to the valid positions of its chosen pages."""
+    out = torch.zeros(q.shape[0], q.shape[1], 1, v.shape[-1], dtype=torch.float64)
+    for b in range(q.shape[0]):
+        valid = set(valid_positions(mask, b, k.shape[2]))
+        for h in range(q.shape[1]):
+            pages = [p for p in quest_pages(q, k, mask, b, h, budget, page_size) if p >= 0]
+            positions = [j for p in pages for j in range(p * page_size, (p + 1) * page_size) if j in valid]
+            out[b, h, 0] = attend(q, k, v, scale, b, h, positions)
+    return out

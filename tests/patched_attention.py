@@ -24,16 +24,16 @@ class LayerPlan:
     """Which layers are dense / selection / sparse, and the current step's index sets."""
 
     def __init__(self, num_layers: int, dense: tuple[int, ...], selection: tuple[int, ...], budget: int,
-                 granularity: str, mode: str = "tidal"):
+                 granularity: str, mode: str = "tidal", page_size: int = 16):
         self.num_layers, self.dense, self.selection = num_layers, set(dense), set(selection)
-        self.budget, self.granularity, self.mode = budget, granularity, mode
+        self.budget, self.granularity, self.mode, self.page_size = budget, granularity, mode, page_size
         self.indices: dict[int, torch.Tensor] = {}
 
     def kind(self, layer: int) -> str:
         if self.mode == "full" or layer in self.dense:
             return "dense"
-        if self.mode == "topk_oracle":
-            return "oracle"
+        if self.mode in ("topk_oracle", "quest"):
+            return "oracle" if self.mode == "topk_oracle" else "quest"
         return "selection" if layer in self.selection else "sparse"
 
 
@@ -47,7 +47,9 @@ def _attention(plan: LayerPlan):
         kind = plan.kind(layer)
         if kind in ("selection", "oracle"):
             plan.indices[layer] = oracle.selection_indices(query, key, mask, scale, plan.budget, plan.granularity)
-        if kind == "dense" or kind == "selection":
+        if kind == "quest":
+            out = oracle.quest(query, key, value, mask, scale, plan.budget, plan.page_size)
+        elif kind == "dense" or kind == "selection":
             out = oracle.dense(query, key, value, mask, scale)
         else:
             source = layer if kind == "oracle" else max(s for s in plan.selection if s < layer)

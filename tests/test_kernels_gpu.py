@@ -65,3 +65,28 @@ def test_gpu_cuda_graphs_compiled_model_equals_eager():
 
     check_budget_covering_context("qwen2", 8, 2, 6, "query_head", 2, True, "inductor", device="cuda",
                                   cudagraphs=True)
+
+
+@pytest.mark.parametrize("length, budget, page_size", [(1000, 256, 16), (33000, 2048, 16), (131072, 256, 32)])
+def test_gpu_quest_ops_equal_reference(length, budget, page_size):
+    tidal = torch.ops.tidal
+    q, k, v, mask = _real_problem(2, 32, 8, length, torch.bfloat16)
+    pages = -(-k.shape[2] // page_size)
+    page_min = torch.zeros(2, 8, pages, 128, dtype=torch.bfloat16, device="cuda")
+    page_max, filled = torch.zeros_like(page_min), torch.zeros(2, dtype=torch.int32, device="cuda")
+    epoch, seen = torch.ones(1, dtype=torch.int32, device="cuda"), torch.zeros(1, dtype=torch.int32, device="cuda")
+    tidal.quest_update_metadata(k, mask, page_min, page_max, filled, epoch, seen, page_size)
+    expected_min, expected_max = reference.quest_page_metadata(k, mask, page_size)
+    used = reference.pages_valid(reference.valid_positions(mask, 2, k.shape[2], k.device), page_size, pages)
+    used = used[:, None].expand(-1, 8, -1)
+    assert torch.equal(page_min[used], expected_min[used]) and torch.equal(page_max[used], expected_max[used])
+    out = tidal.quest_attention(q, k, v, mask, page_min, page_max, 128 ** -0.5, budget, page_size)
+    expected = reference.quest_attention(q, k, v, mask, page_min, page_max, 128 ** -0.5, budget, page_size)
+    assert oracle.relative_error(out, expected) < 1e-2
+
+
+def test_gpu_quest_compiled_tiny_model_equals_eager_with_cuda_graphs():
+    from test_models import check_budget_covering_context
+
+    check_budget_covering_context("llama", 8, 2, 6, "query_head", 2, True, "inductor", device="cuda",
+                                  mode="quest", page_size=16, cudagraphs=True)

@@ -2,8 +2,9 @@
 
 A sequence is a BOS token followed by 8-token *slots*. Filler slots are sentences of a fixed
 random Markov language (7 words and a period), so next-token prediction over filler needs broad,
-not one-hot, attention. A needle slot `KEY k VAL v1 v2 v3 v4 .` states a fact; a query slot
-`QUERY k VAL v1 v2 v3 v4 .` asks for it again, and the values are the answer. Training mixes
+not one-hot, attention. A needle slot `KEY k v1 v2 v3 v4 v5 .` states a fact; a query slot
+`QUERY k v1 v2 v3 v4 v5 .` asks for it again, and the values are the answer (the value follows
+the key directly, so retrieval is one induction step: find the earlier `k`, copy what follows). Training mixes
 passkey-style single needles and multi-query associative recall (many needles, several queries);
 the needle evaluation uses one needle at a chosen depth and one query at the end.
 """
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PAD, BOS, EOS, KEY, VAL, QUERY, PERIOD = range(7)
+PAD, BOS, EOS, KEY, QUERY, PERIOD = range(6)
 SLOT = 8
-VALUE_TOKENS = 4
+VALUE_TOKENS = 5
 KEY_BASE, NUM_KEYS = 8, 128
 VALUE_BASE, NUM_VALUES = KEY_BASE + NUM_KEYS, 64
 WORD_BASE, NUM_WORDS = VALUE_BASE + NUM_VALUES, 256
@@ -67,15 +68,14 @@ class FillerLanguage:
 
 
 def fact_slots(marker: int, keys: Tensor, values: Tensor) -> Tensor:
-    """`marker k VAL v1..v4 .` slots [..., SLOT] for keys [...] and values [..., 4] (token ids)."""
+    """`marker k v1..v5 .` slots [..., SLOT] for keys [...] and values [..., 5] (token ids)."""
     shape = keys.shape
-    head = torch.stack([torch.full(shape, marker, device=keys.device), keys,
-                        torch.full(shape, VAL, device=keys.device)], dim=-1)
+    head = torch.stack([torch.full(shape, marker, device=keys.device), keys], dim=-1)
     return torch.cat([head, values, torch.full((*shape, 1), PERIOD, device=keys.device)], dim=-1)
 
 
 def random_facts(batch: int, count: int, gen: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
-    """`count` facts per sequence with distinct keys: keys [batch, count], values [batch, count, 4]."""
+    """`count` facts per sequence with distinct keys: keys [batch, count], values [batch, count, 5]."""
     keys = torch.rand(batch, NUM_KEYS, generator=gen, device=gen.device).argsort(dim=1)[:, :count] + KEY_BASE
     values = torch.randint(NUM_VALUES, (batch, count, VALUE_TOKENS), generator=gen, device=gen.device) + VALUE_BASE
     return keys.to(device), values.to(device)
@@ -90,7 +90,7 @@ def assemble(filler: Tensor, needles: Tensor, needle_slot: Tensor, queries: Tens
     slots.scatter_(1, needle_slot[..., None].expand(-1, -1, SLOT), needles)
     slots[:, s - q:] = queries
     answer = torch.zeros_like(slots, dtype=torch.bool)
-    answer[:, s - q:, 3:3 + VALUE_TOKENS] = True
+    answer[:, s - q:, 2:2 + VALUE_TOKENS] = True
     bos = torch.full((b, 1), BOS, dtype=slots.dtype, device=slots.device)
     tokens = torch.cat([bos, slots.reshape(b, -1)], dim=1)
     answer_mask = torch.cat([torch.zeros_like(bos, dtype=torch.bool), answer.reshape(b, -1)], dim=1)
@@ -99,10 +99,10 @@ def assemble(filler: Tensor, needles: Tensor, needle_slot: Tensor, queries: Tens
 
 def training_batch(language: FillerLanguage, batch: int, slots: int, gen: torch.Generator,
                    device: torch.device) -> Batch:
-    """A mix of passkey (one needle) and associative recall (up to 32 needles, up to 4 queries):
+    """A mix of passkey (one needle) and associative recall (up to 32 needles, up to 8 queries):
     the needle count is drawn per batch, needle positions and the queried facts per sequence."""
     num_needles = int(torch.randint(1, min(32, slots - 5) + 1, (1,), generator=gen, device=gen.device))
-    num_queries = int(torch.randint(1, min(4, num_needles) + 1, (1,), generator=gen, device=gen.device))
+    num_queries = int(torch.randint(1, min(8, num_needles) + 1, (1,), generator=gen, device=gen.device))
     keys, values = random_facts(batch, num_needles, gen, device)
     free = slots - num_queries
     needle_slot = torch.rand(batch, free, generator=gen, device=gen.device).argsort(dim=1)[:, :num_needles].to(device)
@@ -115,15 +115,15 @@ def training_batch(language: FillerLanguage, batch: int, slots: int, gen: torch.
 def needle_batch(language: FillerLanguage, batch: int, length: int, depth: float, gen: torch.Generator,
                  device: torch.device) -> tuple[Tensor, Tensor]:
     """Needle-in-a-haystack prompts: one needle at `depth` (0 = first slot, 1 = just before the
-    query) in filler, ending with `QUERY k VAL`. Returns (prompt ids [B, L'], answers [B, 4]),
+    query) in filler, ending with `QUERY k`. Returns (prompt ids [B, L'], answers [B, 5]),
     L' <= length."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    slots = slots_for_length(length + SLOT - 3)  # the last slot is cut after `QUERY k VAL`
+    slots = slots_for_length(length + SLOT - 2)  # the last slot is cut after `QUERY k`
     keys, values = random_facts(batch, 1, gen, device)
     position = round(depth * (slots - 2))
     needle_slot = torch.full((batch, 1), position, dtype=torch.long, device=device)
     queries = fact_slots(QUERY, keys, values)
     sample = assemble(language.slots(batch, slots, gen, device), fact_slots(KEY, keys, values), needle_slot, queries)
-    prompt = sample.tokens[:, :-(SLOT - 3)]
+    prompt = sample.tokens[:, :-(SLOT - 2)]
     return prompt, values[:, 0]

@@ -126,8 +126,37 @@ def run_shape(model: str, batch: int, context: int, budgets: list[int], peak: fl
             sparse_bytes = 2 * batch * rows_read * min(budget, context) * HEAD_DIM * 2
             record(f"tidal sparse {granularity}", bench(lambda: tidal.sparse_attention(q, k, v, idx, scale)),
                    sparse_bytes, budget)
+    for budget in budgets:
+        record("topk_oracle layer", bench(lambda: tidal.sparse_attention(
+            q, k, v, tidal.selection_attention(q, k, v, mask, scale, budget, "query_head", 0, 0)[1], scale)),
+            kv_bytes, budget)
+    run_quest(q, k, v, mask, scale, budgets, record)
     del q, k, v, mask
     torch.cuda.empty_cache()
+
+
+def run_quest(q, k, v, mask, scale, budgets, record, page_size: int = 16):
+    """Quest at the same budgets: a decode step's metadata update (the page being written) and
+    the attention (page scores, top pages, paged attention). Bytes: the chosen pages' K/V per
+    query head plus the page metadata read by the scores."""
+    batch, heads = q.shape[:2]
+    kv_heads, context = k.shape[1], k.shape[2]
+    pages = -(-context // page_size)
+    page_min = torch.zeros(batch, kv_heads, pages, HEAD_DIM, dtype=k.dtype, device=k.device)
+    page_max, filled = torch.zeros_like(page_min), torch.zeros(batch, dtype=torch.int32, device=k.device)
+    epoch, seen = torch.ones(1, dtype=torch.int32, device=k.device), torch.zeros(1, dtype=torch.int32, device=k.device)
+    tidal.quest_update_metadata(k, mask, page_min, page_max, filled, epoch, seen, page_size)  # "prefill"
+
+    def step_update():
+        filled.fill_(context - 1)  # as after the previous decode step: one position to add
+        tidal.quest_update_metadata(k, mask, page_min, page_max, filled, epoch, seen, page_size)
+
+    meta_bytes = 2 * page_min.numel() * page_min.element_size()
+    record("  part: quest metadata step", bench(step_update), 2 * batch * kv_heads * page_size * HEAD_DIM * 2)
+    for budget in budgets:
+        quest_bytes = 2 * batch * heads * min(budget, context) * HEAD_DIM * 2 + meta_bytes
+        record("quest", bench(lambda: tidal.quest_attention(q, k, v, mask, page_min, page_max, scale, budget,
+                                                            page_size)), quest_bytes, budget)
 
 
 def main() -> None:

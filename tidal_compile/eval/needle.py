@@ -8,7 +8,7 @@
 A setting is `MODE[:BUDGET][@RESELECT]`: `full`, `tidal:128` (selection layers auto),
 `tidal:128@6` (selection layers [2, 6]), `tidal:128@none` (one selection layer, 2),
 `quest:128`, `topk_oracle:128`. Every setting sees the same prompts (seeded per cell). A case
-is answered when the 5 greedy tokens after `QUERY k` equal the needle's value.
+is answered when the 5 greedy tokens after the query `KEY k` equal the needle's value.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 A sequence is a BOS token followed by 8-token *slots*. Filler slots are sentences of a fixed
 random Markov language (7 words and a period), so next-token prediction over filler needs broad,
 not one-hot, attention. A needle slot `KEY k v1 v2 v3 v4 v5 .` states a fact; a query slot
-`QUERY k v1 v2 v3 v4 v5 .` asks for it again, and the values are the answer (the value follows
-the key directly, so retrieval is one induction step: find the earlier `k`, copy what follows). Training mixes
+restates its start, `KEY k`, and the values are the answer (the value follows the key directly,
+so retrieval is one induction step: find the earlier `KEY k`, copy what follows). Training mixes
 passkey-style single needles and multi-query associative recall (many needles, several queries);
 the needle evaluation uses one needle at a chosen depth and one query at the end.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-PAD, BOS, EOS, KEY, QUERY, PERIOD = range(6)
+PAD, BOS, EOS, KEY, PERIOD = 0, 1, 2, 3, 5  # 4 unused
 SLOT = 8
 VALUE_TOKENS = 5
 KEY_BASE, NUM_KEYS = 8, 128
@@ -67,6 +67,16 @@ class FillerLanguage:
         return self.sentences.to(device)[ids.to(device)]
 
 
+def repeated_slots(batch: int, slots: int, period: int, gen: torch.Generator, device: torch.device) -> Tensor:
+    """A block of `period` random sentences (over keys, values and words alike) repeated to
+    [batch, slots, SLOT]: after
+    the first block every word is predictable only by copying from the context, which makes
+    copying (induction) heads form quickly; retrieval builds on them."""
+    words = torch.randint(KEY_BASE, VOCAB_SIZE, (batch, period, SLOT - 1), generator=gen, device=gen.device)
+    block = torch.cat([words.to(device), torch.full((batch, period, 1), PERIOD, device=device)], dim=-1)
+    return block.repeat(1, -(-slots // period), 1)[:, :slots]
+
+
 def fact_slots(marker: int, keys: Tensor, values: Tensor) -> Tensor:
     """`marker k v1..v5 .` slots [..., SLOT] for keys [...] and values [..., 5] (token ids)."""
     shape = keys.shape
@@ -98,16 +108,27 @@ def assemble(filler: Tensor, needles: Tensor, needle_slot: Tensor, queries: Tens
 
 
 def training_batch(language: FillerLanguage, batch: int, slots: int, gen: torch.Generator,
-                   device: torch.device) -> Batch:
-    """A mix of passkey (one needle) and associative recall (up to 32 needles, up to 8 queries):
-    the needle count is drawn per batch, needle positions and the queried facts per sequence."""
-    num_needles = int(torch.randint(1, min(32, slots - 5) + 1, (1,), generator=gen, device=gen.device))
+                   device: torch.device, repeat_share: float = 0.0, max_needles: int = 32) -> Batch:
+    """A mix of passkey (one needle) and associative recall (up to `max_needles` needles, up to 8
+    queries): the needle count is drawn per batch, needle positions and the queried facts per
+    sequence. (Retrieval among many needles is learnt only after retrieval of one: raise
+    `max_needles` during training.)
+    With probability `repeat_share` the batch is instead a copy task: a block of random sentences
+    repeated (`repeated_slots`), every token after the first block marked as an answer."""
+    if float(torch.rand(1, generator=gen, device=gen.device)) < repeat_share:
+        period = int(torch.randint(1, max(2, slots // 2), (1,), generator=gen, device=gen.device))
+        body = repeated_slots(batch, slots, period, gen, device).reshape(batch, -1)
+        tokens = torch.cat([torch.full((batch, 1), BOS, dtype=body.dtype, device=device), body], dim=1)
+        answer_mask = torch.zeros_like(tokens, dtype=torch.bool)
+        answer_mask[:, 1 + period * SLOT:] = True
+        return Batch(tokens, answer_mask)
+    num_needles = int(torch.randint(1, max(1, min(max_needles, slots - 5)) + 1, (1,), generator=gen, device=gen.device))
     num_queries = int(torch.randint(1, min(8, num_needles) + 1, (1,), generator=gen, device=gen.device))
     keys, values = random_facts(batch, num_needles, gen, device)
     free = slots - num_queries
     needle_slot = torch.rand(batch, free, generator=gen, device=gen.device).argsort(dim=1)[:, :num_needles].to(device)
     asked = torch.rand(batch, num_needles, generator=gen, device=gen.device).argsort(dim=1)[:, :num_queries].to(device)
-    queries = fact_slots(QUERY, keys.gather(1, asked), values.gather(1, asked[..., None].expand(-1, -1, VALUE_TOKENS)))
+    queries = fact_slots(KEY, keys.gather(1, asked), values.gather(1, asked[..., None].expand(-1, -1, VALUE_TOKENS)))
     filler = language.slots(batch, slots, gen, device)
     return assemble(filler, fact_slots(KEY, keys, values), needle_slot, queries)
 
@@ -115,15 +136,15 @@ def training_batch(language: FillerLanguage, batch: int, slots: int, gen: torch.
 def needle_batch(language: FillerLanguage, batch: int, length: int, depth: float, gen: torch.Generator,
                  device: torch.device) -> tuple[Tensor, Tensor]:
     """Needle-in-a-haystack prompts: one needle at `depth` (0 = first slot, 1 = just before the
-    query) in filler, ending with `QUERY k`. Returns (prompt ids [B, L'], answers [B, 5]),
+    query) in filler, ending with `KEY k`. Returns (prompt ids [B, L'], answers [B, 5]),
     L' <= length."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    slots = slots_for_length(length + SLOT - 2)  # the last slot is cut after `QUERY k`
+    slots = slots_for_length(length + SLOT - 2)  # the last slot is cut after `KEY k`
     keys, values = random_facts(batch, 1, gen, device)
     position = round(depth * (slots - 2))
     needle_slot = torch.full((batch, 1), position, dtype=torch.long, device=device)
-    queries = fact_slots(QUERY, keys, values)
+    queries = fact_slots(KEY, keys, values)
     sample = assemble(language.slots(batch, slots, gen, device), fact_slots(KEY, keys, values), needle_slot, queries)
     prompt = sample.tokens[:, :-(SLOT - 2)]
     return prompt, values[:, 0]

@@ -58,15 +58,6 @@ def test_gpu_compiled_tiny_model_equals_eager():
     check_budget_covering_context("llama", 8, 2, 6, "kv_head", 2, True, "inductor", device="cuda")
 
 
-def test_gpu_cuda_graphs_compiled_model_equals_eager():
-    """backend option cudagraphs=True (what mode="reduce-overhead" does): the triton_op kernels
-    are captured and replayed inside CUDA graphs."""
-    from test_models import check_budget_covering_context
-
-    check_budget_covering_context("qwen2", 8, 2, 6, "query_head", 2, True, "inductor", device="cuda",
-                                  cudagraphs=True)
-
-
 @pytest.mark.parametrize("length, budget, page_size", [(1000, 256, 16), (33000, 2048, 16), (131072, 256, 32)])
 def test_gpu_quest_ops_equal_reference(length, budget, page_size):
     tidal = torch.ops.tidal

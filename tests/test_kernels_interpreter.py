@@ -103,10 +103,13 @@ def test_rendered_source_is_kept_and_keyed_by_parameters(tmp_path, monkeypatch):
     from tidal_compile import codegen
 
     monkeypatch.setenv("TIDAL_KERNEL_CACHE", str(tmp_path))
-    with_logits = codegen.rendered_path("flash_decode.py.jinja", mask_kind="bool", emit_logits=True)
-    without = codegen.rendered_path("flash_decode.py.jinja", mask_kind="none", emit_logits=False)
+    with_logits = codegen.rendered_path("flash_decode.py.jinja", mask_kind="bool", emit_logits=True,
+                                        skip_masked_blocks=False)
+    without = codegen.rendered_path("flash_decode.py.jinja", mask_kind="none", emit_logits=False,
+                                    skip_masked_blocks=True)
     assert with_logits != without and with_logits.parent == tmp_path
     assert "tl.store(Logits" in with_logits.read_text() and "Logits +" not in without.read_text()
+    assert "if tl.max(valid" in without.read_text() and "if tl.max(valid" not in with_logits.read_text()
     with pytest.raises(Exception, match="undefined"):
         codegen.render("flash_decode.py.jinja", mask_kind="bool")
 

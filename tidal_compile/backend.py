@@ -6,18 +6,18 @@ Registered by entry point (`torch_dynamo_backends: tidal`), so after `pip instal
 
 `options` holds `config` (YAML path, dict or TidalConfig), any config key as a shorthand that
 overrides it, and backend keys: `num_layers` (model depth, default: highest layer index in the
-graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug) and
-`cudagraphs` (Inductor captures the graph in CUDA graphs, as `mode="reduce-overhead"` does;
-torch.compile does not take `mode` together with `options`), and `quest_state` (mode quest:
+graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug), and
+`quest_state` (mode quest:
 the :class:`QuestState` holding page metadata; created on first use and stored back into the
 `options` dict, which torch.compile hands unchanged to every graph of the same compiled
 function, so prefill and decode graphs share it).
+CUDA-graph capture is not offered yet: a Hugging Face static-cache decode compiled with the tidal
+ops and Inductor's `triton.cudagraphs` crashed (segfault) on torch 2.11 in our GPU test.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -47,7 +47,6 @@ class BackendOptions:
     config: TidalConfig
     num_layers: Optional[int] = None
     inner_backend: str = "inductor"
-    cudagraphs: bool = False
     quest_state: Optional[QuestState] = None
 
     @classmethod
@@ -55,7 +54,6 @@ class BackendOptions:
         opts = dict(options or {})
         num_layers = opts.pop("num_layers", None)
         inner = opts.pop("inner_backend", "inductor")
-        cudagraphs = opts.pop("cudagraphs", False)
         source = opts.pop("config", None)
         quest_state = opts.pop("quest_state", None)
         if quest_state is not None and not isinstance(quest_state, QuestState):
@@ -64,16 +62,13 @@ class BackendOptions:
             raise ConfigError(f"num_layers must be a positive integer, got {num_layers!r}")
         if inner not in INNER_BACKENDS:
             raise ConfigError(f"inner_backend must be one of {', '.join(INNER_BACKENDS)}; got {inner!r}")
-        if not isinstance(cudagraphs, bool):
-            raise ConfigError(f"cudagraphs must be true or false, got {cudagraphs!r}")
         try:
             config = TidalConfig.load(source, **opts)
         except ConfigError as e:
             if "unknown config key" in str(e):
-                raise ConfigError(f"{e} (backend options: config, num_layers, inner_backend, cudagraphs, "
-                                  "quest_state)") from None
+                raise ConfigError(f"{e} (backend options: config, num_layers, inner_backend, quest_state)") from None
             raise
-        return cls(config, num_layers, inner, cudagraphs, quest_state)
+        return cls(config, num_layers, inner, quest_state)
 
 
 def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
@@ -107,7 +102,7 @@ def _inner_compile(opts: BackendOptions) -> Callable:
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return functools.partial(compile_fx, config_patches={"triton.cudagraphs": opts.cudagraphs})
+        return compile_fx
     if name == "eager":
         return lambda gm, example_inputs: gm.forward
     return torch._dynamo.lookup_backend(name)

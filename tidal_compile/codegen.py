@@ -21,6 +21,7 @@ import jinja2
 
 TEMPLATE_DIR = Path(str(importlib.resources.files("tidal_compile.templates")))
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
+                          trim_blocks=True, lstrip_blocks=True,
                           keep_trailing_newline=True)
 
 

@@ -41,9 +41,12 @@ _DECODE_BLOCKS = {
 MIN_SPLIT = 256  # positions per split: below this, combining costs more than the split saves
 
 
+FEW_SEQUENCE_HEADS = 32  # B x Hkv up to this takes the "few" tiles
+
+
 def decode_blocks(head_dim: int, sequence_heads: int = 1) -> DecodeBlocks:
     few, many = _DECODE_BLOCKS.get(triton.next_power_of_2(head_dim), (DecodeBlocks(32, 4, 2),) * 2)
-    return few if sequence_heads <= 32 else many
+    return few if sequence_heads <= FEW_SEQUENCE_HEADS else many
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,7 +149,11 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     part_out, part_lse = _partials(b, h, splits, d, query.device)
     logits = torch.empty(b, h, length, dtype=torch.float32, device=query.device) if emit_logits else part_lse
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, part_lse)
-    kernel = codegen.load("flash_decode.py.jinja", mask_kind=mask_kind, emit_logits=emit_logits).flash_decode_split
+    # Skipping all-masked blocks by a branch pays only for dense-only launches of few programs
+    # (H100, docs/benchmarks.md); a skipped block would also owe its -inf logits.
+    skip = not emit_logits and b * hkv <= FEW_SEQUENCE_HEADS
+    kernel = codegen.load("flash_decode.py.jinja", mask_kind=mask_kind, emit_logits=emit_logits,
+                          skip_masked_blocks=skip).flash_decode_split
     wrap_triton(kernel)[(b * hkv, splits)](
         q, key, value, mask, part_out, part_lse, logits,
         q.stride(0), q.stride(1),

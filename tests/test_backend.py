@@ -34,7 +34,8 @@ def test_options_merge_yaml_and_shorthands(tmp_path):
     ({"cudagraphs": True}, "unknown config key 'cudagraphs'"),
     ({"inner_backend": "tvm"}, "inner_backend must be one of inductor, aot_eager, eager"),
     ({"num_layers": 0}, "num_layers must be a positive integer"),
-    ({"mode": "quest"}, "mode 'quest' is not available yet"),
+    ({"mode": "quest", "quest_state": {}}, "quest_state must be a tidal_compile.QuestState"),
+    ({"mode": "quest", "page_size": 12, "budget": 48}, "page_size must be a power of two"),
     ({"budget": 0}, "budget must be a positive integer"),
 ])
 def test_bad_options_raise_config_error(options, message):

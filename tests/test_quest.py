@@ -155,8 +155,24 @@ def test_quest_tiny_model_equals_layer_by_layer_patch(page_size):
     assert decode_report(model).count("quest") == 3
 
 
-def test_quest_backend_options_errors():
-    with pytest.raises(tidal_compile.ConfigError, match="quest_state must be a tidal_compile.QuestState"):
-        tidal_compile.BackendOptions.parse({"mode": "quest", "quest_state": 3})
-    with pytest.raises(tidal_compile.ConfigError, match="at least 2 \\* page_size"):
-        tidal_compile.BackendOptions.parse({"mode": "quest", "budget": 16})
+def test_quest_ops_reject_bad_metadata_and_page_size():
+    q, k = torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 20, 8)
+    meta = reference.quest_page_metadata(k, None, 4)
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        torch.ops.tidal.quest_attention(q, k, k, None, *meta, 1.0, 12, 6)
+    with pytest.raises(ValueError, match="page_min must be"):
+        torch.ops.tidal.quest_attention(q, k, k, None, meta[0][:, :, :2], meta[1], 1.0, 8, 4)
+
+
+def test_prefill_graph_bumps_the_shared_epoch():
+    """Each prefill through the compiled model bumps the QuestState epoch that decode graphs read."""
+    model = tiny_model("llama", layers=4, heads=4, kv_heads=2)
+    options = {"mode": "quest", "budget": 32, "page_size": 8, "inner_backend": "aot_eager"}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="tidal", options=options)
+    prompt, _ = prompts(1, 20, False)
+    greedy_decode(compiled, model, prompt, 2, 40)
+    state = options["quest_state"]
+    assert isinstance(state, tidal_compile.QuestState) and int(state.epoch(torch.device("cpu"))) == 1
+    greedy_decode(compiled, model, prompt, 2, 40)
+    assert int(state.epoch(torch.device("cpu"))) == 2

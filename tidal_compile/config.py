@@ -172,6 +172,8 @@ def _validate(cfg: TidalConfig) -> None:
             f"got sink={cfg.sink}, recent={cfg.recent}, budget={cfg.budget}")
     if cfg.page_size <= 0:
         raise ConfigError(f"page_size must be a positive integer, got {cfg.page_size}")
+    if cfg.mode == "quest" and cfg.page_size & (cfg.page_size - 1):
+        raise ConfigError(f"page_size must be a power of two in mode quest (the kernels tile pages), got {cfg.page_size}")
     if cfg.mode == "quest" and cfg.budget < 2 * cfg.page_size:
         raise ConfigError(
             f"budget must be at least 2 * page_size in mode quest, got budget={cfg.budget}, "

@@ -114,16 +114,17 @@ def training_batch(language: FillerLanguage, batch: int, slots: int, gen: torch.
     sequence. (Retrieval among many needles is learnt only after retrieval of one: raise
     `max_needles` during training.)
     With probability `repeat_share` the batch is instead a copy task: a block of random sentences
-    repeated (`repeated_slots`), every token after the first block marked as an answer."""
+    repeated (`repeated_slots`), every token after the first one of the second block marked as
+    an answer."""
     if float(torch.rand(1, generator=gen, device=gen.device)) < repeat_share:
         period = int(torch.randint(1, max(2, slots // 2), (1,), generator=gen, device=gen.device))
         body = repeated_slots(batch, slots, period, gen, device).reshape(batch, -1)
         tokens = torch.cat([torch.full((batch, 1), BOS, dtype=body.dtype, device=device), body], dim=1)
         answer_mask = torch.zeros_like(tokens, dtype=torch.bool)
-        answer_mask[:, 1 + period * SLOT:] = True
+        answer_mask[:, 2 + period * SLOT:] = True  # from the 2nd token of the 2nd block: copy its bigram
         return Batch(tokens, answer_mask)
-    num_needles = int(torch.randint(1, max(1, min(max_needles, slots - 5)) + 1, (1,), generator=gen, device=gen.device))
-    num_queries = int(torch.randint(1, min(8, num_needles) + 1, (1,), generator=gen, device=gen.device))
+    num_needles = int(torch.randint(1, max(1, min(max_needles, slots // 2)) + 1, (1,), generator=gen, device=gen.device))
+    num_queries = int(torch.randint(1, min(8, num_needles, slots - num_needles) + 1, (1,), generator=gen, device=gen.device))
     keys, values = random_facts(batch, num_needles, gen, device)
     free = slots - num_queries
     needle_slot = torch.rand(batch, free, generator=gen, device=gen.device).argsort(dim=1)[:, :num_needles].to(device)

@@ -61,17 +61,23 @@ def test_quest_budget_covering_context_equals_dense(problem, page_size):
     torch.testing.assert_close(out, reference.dense_attention(p.query, p.key, p.value, p.mask, p.scale))
 
 
-def _growing_cache(batch, kv_heads, length, head_dim, pads, start, seed):
-    """A cache whose sequences fill positions pads[b] .. start-1, then one more per decode step."""
-    gen = torch.Generator().manual_seed(seed)
-    key = torch.randn(batch, kv_heads, length, head_dim, generator=gen)
+def _draw_growing_cache(data, length, page_size, head_dim, max_batch):
+    """A 2-KV-head cache whose sequences fill positions pads[b] .. start-1, then one more per
+    decode step: (key, the mask of each step, empty [page_min, page_max, filled])."""
+    batch = data.draw(st.integers(1, max_batch))
+    start = data.draw(st.integers(1, length))
+    pads = [data.draw(st.integers(0, start - 1)) for _ in range(batch)]
+    key = torch.randn(batch, 2, length, head_dim, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
     masks = []
     for end in range(start, length + 1):
         m = torch.zeros(batch, 1, 1, length, dtype=torch.bool)
         for b, pad in enumerate(pads):
             m[b, ..., pad:end] = True
         masks.append(m)
-    return key, masks
+    pages = -(-length // page_size)
+    empty = [torch.zeros(batch, 2, pages, head_dim), torch.zeros(batch, 2, pages, head_dim),
+             torch.zeros(batch, dtype=torch.int32)]
+    return key, masks, empty
 
 
 @settings(max_examples=25, deadline=None)
@@ -79,12 +85,8 @@ def _growing_cache(batch, kv_heads, length, head_dim, pads, start, seed):
 def test_incremental_metadata_equals_full_recompute(page_size, length, data):
     """Metadata updated step by step (one position per decode step, after a prefill) equals the
     whole-cache recompute on every page holding a valid position; a new epoch starts over."""
-    batch = data.draw(st.integers(1, 3))
-    start = data.draw(st.integers(1, length))
-    pads = [data.draw(st.integers(0, start - 1)) for _ in range(batch)]
-    key, masks = _growing_cache(batch, 2, length, 8, pads, start, data.draw(st.integers(0, 99)))
-    pages = -(-length // page_size)
-    state = [torch.zeros(batch, 2, pages, 8), torch.zeros(batch, 2, pages, 8), torch.zeros(batch, dtype=torch.int32)]
+    key, masks, state = _draw_growing_cache(data, length, page_size, head_dim=8, max_batch=3)
+    batch, pages = key.shape[0], state[0].shape[2]
     for step, mask in enumerate(masks):
         reference.quest_update_metadata(key, mask, *state, new_sequence=step == 0, page_size=page_size)
         expected = reference.quest_page_metadata(key, mask, page_size)
@@ -103,12 +105,7 @@ def test_incremental_metadata_equals_full_recompute(page_size, length, data):
 @settings(max_examples=12, deadline=None)
 @given(page_size=page_sizes, length=st.integers(2, 70), data=st.data())
 def test_metadata_kernel_equals_reference_step_by_step(page_size, length, data):
-    batch = data.draw(st.integers(1, 2))
-    start = data.draw(st.integers(1, length))
-    pads = [data.draw(st.integers(0, start - 1)) for _ in range(batch)]
-    key, masks = _growing_cache(batch, 2, length, 16, pads, start, data.draw(st.integers(0, 99)))
-    pages = -(-length // page_size)
-    ours = [torch.zeros(batch, 2, pages, 16), torch.zeros(batch, 2, pages, 16), torch.zeros(batch, dtype=torch.int32)]
+    key, masks, ours = _draw_growing_cache(data, length, page_size, head_dim=16, max_batch=2)
     theirs = [t.clone() for t in ours]
     epoch, seen = torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
     for step, mask in enumerate(masks[:6]):

@@ -78,9 +78,10 @@ def evaluate_setting(model_path: str | Path, setting: Setting, lengths: list[int
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
                                  max_new_tokens=data.VALUE_TOKENS, min_new_tokens=data.VALUE_TOKENS,
                                  do_sample=False, pad_token_id=data.PAD)
-            hits = (out[:, -data.VALUE_TOKENS:] == answer).all(dim=1)
+            generated = out[:, -data.VALUE_TOKENS:]
+            hits = (generated == answer).all(dim=1)
             cells.append(dict(setting=setting.name, length=length, depth=depth, cases=cases,
-                              accuracy=hits.float().mean().item()))
+                              accuracy=hits.float().mean().item(), generated=generated.tolist()))
             print(f"  {setting.name:18s} length {length:6d} depth {depth:.2f}: {cells[-1]['accuracy']:.3f}", flush=True)
     return cells
 

@@ -21,6 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import tidal_compile  # noqa: F401  (registers backend="tidal" and the ops)
+from attention import copy_bandwidth  # benchmarks/attention.py, beside this script
 
 METHODS = {
     "inductor": None,
@@ -80,10 +81,7 @@ def main() -> None:
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device="cuda")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv = 2 * args.layers * args.batch * 8 * args.context * 128 * 2
-    x = torch.empty(1024**3, dtype=torch.uint8, device="cuda")
-    copy_ms = __import__("triton").testing.do_bench(lambda: x.clone(), return_mode="median")
-    bandwidth = 2 * x.numel() / (copy_ms * 1e-3)
-    del x
+    bandwidth = copy_bandwidth()
     bound = (weights + kv) / bandwidth * 1e3
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: Llama-3-8B shapes, {args.layers} layers, "
           f"batch {args.batch}, context {args.context}; bandwidth bound {bound:.3f} ms/token "

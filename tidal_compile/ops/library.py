@@ -113,11 +113,9 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor,
     return reference.sparse_attention(query, key, value, indices, scale)
 
 
-def _check_quest_args(key: Tensor, page_min: Tensor, page_max: Tensor, budget: int, page_size: int) -> None:
+def _check_page_metadata(key: Tensor, page_min: Tensor, page_max: Tensor, page_size: int) -> None:
     if page_size <= 0 or page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
-    if budget < page_size:
-        raise ValueError(f"budget ({budget}) must hold at least one page of {page_size} positions")
     b, hkv, length, d = key.shape
     expected = (b, hkv, -(-length // page_size), d)
     for name, t in (("page_min", page_min), ("page_max", page_max)):
@@ -133,7 +131,7 @@ def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Te
     """Bring Quest's page metadata (`page_min`/`page_max` [B, Hkv, P, D]) up to date with the
     cache in place: only pages written since the last call, everything when `epoch` (bumped by
     every prefill) differs from `seen_epoch`. `filled` int32 [B] is the valid length summarised."""
-    _check_quest_args(key, page_min, page_max, page_size, page_size)
+    _check_page_metadata(key, page_min, page_max, page_size)
     if kernels is not None and key.is_cuda and kernels.supports(key, key, attn_mask):
         kernels.quest_update_metadata(key, attn_mask, page_min, page_max, filled, epoch, seen_epoch, page_size)
         return
@@ -161,7 +159,9 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
     """Quest decode attention over the `budget // page_size` most critical pages per query head
     (the current token's page always among them), from up-to-date page metadata."""
     check_decode_inputs(query, key, value)
-    _check_quest_args(key, page_min, page_max, budget, page_size)
+    _check_page_metadata(key, page_min, page_max, page_size)
+    if budget < page_size:
+        raise ValueError(f"budget ({budget}) must hold at least one page of {page_size} positions")
     if _use_kernels(query, value, attn_mask):
         return kernels.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size)
     return reference.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size)

@@ -45,6 +45,17 @@ def test_flash_decode_equals_reference(p):
     torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-3, atol=1e-3)
 
 
+def test_flash_decode_with_many_sequence_heads_takes_the_predicated_path():
+    """B x Hkv > FEW_SEQUENCE_HEADS: dense-only launches predicate loads instead of branching."""
+    gen = torch.Generator().manual_seed(0)
+    b, hkv = 3, kernels.FEW_SEQUENCE_HEADS // 3 + 1
+    q, k, v = (torch.randn(s, generator=gen) for s in ((b, 2 * hkv, 1, 8), (b, hkv, 50, 8), (b, hkv, 50, 8)))
+    mask = torch.zeros(b, 1, 1, 50, dtype=torch.bool)
+    mask[0, ..., :30], mask[1, ..., 7:50], mask[2, ..., :1] = True, True, True
+    out, _, _ = kernels.flash_decode(q, k, v, mask, 0.3)
+    assert oracle.relative_error(out, oracle.dense(q, k, v, mask, 0.3)) < 1e-5
+
+
 @settings(max_examples=12, deadline=None)
 @given(p=decode_problems(integer_valued=True, max_len=70), budget=st.integers(1, 24),
        sink=st.integers(0, 2), recent=st.integers(0, 2))

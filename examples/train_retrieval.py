@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         out_of_time = time.time() - start > limit
         if step % args.log_every == 0 or step == args.steps or out_of_time:
             record = dict(step=step, seconds=round(time.time() - start, 1), length=length, max_needles=max_needles,
-                          lm_loss=lm_loss.item(),
-                          answer_loss=answer_loss.item(), answer_token_accuracy=answer_acc.item())
+                          lm_loss=lm_loss.item(), answer_loss=answer_loss.item(),
+                          answer_token_accuracy=answer_acc.item())
             history.append(record)
             print(json.dumps(record), flush=True)
         if out_of_time:

@@ -128,8 +128,8 @@ def _bump_epoch(gm: fx.GraphModule, quest_state: QuestState | None, decisions: l
     """A prefill graph: the next decode step must summarise the whole cache again."""
     if quest_state is None:
         return
-    device = next((fx_utils.fake_value(d.site.query).device for d in decisions
-                   if fx_utils.fake_value(d.site.query) is not None), None)
+    queries = (fx_utils.fake_value(d.site.query) for d in decisions)
+    device = next((q.device for q in queries if q is not None), None)
     if device is None:
         return
     output = next(n for n in gm.graph.nodes if n.op == "output")

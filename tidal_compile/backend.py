@@ -94,11 +94,10 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
         if layer.fallback:
             warnings.warn(f"tidal: layer {layer.layer} stays dense: {layer.reason}", TidalFallbackWarning,
                           stacklevel=2)
-    return _inner_compile(opts)(gm, example_inputs)
+    return _inner_compile(opts.inner_backend)(gm, example_inputs)
 
 
-def _inner_compile(opts: BackendOptions) -> Callable:
-    name = opts.inner_backend
+def _inner_compile(name: str) -> Callable:
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 

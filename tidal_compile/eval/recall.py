@@ -57,9 +57,7 @@ class RecallProbe:
         cfg = self.config
         if kind == "quest":
             meta = reference.quest_page_metadata(key, mask, cfg.page_size)
-            pages = reference.quest_select_pages(query, *meta, mask, key.shape[2], cfg.budget, cfg.page_size)
-            valid = reference.valid_positions(mask, key.shape[0], key.shape[2], key.device)
-            return reference.pages_to_positions(pages, cfg.page_size, valid)
+            return reference.quest_positions(query, *meta, mask, key.shape[2], cfg.budget, cfg.page_size)
         if kind in ("selection", "topk_oracle"):
             granularity = "query_head" if kind == "topk_oracle" else cfg.granularity
             _, chosen = reference.selection_attention(query, key, key, mask, scale, cfg.budget, granularity,

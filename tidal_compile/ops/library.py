@@ -132,7 +132,7 @@ def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Te
     cache in place: only pages written since the last call, everything when `epoch` (bumped by
     every prefill) differs from `seen_epoch`. `filled` int32 [B] is the valid length summarised."""
     _check_page_metadata(key, page_min, page_max, page_size)
-    if kernels is not None and key.is_cuda and kernels.supports(key, key, attn_mask):
+    if _use_kernels(key, key, attn_mask):
         kernels.quest_update_metadata(key, attn_mask, page_min, page_max, filled, epoch, seen_epoch, page_size)
         return
     quest_update_metadata_reference(key, attn_mask, page_min, page_max, filled, epoch, seen_epoch, page_size)

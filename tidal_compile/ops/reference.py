@@ -218,11 +218,24 @@ def quest_select_pages(query: Tensor, page_min: Tensor, page_max: Tensor, attn_m
     """Per query head, the page of the current token plus the `budget // page_size - 1` other
     pages of highest criticality (ties to the lower page): sorted int32 `[B, H, budget // page_size]`,
     -1 in unused slots."""
-    b = query.shape[0]
-    valid = valid_positions(attn_mask, b, length, query.device)
+    valid = valid_positions(attn_mask, query.shape[0], length, query.device)
+    return _top_pages(query, page_min, page_max, valid, budget, page_size)
+
+
+def _top_pages(query: Tensor, page_min: Tensor, page_max: Tensor, valid: Tensor, budget: int, page_size: int
+               ) -> Tensor:
     page_ok = pages_valid(valid, page_size, page_min.shape[2])
     scores = quest_page_scores(query, page_min, page_max, page_ok)
     return top_positions(scores, page_ok[:, None, :].expand_as(scores), budget // page_size)
+
+
+def quest_positions(query: Tensor, page_min: Tensor, page_max: Tensor, attn_mask: Optional[Tensor], length: int,
+                    budget: int, page_size: int) -> Tensor:
+    """The valid cache positions of each query head's chosen pages, int32 `[B, H, budget // page_size
+    * page_size]` (-1 in unused slots)."""
+    valid = valid_positions(attn_mask, query.shape[0], length, query.device)
+    pages = _top_pages(query, page_min, page_max, valid, budget, page_size)
+    return pages_to_positions(pages, page_size, valid)
 
 
 def pages_to_positions(pages: Tensor, page_size: int, valid: Tensor) -> Tensor:
@@ -241,7 +254,5 @@ def pages_to_positions(pages: Tensor, page_size: int, valid: Tensor) -> Tensor:
 def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,
                     page_max: Tensor, scale: float, budget: int, page_size: int) -> Tensor:
     """Quest decode attention: each query head attends to the valid positions of its chosen pages."""
-    b, _, length, _ = key.shape
-    pages = quest_select_pages(query, page_min, page_max, attn_mask, length, budget, page_size)
-    positions = pages_to_positions(pages, page_size, valid_positions(attn_mask, b, length, query.device))
+    positions = quest_positions(query, page_min, page_max, attn_mask, key.shape[2], budget, page_size)
     return sparse_attention(query, key, value, positions, scale)

@@ -33,11 +33,11 @@ def test_needle_prompt_holds_the_fact_once_and_ends_with_its_query(length, depth
 
 
 @settings(max_examples=25, deadline=None)
-@given(slots=st.integers(6, 40), seed=st.integers(0, 999), repeat=st.booleans())
-def test_training_answers_are_predictable_from_the_context(slots, seed, repeat):
+@given(slots=st.integers(6, 40), seed=st.integers(0, 999), needles=st.integers(1, 32))
+def test_training_answers_are_predictable_from_the_context(slots, seed, needles):
     """Every answer token follows, somewhere earlier, the same token that precedes it here."""
     batch = data.training_batch(LANGUAGE, 2, slots, torch.Generator().manual_seed(seed), torch.device("cpu"),
-                                repeat_share=1.0 if repeat else 0.0)
+                                max_needles=needles)
     assert batch.tokens.shape == (2, data.sequence_length(slots)) and batch.answer_mask.any()
     for row, answers in zip(batch.tokens.tolist(), batch.answer_mask.tolist()):
         first = answers.index(True)

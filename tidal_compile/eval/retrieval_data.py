@@ -67,16 +67,6 @@ class FillerLanguage:
         return self.sentences.to(device)[ids.to(device)]
 
 
-def repeated_slots(batch: int, slots: int, period: int, gen: torch.Generator, device: torch.device) -> Tensor:
-    """A block of `period` random sentences (over keys, values and words alike) repeated to
-    [batch, slots, SLOT]: after
-    the first block every word is predictable only by copying from the context, which makes
-    copying (induction) heads form quickly; retrieval builds on them."""
-    words = torch.randint(KEY_BASE, VOCAB_SIZE, (batch, period, SLOT - 1), generator=gen, device=gen.device)
-    block = torch.cat([words.to(device), torch.full((batch, period, 1), PERIOD, device=device)], dim=-1)
-    return block.repeat(1, -(-slots // period), 1)[:, :slots]
-
-
 def fact_slots(marker: int, keys: Tensor, values: Tensor) -> Tensor:
     """`marker k v1..v5 .` slots [..., SLOT] for keys [...] and values [..., 5] (token ids)."""
     shape = keys.shape
@@ -108,21 +98,10 @@ def assemble(filler: Tensor, needles: Tensor, needle_slot: Tensor, queries: Tens
 
 
 def training_batch(language: FillerLanguage, batch: int, slots: int, gen: torch.Generator,
-                   device: torch.device, repeat_share: float = 0.0, max_needles: int = 32) -> Batch:
-    """A mix of passkey (one needle) and associative recall (up to `max_needles` needles, up to 8
-    queries): the needle count is drawn per batch, needle positions and the queried facts per
-    sequence. (Retrieval among many needles is learnt only after retrieval of one: raise
-    `max_needles` during training.)
-    With probability `repeat_share` the batch is instead a copy task: a block of random sentences
-    repeated (`repeated_slots`), every token after the first one of the second block marked as
-    an answer."""
-    if float(torch.rand(1, generator=gen, device=gen.device)) < repeat_share:
-        period = int(torch.randint(1, max(2, slots // 2), (1,), generator=gen, device=gen.device))
-        body = repeated_slots(batch, slots, period, gen, device).reshape(batch, -1)
-        tokens = torch.cat([torch.full((batch, 1), BOS, dtype=body.dtype, device=device), body], dim=1)
-        answer_mask = torch.zeros_like(tokens, dtype=torch.bool)
-        answer_mask[:, 2 + period * SLOT:] = True  # from the 2nd token of the 2nd block: copy its bigram
-        return Batch(tokens, answer_mask)
+                   device: torch.device, max_needles: int = 32) -> Batch:
+    """A mix of passkey (one needle) and multi-query associative recall (up to `max_needles`
+    needles, at most half the slots, and up to 8 queries): the needle count is drawn per batch,
+    needle positions and the queried facts per sequence."""
     num_needles = int(torch.randint(1, max(1, min(max_needles, slots // 2)) + 1, (1,), generator=gen, device=gen.device))
     num_queries = int(torch.randint(1, min(8, num_needles, slots - num_needles) + 1, (1,), generator=gen, device=gen.device))
     keys, values = random_facts(batch, num_needles, gen, device)

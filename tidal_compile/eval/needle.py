@@ -5,8 +5,9 @@
         --settings full tidal:128 tidal:128@none quest:128 topk_oracle:128 \
         --lengths 512 1024 2048 4096 --depths 0 0.25 0.5 0.75 1 --cases 8 --out needle.json
 
-A setting is `MODE[:BUDGET][@RESELECT]`: `full`, `tidal:128` (selection layers auto),
-`tidal:128@6` (selection layers [2, 6]), `tidal:128@none` (one selection layer, 2),
+A setting is `MODE[:BUDGET][@RESELECT][,KEY=INT...]`: `full`, `tidal:128` (selection layers
+auto), `tidal:128@6` (selection layers [2, 6]), `tidal:128@none` (one selection layer, 2),
+`tidal:128@3,recent=8` (and any other integer config key: `sink`, `recent`, `page_size`),
 `quest:128`, `topk_oracle:128`. Every setting sees the same prompts (seeded per cell). A case
 is answered when the 5 greedy tokens after the query `KEY k` equal the needle's value.
 """
@@ -37,9 +38,15 @@ class Setting:
 
     @classmethod
     def parse(cls, spec: str) -> "Setting":
-        mode, _, rest = spec.partition(":")
+        head, *extra = spec.split(",")
+        mode, _, rest = head.partition(":")
         budget, _, reselect = rest.partition("@")
         options: dict[str, Any] = {"mode": mode}
+        for item in extra:
+            key, sep, value = item.partition("=")
+            if not sep or not value.lstrip("-").isdigit():
+                raise ValueError(f"setting {spec!r}: expected KEY=INT after a comma, got {item!r}")
+            options[key] = int(value)
         if budget:
             options["budget"] = int(budget)
         if reselect:
@@ -110,10 +117,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                                     args.inner_backend)
         mean = sum(c["accuracy"] for c in results if c["setting"] == setting.name) / (len(args.lengths) * len(args.depths))
         print(f"{setting.name}: mean accuracy {mean:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(model=str(args.model), device=str(device), dtype=str(dtype),
-                                        inner_backend=args.inner_backend, torch=torch.__version__, cells=results),
-                                   indent=1))
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # written after every setting: a cut run keeps its part
+        args.out.write_text(json.dumps(dict(model=str(args.model), device=str(device), dtype=str(dtype),
+                                            inner_backend=args.inner_backend, torch=torch.__version__,
+                                            cells=results), indent=1))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ semantics the compiled ops implement): the trajectory is the mode's own. At each
 and each non-dense layer, the full softmax of that layer's query over all valid positions is
 computed as well, and the mass on the chosen positions is recorded (averaged over heads,
 sequences and steps). Selection layers of mode tidal and every layer of topk_oracle choose by
-their own scores; tidal's sparse layers reuse the indices of their selection layer.
+their own scores; tidal's sparse layers reuse the indices of their selection layer. A selection
+layer's own output is exact (it reads every position); its recall is the mass on the positions it
+passes on.
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ class RecallProbe:
             per_head = reference.indices_per_query_head(chosen, query.shape[1]).long()
             mass = torch.gather(probs, 2, per_head.clamp(min=0)).masked_fill(per_head < 0, 0.0).sum(-1)
             self.mass.setdefault(layer, []).append(float(mass.mean()))
-            out = reference.sparse_attention(query, key, value, chosen, scale)
+            # a selection layer reads every position itself; it passes `chosen` on
+            out = (reference.dense_attention(query, key, value, mask, scale) if kind == "selection"
+                   else reference.sparse_attention(query, key, value, chosen, scale))
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
     def recall(self) -> dict[int, float]:
@@ -117,7 +121,8 @@ def measure(model: torch.nn.Module, setting: Setting, length: int, depths: list[
             prompt, _ = needle_prompts(length, depth, cases, device, language)
             cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps)
             model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
-                           max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=data.PAD)
+                           max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=data.PAD,
+                           disable_compile=True)  # the probe runs eagerly
     return probe.recall()
 
 

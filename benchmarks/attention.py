@@ -1,6 +1,6 @@
 """Per-layer decode attention: PyTorch SDPA, FlexAttention, and the tidal kernels, side by side.
 
-    python benchmarks/attention.py [--quick] [--out results.json]
+    python benchmarks/attention.py [--quick] [--contexts 32768 131072] [--no-flex] [--out results.json]
 
 For each shape (Llama-3-8B: 32 query / 8 KV heads; Llama-2-7B: 32 / 32; head dim 128, bf16)
 and context, every method (SDPA as PyTorch dispatches it and with the memory-efficient backend
@@ -163,6 +163,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (compiles per shape)")
+    parser.add_argument("--contexts", nargs="+", type=int, default=None,
+                        help="context lengths to run (default: 8K, 32K, 128K and 256K at batch 1; --quick: 32K)")
     parser.add_argument("--out", default=None, help="write rows as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -172,11 +174,12 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}; copy bandwidth {peak / 1e12:.2f} TB/s (read + write)")
-    contexts = [8192, 32768, 131072] if not args.quick else [32768]
+    default = [32768] if args.quick else [8192, 32768, 131072]
     rows: list[Row] = []
     for model in MODELS:
         for batch in (1, 8):
-            for context in contexts + ([262144] if batch == 1 and not args.quick else []):
+            long = [262144] if batch == 1 and not args.quick else []
+            for context in args.contexts or default + long:
                 run_shape(model, batch, context, [256, 2048], peak, not args.no_flex, rows)
     if args.out:
         with open(args.out, "w") as f:

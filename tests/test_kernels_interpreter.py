@@ -143,6 +143,27 @@ def test_mask_summary_matches_reference_counts(p, sink, recent, additive):
         assert {j for j in valid if j >= summary.recent_start[row]} == forced_end
 
 
+@settings(max_examples=10, deadline=None)
+@given(batch=st.integers(1, 3), length=st.integers(1, 2 * kernels.SUMMARY_CHUNK + 50), recent=st.integers(0, 1),
+       data=st.data())
+def test_one_pass_mask_summary_over_several_chunks(batch, length, recent, data):
+    """sink = 0, recent <= 1 takes the parallel one-pass kernel: rows of left padding, holes and
+    unfilled static-cache tails spanning several programs, at least one valid position each."""
+    mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool)
+    for row in range(batch):
+        first = data.draw(st.integers(0, length - 1))
+        end = data.draw(st.integers(first + 1, length))
+        mask[row, 0, 0, first:end] = True
+        for hole in data.draw(st.lists(st.integers(first + 1, max(first + 1, end - 2)), max_size=3)):
+            mask[row, 0, 0, hole] = hole == end - 1  # holes, never the last valid position
+    summary = kernels.summarize_mask(mask, batch, length, torch.device("cpu"), 0, recent)
+    for row in range(batch):
+        valid = mask[row, 0, 0].nonzero().flatten().tolist()
+        assert summary.kv_len[row] == valid[-1] + 1
+        assert not any(j < summary.sink_end[row] for j in valid)
+        assert [j for j in valid if j >= summary.recent_start[row]] == valid[-1:]
+
+
 def test_kernels_decline_inputs_they_do_not_take():
     q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16)
     assert kernels.supports(q, k, None)

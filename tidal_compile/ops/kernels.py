@@ -75,15 +75,25 @@ class MaskSummary:
     recent_start: Tensor
 
 
+SUMMARY_CHUNK = 4096  # positions per program of the one-pass mask summary
+
+
 def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device: torch.device,
                    sink: int = 0, recent: int = 0) -> MaskSummary:
     """Valid length and sink / recent boundaries per sequence, from a mask broadcast over heads."""
-    summary = MaskSummary(*(torch.empty(batch, dtype=torch.int32, device=device) for _ in range(3)))
-    like = summary.kv_len
-    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, batch, length, like)
-    kernel = codegen.load("mask_summary.py.jinja", mask_kind=mask_kind).mask_summary
-    wrap_triton(kernel)[(batch,)](mask, summary.kv_len, summary.sink_end, summary.recent_start, *mask_strides,
-                                  length, sink, recent, MASK_MIN=mask_min, BLOCK=4096)
+    one_pass = sink == 0 and recent <= 1  # no boundary to count: parallel over the row
+    make = torch.zeros if one_pass else torch.empty
+    summary = MaskSummary(*(make(batch, dtype=torch.int32, device=device) for _ in range(3)))
+    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, batch, length, summary.kv_len)
+    module = codegen.load("mask_summary.py.jinja", mask_kind=mask_kind)
+    if one_pass:
+        wrap_triton(module.mask_valid_length)[(batch, triton.cdiv(length, SUMMARY_CHUNK))](
+            mask, summary.kv_len, summary.recent_start, *mask_strides, length,
+            MASK_MIN=mask_min, BLOCK=1024, CHUNK=SUMMARY_CHUNK)
+    else:
+        wrap_triton(module.mask_summary)[(batch,)](
+            mask, summary.kv_len, summary.sink_end, summary.recent_start, *mask_strides, length, sink, recent,
+            MASK_MIN=mask_min, BLOCK=4096)
     return summary
 
 

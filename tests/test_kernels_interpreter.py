@@ -57,6 +57,39 @@ def test_flash_decode_with_many_sequence_heads_takes_the_predicated_path():
 
 
 @settings(max_examples=12, deadline=None)
+@given(p=decode_problems(**small), given_lengths=st.booleans())
+def test_flash_decode_with_the_loop_bounded_by_the_valid_length_equals_reference(p, given_lengths):
+    b, length = p.query.shape[0], p.key.shape[2]
+    kv_len = kernels.summarize_mask(p.mask, b, length, p.query.device).kv_len if given_lengths else None
+    out, lse, _ = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, bound_loop=True, kv_len=kv_len)
+    expected = oracle.dense(p.query, p.key, p.value, p.mask, p.scale)
+    assert oracle.relative_error(out, expected) < TOLERANCE[p.query.dtype]
+    logits, _ = reference.attention_logits(p.query, p.key, p.mask, p.scale)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-3, atol=1e-3)
+
+
+def test_flash_decode_bounds_the_loop_of_many_sequence_heads_only(monkeypatch):
+    """By default B x Hkv > FEW_SEQUENCE_HEADS without logits bounds the loop (computing the
+    valid lengths); fewer sequence-heads or logits do not; a bound with logits is refused."""
+    gen = torch.Generator().manual_seed(2)
+    b, hkv, length = 2, kernels.FEW_SEQUENCE_HEADS // 2 + 1, 40
+    q, k, v = (torch.randn(s, generator=gen) for s in ((b, 2 * hkv, 1, 8), (b, hkv, length, 8), (b, hkv, length, 8)))
+    mask = torch.zeros(b, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., 5:30], mask[1, ..., 12:33] = True, True
+    summaries = []
+    summarize = kernels.summarize_mask
+    monkeypatch.setattr(kernels, "summarize_mask", lambda *a, **kw: summaries.append(a) or summarize(*a, **kw))
+    out, _, _ = kernels.flash_decode(q, k, v, mask, 0.3)
+    assert oracle.relative_error(out, oracle.dense(q, k, v, mask, 0.3)) < 1e-5
+    assert len(summaries) == 1, "many sequence-heads: the loop is bounded by the valid lengths"
+    kernels.flash_decode(q[:1, :2], k[:1, :1], v[:1, :1], mask[:1], 0.3)
+    kernels.flash_decode(q, k, v, mask, 0.3, emit_logits=True)
+    assert len(summaries) == 1, "few sequence-heads and logit-writing launches are not bounded"
+    with pytest.raises(ValueError, match="emit_logits"):
+        kernels.flash_decode(q, k, v, mask, 0.3, emit_logits=True, bound_loop=True)
+
+
+@settings(max_examples=12, deadline=None)
 @given(p=decode_problems(integer_valued=True, max_len=70), budget=st.integers(1, 24),
        sink=st.integers(0, 2), recent=st.integers(0, 2))
 def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent):
@@ -115,9 +148,9 @@ def test_rendered_source_is_kept_and_keyed_by_parameters(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TIDAL_KERNEL_CACHE", str(tmp_path))
     with_logits = codegen.rendered_path("flash_decode.py.jinja", mask_kind="bool", emit_logits=True,
-                                        skip_masked_blocks=False)
+                                        skip_masked_blocks=False, bound_loop=False)
     without = codegen.rendered_path("flash_decode.py.jinja", mask_kind="none", emit_logits=False,
-                                    skip_masked_blocks=True)
+                                    skip_masked_blocks=True, bound_loop=False)
     assert with_logits != without and with_logits.parent == tmp_path
     assert "tl.store(Logits" in with_logits.read_text() and "Logits +" not in without.read_text()
     assert "if tl.max(valid" in without.read_text() and "if tl.max(valid" not in with_logits.read_text()
@@ -154,8 +187,9 @@ def test_one_pass_mask_summary_over_several_chunks(batch, length, recent, data):
         first = data.draw(st.integers(0, length - 1))
         end = data.draw(st.integers(first + 1, length))
         mask[row, 0, 0, first:end] = True
-        for hole in data.draw(st.lists(st.integers(first + 1, max(first + 1, end - 2)), max_size=3)):
-            mask[row, 0, 0, hole] = hole == end - 1  # holes, never the last valid position
+        if end - first >= 3:  # holes strictly between the first and the last valid position
+            for hole in data.draw(st.lists(st.integers(first + 1, end - 2), max_size=3)):
+                mask[row, 0, 0, hole] = False
     summary = kernels.summarize_mask(mask, batch, length, torch.device("cpu"), 0, recent)
     for row in range(batch):
         valid = mask[row, 0, 0].nonzero().flatten().tolist()

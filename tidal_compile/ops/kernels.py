@@ -145,27 +145,41 @@ def _partials(batch: int, heads: int, splits: int, head_dim: int, device: torch.
 
 
 def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: float,
-                 emit_logits: bool = False, blocks: Optional[DecodeBlocks] = None, waves: Optional[int] = None
+                 emit_logits: bool = False, blocks: Optional[DecodeBlocks] = None, waves: Optional[int] = None,
+                 bound_loop: Optional[bool] = None, kv_len: Optional[Tensor] = None
                  ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Exact decode attention. Returns (out [B, H, 1, D], lse [B, H] fp32, logits [B, H, L] fp32
-    with -inf at masked positions, or None). `blocks` and `waves` override the tuned defaults."""
+    with -inf at masked positions, or None). `blocks` and `waves` override the tuned defaults.
+
+    `bound_loop` stops each sequence's loop at its valid length (`kv_len`, int32 [B], computed by
+    `summarize_mask` when not given), so a static cache's unfilled tail costs no iterations; not
+    with `emit_logits` (logits are written for every position). None: bound when the launch
+    predicates its loads (B x Hkv > FEW_SEQUENCE_HEADS) and writes no logits, where it measured
+    faster even with the summary (docs/benchmarks.md)."""
     b, h, _, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     group = h // hkv
     blocks = blocks or decode_blocks(d, b * hkv)
     waves = waves or (4 if group == 1 else 2)  # MHA runs more, smaller programs (tune_decode.py)
     splits, split_len = split_work(b * hkv, length, blocks.block_n, query.device, waves)
+    many = b * hkv > FEW_SEQUENCE_HEADS
+    if bound_loop is None:
+        bound_loop = many and not emit_logits and attn_mask is not None
+    if bound_loop and emit_logits:
+        raise ValueError("flash_decode: bound_loop skips positions past the valid length; emit_logits writes them all")
+    if bound_loop and kv_len is None:
+        kv_len = summarize_mask(attn_mask, b, length, query.device).kv_len
     q = query.contiguous()
     part_out, part_lse = _partials(b, h, splits, d, query.device)
     logits = torch.empty(b, h, length, dtype=torch.float32, device=query.device) if emit_logits else part_lse
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, part_lse)
     # Skipping all-masked blocks by a branch pays only for dense-only launches of few programs
     # (H100, docs/benchmarks.md); a skipped block would also owe its -inf logits.
-    skip = not emit_logits and b * hkv <= FEW_SEQUENCE_HEADS
+    skip = not emit_logits and not many
     kernel = codegen.load("flash_decode.py.jinja", mask_kind=mask_kind, emit_logits=emit_logits,
-                          skip_masked_blocks=skip).flash_decode_split
+                          skip_masked_blocks=skip, bound_loop=bound_loop).flash_decode_split
     wrap_triton(kernel)[(b * hkv, splits)](
-        q, key, value, mask, part_out, part_lse, logits,
+        q, key, value, mask, kv_len if bound_loop else part_lse, part_out, part_lse, logits,
         q.stride(0), q.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),

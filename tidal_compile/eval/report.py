@@ -79,14 +79,15 @@ def recall_plot(recall: dict[str, dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # distinct colours for up to 20 settings
     for setting, per in recall.items():
         layers = sorted(int(k) for k in per)
         ax.plot(layers, [per[str(n)] if str(n) in per else per[n] for n in layers], marker="o", label=setting)
     ax.set_xlabel("layer")
     ax.set_ylabel("attention mass on chosen positions")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

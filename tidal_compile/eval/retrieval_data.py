@@ -47,6 +47,17 @@ def slots_for_length(length: int) -> int:
     return (length - 1) // SLOT
 
 
+def token_name(token: int) -> str:
+    """A readable name for a token id: `KEY`, `k17` (a key), `v3` (a value), `w120` (a word)."""
+    special = {PAD: "<pad>", BOS: "<s>", EOS: "</s>", KEY: "KEY", PERIOD: "."}
+    if token in special:
+        return special[token]
+    for prefix, base, count in (("k", KEY_BASE, NUM_KEYS), ("v", VALUE_BASE, NUM_VALUES), ("w", WORD_BASE, NUM_WORDS)):
+        if base <= token < base + count:
+            return f"{prefix}{token - base}"
+    return f"<{token}>"
+
+
 class FillerLanguage:
     """A fixed (seeded) bank of filler sentences from a random Markov chain over the words."""
 

@@ -92,3 +92,10 @@ def test_recall_is_one_when_the_budget_covers_the_context(tmp_path):
     small = measure(model, Setting.parse("tidal:16"), 150, [0.5], 2, 3)
     assert set(small) == {2, 3, 4} and all(0.0 < r < 1.0 for layer, r in small.items() if layer != 2)
     assert "| tidal:16 |" in recall_table({"tidal:16": small})
+
+
+def test_token_names_cover_the_vocabulary_without_collisions():
+    names = [data.token_name(t) for t in range(data.VOCAB_SIZE)]
+    assert len(set(names)) == data.VOCAB_SIZE
+    assert [data.token_name(t) for t in (data.KEY, data.KEY_BASE + 17, data.VALUE_BASE, data.WORD_BASE + 3)] == \
+        ["KEY", "k17", "v0", "w3"]

@@ -23,10 +23,14 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 
 def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=16):
-    """Selection through the kernels; small top-k chunks so that rows span several programs."""
+    """Selection through the kernels as the op runs them (the attention loop bounded by the valid
+    length, logits past it poisoned here); small top-k chunks so that rows span several programs."""
     b, h = p.query.shape[:2]
     summary = kernels.summarize_mask(p.mask, b, p.key.shape[2], p.query.device, sink, recent)
-    out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=True)
+    out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=True,
+                                            kv_len=summary.kv_len)
+    for row, valid_length in enumerate(summary.kv_len.tolist()):  # unwritten: the top-k must not read it
+        logits[row, :, valid_length:] = float("inf")
     sets = index_sets(granularity, h, p.num_kv_heads)
     return out, kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head",
                                     chunk=chunk, block=block)
@@ -70,7 +74,7 @@ def test_flash_decode_with_the_loop_bounded_by_the_valid_length_equals_reference
 
 def test_flash_decode_bounds_the_loop_of_many_sequence_heads_only(monkeypatch):
     """By default B x Hkv > FEW_SEQUENCE_HEADS without logits bounds the loop (computing the
-    valid lengths); fewer sequence-heads or logits do not; a bound with logits is refused."""
+    valid lengths); fewer sequence-heads or logits without given lengths do not."""
     gen = torch.Generator().manual_seed(2)
     b, hkv, length = 2, kernels.FEW_SEQUENCE_HEADS // 2 + 1, 40
     q, k, v = (torch.randn(s, generator=gen) for s in ((b, 2 * hkv, 1, 8), (b, hkv, length, 8), (b, hkv, length, 8)))
@@ -84,9 +88,7 @@ def test_flash_decode_bounds_the_loop_of_many_sequence_heads_only(monkeypatch):
     assert len(summaries) == 1, "many sequence-heads: the loop is bounded by the valid lengths"
     kernels.flash_decode(q[:1, :2], k[:1, :1], v[:1, :1], mask[:1], 0.3)
     kernels.flash_decode(q, k, v, mask, 0.3, emit_logits=True)
-    assert len(summaries) == 1, "few sequence-heads and logit-writing launches are not bounded"
-    with pytest.raises(ValueError, match="emit_logits"):
-        kernels.flash_decode(q, k, v, mask, 0.3, emit_logits=True, bound_loop=True)
+    assert len(summaries) == 1, "few sequence-heads and logit-writing launches are not bounded by default"
 
 
 @settings(max_examples=12, deadline=None)

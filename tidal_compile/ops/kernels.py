@@ -152,10 +152,11 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     with -inf at masked positions, or None). `blocks` and `waves` override the tuned defaults.
 
     `bound_loop` stops each sequence's loop at its valid length (`kv_len`, int32 [B], computed by
-    `summarize_mask` when not given), so a static cache's unfilled tail costs no iterations; not
-    with `emit_logits` (logits are written for every position). None: bound when the launch
-    predicates its loads (B x Hkv > FEW_SEQUENCE_HEADS) and writes no logits, where it measured
-    faster even with the summary (docs/benchmarks.md)."""
+    `summarize_mask` when not given), so a static cache's unfilled tail costs no iterations;
+    logits from the valid length on are then left unwritten (the top-k never reads them).
+    None: bound when the valid lengths are given, or when the launch predicates its loads
+    (B x Hkv > FEW_SEQUENCE_HEADS) and writes no logits, where it measured faster even with the
+    summary (docs/benchmarks.md)."""
     b, h, _, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     group = h // hkv
@@ -164,9 +165,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     splits, split_len = split_work(b * hkv, length, blocks.block_n, query.device, waves)
     many = b * hkv > FEW_SEQUENCE_HEADS
     if bound_loop is None:
-        bound_loop = many and not emit_logits and attn_mask is not None
-    if bound_loop and emit_logits:
-        raise ValueError("flash_decode: bound_loop skips positions past the valid length; emit_logits writes them all")
+        bound_loop = kv_len is not None or (many and not emit_logits and attn_mask is not None)
     if bound_loop and kv_len is None:
         kv_len = summarize_mask(attn_mask, b, length, query.device).kv_len
     q = query.contiguous()

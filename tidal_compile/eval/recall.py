@@ -53,17 +53,18 @@ class RecallProbe:
             return self.config.mode
         return "selection" if layer in self.plan.selection_layers else "sparse"
 
-    def positions(self, layer: int, kind: str, query: Tensor, key: Tensor, mask: Optional[Tensor], scale: float
-                  ) -> Tensor:
-        """The positions the layer attends to, int32 [B, S, n] (-1 unused)."""
+    def positions(self, layer: int, kind: str, query: Tensor, key: Tensor, mask: Optional[Tensor],
+                  logits: Tensor, valid: Tensor) -> Tensor:
+        """The positions the layer attends to, int32 [B, S, n] (-1 unused), given its full logits
+        and valid positions [B, H, L] (`reference.attention_logits`)."""
         cfg = self.config
         if kind == "quest":
             meta = reference.quest_page_metadata(key, mask, cfg.page_size)
             return reference.quest_positions(query, *meta, mask, key.shape[2], cfg.budget, cfg.page_size)
         if kind in ("selection", "topk_oracle"):
             granularity = "query_head" if kind == "topk_oracle" else cfg.granularity
-            _, chosen = reference.selection_attention(query, key, key, mask, scale, cfg.budget, granularity,
-                                                      cfg.sink, cfg.recent)
+            rank, rank_valid = reference.selection_ranking(logits, valid, key.shape[1], granularity)
+            chosen = reference.top_positions(rank, rank_valid, cfg.budget, cfg.sink, cfg.recent)
             self.indices[layer] = chosen
             return chosen
         return self.indices[max(s for s in self.plan.selection_layers if s < layer)]
@@ -80,8 +81,8 @@ class RecallProbe:
         if kind == "dense":
             out = reference.dense_attention(query, key, value, mask, scale)
         else:
-            chosen = self.positions(layer, kind, query, key, mask, scale)
-            logits, _ = reference.attention_logits(query, key, mask, scale)
+            logits, valid = reference.attention_logits(query, key, mask, scale)
+            chosen = self.positions(layer, kind, query, key, mask, logits, valid)
             probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # [B, H, L]
             per_head = reference.indices_per_query_head(chosen, query.shape[1]).long()
             mass = torch.gather(probs, 2, per_head.clamp(min=0)).masked_fill(per_head < 0, 0.0).sum(-1)

@@ -99,3 +99,26 @@ def test_token_names_cover_the_vocabulary_without_collisions():
     assert len(set(names)) == data.VOCAB_SIZE
     assert [data.token_name(t) for t in (data.KEY, data.KEY_BASE + 17, data.VALUE_BASE, data.WORD_BASE + 3)] == \
         ["KEY", "k17", "v0", "w3"]
+
+
+def test_recall_probe_attends_as_the_mode_does():
+    """Selection layers output exact attention and pass their top-k on; sparse layers attend to
+    exactly those positions (the semantics of the compiled ops, tidal_compile.ops.reference)."""
+    from types import SimpleNamespace
+
+    from tidal_compile.config import TidalConfig
+    from tidal_compile.eval.recall import RecallProbe
+    from tidal_compile.ops import reference
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=gen) for s in ((2, 4, 1, 8), (2, 2, 30, 8), (2, 2, 30, 8)))
+    mask = torch.ones(2, 1, 1, 30, dtype=torch.bool)
+    mask[1, ..., :5] = False
+    probe = RecallProbe(TidalConfig.load(None, mode="tidal", budget=6, selection_layers=[2]), 4)
+    scale = 8 ** -0.5
+    selection, _ = probe.attention(SimpleNamespace(layer_idx=2), q, k, v, mask, scaling=scale)
+    expected_out, chosen = reference.selection_attention(q, k, v, mask, scale, 6, "query_head")
+    torch.testing.assert_close(selection, expected_out.transpose(1, 2))
+    sparse, _ = probe.attention(SimpleNamespace(layer_idx=3), q, k, v, mask, scaling=scale)
+    torch.testing.assert_close(sparse, reference.sparse_attention(q, k, v, chosen, scale).transpose(1, 2))
+    assert set(probe.recall()) == {2, 3} and all(0.0 < r < 1.0 for r in probe.recall().values())

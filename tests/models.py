@@ -49,13 +49,14 @@ def prompts(batch: int, length: int, padded: bool, seed: int = 0, device: str = 
 
 def greedy_decode(forward: Callable, model: torch.nn.Module, prompt: torch.Tensor, steps: int,
                   max_cache_len: int, padding: Optional[torch.Tensor] = None,
-                  tokens: Optional[torch.Tensor] = None, cache: Optional[StaticCache] = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  tokens: Optional[torch.Tensor] = None, cache: Optional[StaticCache] = None,
+                  prefill: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill `prompt` then decode `steps` tokens with a StaticCache through `forward`.
 
     `padding` ([B, P] bool, True = real token) masks left padding. With `tokens` given, those
     are fed instead of the argmax (teacher forcing), so two runs see identical inputs. `cache`
-    lets the caller inspect the StaticCache afterwards.
+    lets the caller inspect the StaticCache afterwards. `prefill` runs the prompt instead of
+    `forward` (e.g. the eager model, so CUDA-graph decode steps find the cache allocated).
     Returns (generated tokens [B, steps], last-position logits [steps + 1, B, V]).
     """
     batch, length = prompt.shape
@@ -66,8 +67,8 @@ def greedy_decode(forward: Callable, model: torch.nn.Module, prompt: torch.Tenso
     position = (mask[:, :length].cumsum(-1) - 1).clamp(min=0)
     logits, generated = [], []
     with torch.no_grad():
-        out = forward(input_ids=prompt, attention_mask=mask, position_ids=position, past_key_values=cache,
-                      use_cache=True)
+        out = (prefill or forward)(input_ids=prompt, attention_mask=mask, position_ids=position,
+                                   past_key_values=cache, use_cache=True)
         for step in range(steps + 1):
             last = out.logits[:, -1].float()
             logits.append(last)

@@ -24,14 +24,16 @@ def test_options_merge_yaml_and_shorthands(tmp_path):
     path.write_text("budget: 64\ngranularity: layer\n")
     opts = BackendOptions.parse({"config": str(path), "budget": 32, "num_layers": 8, "inner_backend": "eager"})
     assert opts.config == TidalConfig(budget=32, granularity="layer")
-    assert (opts.num_layers, opts.inner_backend) == (8, "eager")
+    assert (opts.num_layers, opts.inner_backend, opts.cudagraphs) == (8, "eager", False)
+    assert BackendOptions.parse({"cudagraphs": True}).cudagraphs
     assert BackendOptions.parse({"config": TidalConfig(budget=8)}).config.budget == 8
     assert BackendOptions.parse(None).config == TidalConfig()
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"budgt": 3}, "unknown config key 'budgt'.*backend options: config, num_layers, inner_backend, quest_state"),
-    ({"cudagraphs": True}, "unknown config key 'cudagraphs'"),
+    ({"budgt": 3}, "unknown config key 'budgt'.*backend options: config, num_layers, inner_backend, cudagraphs"),
+    ({"cudagraphs": "yes"}, "cudagraphs must be true or false"),
+    ({"cudagraphs": True, "inner_backend": "eager"}, "cudagraphs needs inner_backend inductor"),
     ({"inner_backend": "tvm"}, "inner_backend must be one of inductor, aot_eager, eager"),
     ({"num_layers": 0}, "num_layers must be a positive integer"),
     ({"mode": "quest", "quest_state": {}}, "quest_state must be a tidal_compile.QuestState"),
@@ -50,6 +52,25 @@ def test_bad_key_through_torch_compile_names_it():
     compiled = torch.compile(torch.nn.Linear(4, 4), backend="tidal", options={"budgt": 3})
     with pytest.raises(Exception, match="unknown config key 'budgt'"):
         compiled(torch.randn(2, 4))
+
+
+def test_torch_compile_mode_reaches_inductor(monkeypatch):
+    """torch.compile(..., backend="tidal", mode=M) (no options) compiles with Inductor's patches for
+    M; the cudagraphs option patches the same; an unknown mode names the problem."""
+    import torch._inductor.compile_fx as compile_fx
+
+    seen = []
+    monkeypatch.setattr(compile_fx, "compile_fx",
+                        lambda gm, inputs, config_patches: seen.append(config_patches) or gm.forward)
+    x = torch.randn(2, 4)
+    for kwargs in ({"mode": "reduce-overhead"}, {"options": {"cudagraphs": True}}, {"mode": "max-autotune"}):
+        torch._dynamo.reset()
+        torch.compile(torch.nn.Linear(4, 4), backend="tidal", **kwargs)(x)
+    assert seen[0] == seen[1] == {"triton.cudagraphs": True}
+    assert seen[2]["max_autotune"] is True
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="torch.compile mode: Unrecognized mode=fast"):
+        torch.compile(torch.nn.Linear(4, 4), backend="tidal", mode="fast")(x)
 
 
 def test_explain_lists_layers_and_logs_at_compile_time(caplog):

@@ -213,3 +213,25 @@ def test_one_token_prompt_starts_a_new_sequence():
     end = 1 + 2 * ((9 - 1) // 2)
     for ours, ref in zip(cache.layers, dense.layers):
         torch.testing.assert_close(ours.keys[:, :, :end], ref.keys[:, :, :end], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt_length", [1, 8])
+def test_sequence_starts_run_the_prefill_forward(prompt_length):
+    """A prompt, or a one-token prompt into a cache not allocated yet, runs `prefill`; decode steps
+    run the compiled forward. With cudagraphs, prefill is the uncompiled forward, so the static
+    cache is allocated outside any captured graph."""
+    from tidal_compile.hf import TidalForward
+
+    model = fresh(tiny_model("llama", layers=4))
+    calls = []
+
+    def recording(name):
+        return lambda **kwargs: calls.append(name) or eager(model)(**kwargs)
+
+    forward = TidalForward(recording("compiled"), 0, prefill=recording("prefill"))
+    prompt, _ = prompts(1, prompt_length, False)
+    greedy_decode(forward, model, prompt, 3, 16)
+    assert calls == ["prefill"] + ["compiled"] * 3
+    compile_for_generation(model, budget=8, cudagraphs=True)
+    assert model.forward.prefill.__func__ is type(model).forward
+    assert model.forward.compiled is not model.forward.prefill

@@ -58,6 +58,50 @@ def test_gpu_compiled_tiny_model_equals_eager():
     check_budget_covering_context("llama", 8, 2, 6, "kv_head", 2, True, "inductor", device="cuda")
 
 
+def test_gpu_cuda_graph_decode_equals_eager():
+    """backend option cudagraphs (what mode="reduce-overhead" does): decode steps with the tidal
+    ops captured in CUDA graphs and replayed equal eager (the prompt runs eagerly, so the static
+    cache is allocated outside the graphs)."""
+    from test_models import check_budget_covering_context
+
+    check_budget_covering_context("qwen2", 8, 2, 6, "query_head", 2, True, "inductor", device="cuda",
+                                  eager_prefill=True, cudagraphs=True)
+
+
+def test_gpu_ops_under_reduce_overhead_equal_eager():
+    """torch.compile(fn, backend="tidal", mode="reduce-overhead") over the ops: replays equal eager."""
+    def attend(q, k, v, mask):
+        out, idx = torch.ops.tidal.selection_attention(q, k, v, mask, 0.1, 256, "kv_head", 0, 4)
+        return out, idx, torch.ops.tidal.sparse_attention(q, k, v, idx, 0.1), \
+            torch.ops.tidal.dense_attention(q, k, v, mask, 0.1)
+
+    q, k, v, mask = _real_problem(2, 8, 2, 3000, torch.bfloat16)
+    expected = attend(q, k, v, mask)
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="tidal", mode="reduce-overhead")
+    for _ in range(3):  # warm-up, record, replay
+        for ours, ref in zip(compiled(q, k, v, mask), expected):
+            torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_gpu_generate_with_cuda_graphs_and_correction_equals_eager():
+    """compile_for_generation(cudagraphs=True): generate (correction every 3 steps, k covering
+    the context) gives eager's tokens."""
+    import tidal_compile
+    from models import prompts, tiny_model
+    from tidal_compile.hf import compile_for_generation
+
+    torch._dynamo.reset()
+    tidal_compile.clear_reports()
+    model = tiny_model("llama", layers=6).cuda()
+    prompt, padding = prompts(2, 12, True, device="cuda")
+    kwargs = dict(attention_mask=padding.long(), max_new_tokens=12, do_sample=False, cache_implementation="static")
+    expected = model.generate(prompt, **kwargs)
+    compile_for_generation(model, budget=64, correction={"interval": 3}, cudagraphs=True)
+    assert torch.equal(model.generate(prompt, **kwargs), expected)
+    assert any(g.phase == "decode" and g.count("sparse") > 0 for g in tidal_compile.explain(model))
+
+
 @pytest.mark.parametrize("length, budget, page_size", [(1000, 256, 16), (33000, 2048, 16), (131072, 256, 32)])
 def test_gpu_quest_ops_equal_reference(length, budget, page_size):
     tidal = torch.ops.tidal

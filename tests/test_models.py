@@ -32,13 +32,14 @@ def decode_report(model):
 
 
 def check_budget_covering_context(family, heads, kv_heads, layers, granularity, batch, padded, inner,
-                                  device="cpu", **options):
+                                  device="cpu", eager_prefill=False, **options):
     model = tiny_model(family, layers=layers, heads=heads, kv_heads=kv_heads).to(device)
     prompt, padding = prompts(batch, 8, padded, seed=layers, device=device)
     steps, cache_len = 32, 48
     eager_tokens, eager_logits = greedy_decode(model, model, prompt, steps, cache_len, padding)
     compiled = compile_tidal(model, budget=cache_len, granularity=granularity, inner_backend=inner, **options)
-    tokens, logits = greedy_decode(compiled, model, prompt, steps, cache_len, padding)
+    tokens, logits = greedy_decode(compiled, model, prompt, steps, cache_len, padding,
+                                   prefill=model if eager_prefill else None)
     report = decode_report(model)
     rewritten = "quest" if options.get("mode") == "quest" else "sparse"
     assert report.count(rewritten) > 0 and report.count("unchanged") == 0, str(report)

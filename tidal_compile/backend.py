@@ -6,18 +6,24 @@ Registered by entry point (`torch_dynamo_backends: tidal`), so after `pip instal
 
 `options` holds `config` (YAML path, dict or TidalConfig), any config key as a shorthand that
 overrides it, and backend keys: `num_layers` (model depth, default: highest layer index in the
-graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug), and
+graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug),
+`cudagraphs` (Inductor captures each graph in CUDA graphs and replays it, what
+`mode="reduce-overhead"` does; torch.compile takes no `mode` together with `options`) and
 `quest_state` (mode quest:
 the :class:`QuestState` holding page metadata; created on first use and stored back into the
 `options` dict, which torch.compile hands unchanged to every graph of the same compiled
 function, so prefill and decode graphs share it).
-CUDA-graph capture is not offered yet: a Hugging Face static-cache decode compiled with the tidal
-ops and Inductor's `triton.cudagraphs` crashed (segfault) on torch 2.11 in our GPU test.
+`torch.compile(model, backend="tidal", mode=...)` (no options) passes an Inductor mode through.
+CUDA graphs need a Hugging Face static cache allocated outside the compiled region (prefill run
+uncompiled, as transformers' generate does; `hf.compile_for_generation` does it): a cache whose
+lazy allocation is compiled into a captured graph crashes the replay (segfault, plain Inductor
+as well, torch 2.11).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -47,6 +53,7 @@ class BackendOptions:
     config: TidalConfig
     num_layers: Optional[int] = None
     inner_backend: str = "inductor"
+    cudagraphs: bool = False
     quest_state: Optional[QuestState] = None
 
     @classmethod
@@ -54,6 +61,7 @@ class BackendOptions:
         opts = dict(options or {})
         num_layers = opts.pop("num_layers", None)
         inner = opts.pop("inner_backend", "inductor")
+        cudagraphs = opts.pop("cudagraphs", False)
         source = opts.pop("config", None)
         quest_state = opts.pop("quest_state", None)
         if quest_state is not None and not isinstance(quest_state, QuestState):
@@ -62,19 +70,26 @@ class BackendOptions:
             raise ConfigError(f"num_layers must be a positive integer, got {num_layers!r}")
         if inner not in INNER_BACKENDS:
             raise ConfigError(f"inner_backend must be one of {', '.join(INNER_BACKENDS)}; got {inner!r}")
+        if not isinstance(cudagraphs, bool):
+            raise ConfigError(f"cudagraphs must be true or false, got {cudagraphs!r}")
+        if cudagraphs and inner != "inductor":
+            raise ConfigError(f"cudagraphs needs inner_backend inductor, got {inner!r}")
         try:
             config = TidalConfig.load(source, **opts)
         except ConfigError as e:
             if "unknown config key" in str(e):
-                raise ConfigError(f"{e} (backend options: config, num_layers, inner_backend, quest_state)") from None
+                raise ConfigError(f"{e} (backend options: config, num_layers, inner_backend, cudagraphs, "
+                                  "quest_state)") from None
             raise
-        return cls(config, num_layers, inner, quest_state)
+        return cls(config, num_layers, inner, cudagraphs, quest_state)
 
 
 def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
-                  options: Optional[Mapping[str, Any]] = None) -> Callable:
-    """Dynamo backend: run the tidal passes on `gm`, report, and compile the result."""
+                  options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> Callable:
+    """Dynamo backend: run the tidal passes on `gm`, report, and compile the result.
+    `mode` is torch.compile's Inductor mode (e.g. "reduce-overhead"), given without `options`."""
     opts = BackendOptions.parse(options)
+    inductor_patches = _inductor_mode_patches(mode, opts)
     if opts.config.mode == "quest" and opts.quest_state is None:
         if not isinstance(options, dict):
             raise ConfigError("mode quest stores its page metadata in options['quest_state']: pass options "
@@ -94,14 +109,27 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
         if layer.fallback:
             warnings.warn(f"tidal: layer {layer.layer} stays dense: {layer.reason}", TidalFallbackWarning,
                           stacklevel=2)
-    return _inner_compile(opts.inner_backend)(gm, example_inputs)
+    return _inner_compile(opts.inner_backend, inductor_patches)(gm, example_inputs)
 
 
-def _inner_compile(name: str) -> Callable:
+def _inductor_mode_patches(mode: Optional[str], opts: BackendOptions) -> dict[str, Any]:
+    """Inductor config patches for torch.compile's `mode` and the `cudagraphs` option."""
+    from torch._inductor import list_mode_options
+
+    try:
+        patches = dict(list_mode_options(mode)) if mode else {}
+    except RuntimeError as e:
+        raise ConfigError(f"torch.compile mode: {e}") from None
+    if opts.cudagraphs:
+        patches["triton.cudagraphs"] = True
+    return patches
+
+
+def _inner_compile(name: str, inductor_patches: dict[str, Any]) -> Callable:
     if name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx
+        return functools.partial(compile_fx, config_patches=inductor_patches)
     if name == "eager":
         return lambda gm, example_inputs: gm.forward
     return torch._dynamo.lookup_backend(name)

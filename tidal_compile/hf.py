@@ -83,11 +83,20 @@ def _chunk_mask(mask: Optional[Tensor], start: int, steps: int) -> Optional[Tens
     return torch.where(causal, row, torch.finfo(mask.dtype).min)
 
 
-class TidalForward:
-    """`model.forward` replacement: compiled tidal forward plus KV-cache correction."""
+def _cache_allocated(cache: Any) -> bool:
+    """Whether every layer of a lazily allocated cache (transformers >= 4.56) holds its tensors."""
+    return all(getattr(layer, "is_initialized", True) for layer in _cache_layers(cache))
 
-    def __init__(self, compiled: Callable, interval: int):
+
+class TidalForward:
+    """`model.forward` replacement: compiled tidal forward plus KV-cache correction.
+
+    `prefill` runs calls that start a sequence (the compiled forward, or the uncompiled one when
+    decode graphs are captured in CUDA graphs: the static cache must be allocated outside them)."""
+
+    def __init__(self, compiled: Callable, interval: int, prefill: Optional[Callable] = None):
         self.compiled = compiled
+        self.prefill = prefill or compiled
         self.interval = interval
         self.pending = _Pending()
 
@@ -96,10 +105,10 @@ class TidalForward:
         cache = kwargs.get("past_key_values")
         # A new sequence: a prefill (or embeddings), or a one-token prompt into an empty cache
         # (checked only with correction on: reading the cache length syncs with the GPU).
-        if (input_ids is None or input_ids.shape[1] != 1 or cache is None
+        if (input_ids is None or input_ids.shape[1] != 1 or cache is None or not _cache_allocated(cache)
                 or (self.interval and _cache_length(cache) == 0)):
             self.pending.restart(input_ids, kwargs.get("position_ids"))
-            return self.compiled(*args, **kwargs)
+            return self.prefill(*args, **kwargs)
         if self.interval and self.pending.input_ids and self.pending.steps == self.interval:
             self.correct(kwargs)
         out = self.compiled(*args, **kwargs)
@@ -131,7 +140,8 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     """Set `model` up for `model.generate` with tidal decoding, in place; returns it.
 
     Static cache; `model.forward` compiled with backend="tidal" (depth from the model config);
-    prefill stays dense; transformers' own generate-time compile is turned off so the forward
+    prefill stays dense (uncompiled with `cudagraphs=True`, which captures the decode steps in
+    CUDA graphs); transformers' own generate-time compile is turned off so the forward
     is not compiled twice; KV-cache correction every `correction.interval` tokens. Not yet
     supported, each with a warning and dense attention: encoder-decoder models (left as they
     are), sliding-window layers (kept dense), generate calls without a static cache (run
@@ -162,8 +172,10 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
         generation_config.disable_compile = True
     # Correction happens here, around the compiled forward; the backend itself never corrects.
     compiled = torch.compile(model.forward, backend="tidal", options={**options, "correction": {"interval": 0}})
-    forward = TidalForward(compiled, parsed.correction.interval)
-    _install(model, model.forward, forward)
+    dense_forward = model.forward
+    forward = TidalForward(compiled, parsed.correction.interval,
+                           prefill=dense_forward if options.get("cudagraphs") else None)
+    _install(model, dense_forward, forward)
     return model
 
 

@@ -104,6 +104,8 @@ def run_shape(model: str, batch: int, context: int, budgets: list[int], peak: fl
         except Exception as e:  # report, keep benchmarking the rest
             print(f"  flex_attention failed: {type(e).__name__}: {str(e)[:120]}")
     record("tidal dense", bench(lambda: tidal.dense_attention(q, k, v, mask, scale)), kv_bytes)
+    fixed = kernels.decode_blocks(HEAD_DIM, batch * kv_heads)  # the untuned defaults, for comparison
+    record("  dense, default tiles", bench(lambda: kernels.flash_decode(q, k, v, mask, scale, blocks=fixed)), kv_bytes)
     # Where selection's time goes: the attention pass that also writes logits, then the top-k.
     record("  part: dense+logits", bench(lambda: kernels.flash_decode(q, k, v, mask, scale, emit_logits=True)),
            kv_bytes)

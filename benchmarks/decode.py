@@ -1,14 +1,16 @@
 """End-to-end decode latency of a real-shape, random-initialised Llama: plain Inductor against
 the tidal backend's modes, side by side in one process.
 
-    python benchmarks/decode.py --context 32768 --layers 4 --out decode.json
+    python benchmarks/decode.py --context 32768 --layers 4 [--cudagraphs] --out decode.json
 
 Llama-3-8B shapes (hidden 4096, 32 query / 8 KV heads, head dim 128, bf16), `--layers` deep
 (the time per layer is what scales). Each method compiles `model.forward` (Inductor alone, or
 backend="tidal" with a mode), prefills `--context` random tokens into a StaticCache, then
 times `--steps` greedy decode steps with CUDA events after `--warmup` untimed ones. Printed:
 ms per token and the speed-up over Inductor; the bandwidth bound (weights + KV cache read once
-per token at the measured copy bandwidth) is printed beside it.
+per token at the measured copy bandwidth) is printed beside it. With `--cudagraphs` every method
+captures its decode step in CUDA graphs (Inductor `mode="reduce-overhead"`, tidal
+`cudagraphs=True`) and the prompt is prefilled uncompiled, as transformers' generate does.
 """
 
 from __future__ import annotations
@@ -42,11 +44,12 @@ def build(layers: int, context: int, device: str) -> LlamaForCausalLM:
 
 
 @torch.no_grad()
-def decode_ms(model, forward, prompt: torch.Tensor, steps: int, warmup: int) -> float:
-    """Prefill `prompt`, then the mean time of `steps` decode steps (after `warmup`)."""
+def decode_ms(model, forward, prompt: torch.Tensor, steps: int, warmup: int, prefill=None) -> float:
+    """Prefill `prompt` (through `prefill`, default `forward`), then the mean time of `steps`
+    decode steps (after `warmup`)."""
     batch, context = prompt.shape
     cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps + 1)
-    out = forward(input_ids=prompt, past_key_values=cache, use_cache=True,
+    out = (prefill or forward)(input_ids=prompt, past_key_values=cache, use_cache=True,
                   cache_position=torch.arange(context, device=prompt.device))
     token = out.logits[:, -1:].argmax(-1)
     timings = []
@@ -72,6 +75,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--cudagraphs", action="store_true", help="decode steps replayed from CUDA graphs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -85,14 +89,19 @@ def main() -> None:
     bound = (weights + kv) / bandwidth * 1e3
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: Llama-3-8B shapes, {args.layers} layers, "
           f"batch {args.batch}, context {args.context}; bandwidth bound {bound:.3f} ms/token "
-          f"(weights {weights / 1e9:.2f} GB + KV {kv / 1e9:.2f} GB at {bandwidth / 1e12:.2f} TB/s)", flush=True)
+          f"(weights {weights / 1e9:.2f} GB + KV {kv / 1e9:.2f} GB at {bandwidth / 1e12:.2f} TB/s)"
+          f"{'; CUDA graphs' if args.cudagraphs else ''}", flush=True)
     rows = []
     for name in args.methods:
         torch._dynamo.reset()
         options = METHODS[name]
-        forward = (torch.compile(model.forward) if options is None
-                   else torch.compile(model.forward, backend="tidal", options=dict(options)))
-        ms = decode_ms(model, forward, prompt, args.steps, args.warmup)
+        if options is None:
+            forward = torch.compile(model.forward, mode="reduce-overhead" if args.cudagraphs else None)
+        else:
+            forward = torch.compile(model.forward, backend="tidal",
+                                    options=dict(options, cudagraphs=args.cudagraphs))
+        ms = decode_ms(model, forward, prompt, args.steps, args.warmup,
+                       prefill=model.forward if args.cudagraphs else None)
         base = rows[0]["ms"] if rows else ms
         rows.append(dict(method=name, ms=ms, speedup_vs_inductor=base / ms, bound_ms=bound))
         print(f"  {name:12s} {ms:8.3f} ms/token  x{base / ms:5.2f} vs inductor  ({bound / ms:5.1%} of bound)",
@@ -100,7 +109,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, layers=args.layers,
-                           batch=args.batch, context=args.context, rows=rows), f, indent=1)
+                           batch=args.batch, context=args.context, cudagraphs=args.cudagraphs, rows=rows),
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,37 @@ def test_flash_decode_with_many_sequence_heads_takes_the_predicated_path():
     assert oracle.relative_error(out, oracle.dense(q, k, v, mask, 0.3)) < 1e-5
 
 
+@pytest.mark.parametrize("candidate", kernels.TUNE_CANDIDATES)
+def test_flash_decode_through_the_autotuner_equals_reference(monkeypatch, candidate):
+    """The autotuned launch (tiles from the config, split lengths aligned to SPLIT_ALIGN), one
+    candidate at a time (one config: Triton launches it without timing, so it runs here)."""
+    monkeypatch.setattr(kernels, "autotune_enabled", lambda device: True)
+    monkeypatch.setattr(kernels, "TUNE_CANDIDATES", (candidate,))
+    kernels._autotuned.cache_clear()
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(s, generator=gen) for s in ((2, 4, 1, 16), (2, 2, 300, 16), (2, 2, 300, 16)))
+    mask = torch.ones(2, 1, 1, 300, dtype=torch.bool)
+    mask[1, ..., 270:] = False
+    try:
+        for emit_logits in (False, True):
+            out, _, _ = kernels.flash_decode(q, k, v, mask, 0.3, emit_logits=emit_logits)
+            assert oracle.relative_error(out, oracle.dense(q, k, v, mask, 0.3)) < 1e-5
+    finally:
+        kernels._autotuned.cache_clear()
+
+
+def test_autotune_candidates_keep_tile_bytes_and_fit_the_split_alignment():
+    from tidal_compile import codegen
+
+    kernel = codegen.load("flash_decode.py.jinja", mask_kind="none", emit_logits=False, skip_masked_blocks=False,
+                          bound_loop=False).flash_decode_split
+    for head_dim, blocks in ((64, {64, 128}), (128, {64, 128}), (256, {32, 64})):
+        configs = kernels._autotuned(kernel, head_dim).configs
+        assert {c.kwargs["BLOCK_N"] for c in configs} == blocks
+        assert all(kernels.SPLIT_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in configs)
+    assert not kernels.autotune_enabled(torch.device("cpu"))
+
+
 @settings(max_examples=12, deadline=None)
 @given(p=decode_problems(**small), given_lengths=st.booleans())
 def test_flash_decode_with_the_loop_bounded_by_the_valid_length_equals_reference(p, given_lengths):

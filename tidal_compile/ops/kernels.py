@@ -8,6 +8,7 @@ graph. They run wherever Triton does: CUDA, or the CPU under `TRITON_INTERPRET=1
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,6 +40,11 @@ _DECODE_BLOCKS = {
     256: (DecodeBlocks(64, 8, 2), DecodeBlocks(64, 4, 2)),
 }
 MIN_SPLIT = 256  # positions per split: below this, combining costs more than the split saves
+SPLIT_ALIGN = 128  # split lengths are multiples of every tile's BLOCK_N, so the grid fits them all
+
+# Candidate tiles (BLOCK_N at D = 128, warps, stages) that flash_decode autotunes over on CUDA: the
+# best of benchmarks/tune_decode.py's sweep on an H100 across shapes, plus the defaults above.
+TUNE_CANDIDATES = ((128, 8, 3), (128, 8, 4), (128, 4, 2), (128, 4, 3), (64, 4, 4), (64, 8, 3))
 
 
 FEW_SEQUENCE_HEADS = 32  # B x Hkv up to this takes the "few" tiles
@@ -54,6 +60,22 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    """Tiles are autotuned on CUDA unless `TIDAL_AUTOTUNE=0` (then the defaults above are used)."""
+    return device.type == "cuda" and os.environ.get("TIDAL_AUTOTUNE", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel: triton.JITFunction, head_dim: int) -> triton.runtime.Autotuner:
+    """`kernel` under triton.autotune over TUNE_CANDIDATES (tile bytes kept for other head dims).
+    Triton times the candidates at the first launch of each key and caches the winner per process;
+    under torch.compile, Inductor autotunes the same configs and keeps the result in its cache."""
+    shrink = max(1, triton.next_power_of_2(head_dim) // 128)
+    configs = [triton.Config({"BLOCK_N": max(16, n // shrink)}, num_warps=w, num_stages=st)
+               for n, w, st in TUNE_CANDIDATES]
+    return triton.autotune(configs, key=["length", "split_len", "NUM_KV_HEADS", "GROUP", "HEAD_DIM"])(kernel)
 
 
 def split_work(programs: int, length: int, block_n: int, device: torch.device, waves: int = 2
@@ -149,7 +171,8 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
                  bound_loop: Optional[bool] = None, kv_len: Optional[Tensor] = None
                  ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Exact decode attention. Returns (out [B, H, 1, D], lse [B, H] fp32, logits [B, H, L] fp32
-    with -inf at masked positions, or None). `blocks` and `waves` override the tuned defaults.
+    with -inf at masked positions, or None). Tiles are autotuned on CUDA (`autotune_enabled`),
+    else the defaults of `decode_blocks`; `blocks` fixes them and `waves` the split count.
 
     `bound_loop` stops each sequence's loop at its valid length (`kv_len`, int32 [B], computed by
     `summarize_mask` when not given), so a static cache's unfilled tail costs no iterations;
@@ -160,9 +183,11 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     b, h, _, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     group = h // hkv
+    autotune = blocks is None and autotune_enabled(query.device)
     blocks = blocks or decode_blocks(d, b * hkv)
     waves = waves or (4 if group == 1 else 2)  # MHA runs more, smaller programs (tune_decode.py)
-    splits, split_len = split_work(b * hkv, length, blocks.block_n, query.device, waves)
+    splits, split_len = split_work(b * hkv, length, SPLIT_ALIGN if autotune else blocks.block_n, query.device,
+                                   waves)
     many = b * hkv > FEW_SEQUENCE_HEADS
     if bound_loop is None:
         bound_loop = kv_len is not None or (many and not emit_logits and attn_mask is not None)
@@ -177,7 +202,9 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     skip = not emit_logits and not many
     kernel = codegen.load("flash_decode.py.jinja", mask_kind=mask_kind, emit_logits=emit_logits,
                           skip_masked_blocks=skip, bound_loop=bound_loop).flash_decode_split
-    wrap_triton(kernel)[(b * hkv, splits)](
+    tiles = {} if autotune else dict(BLOCK_N=blocks.block_n, num_warps=blocks.num_warps,
+                                     num_stages=blocks.num_stages)
+    wrap_triton(_autotuned(kernel, d) if autotune else kernel)[(b * hkv, splits)](
         q, key, value, mask, kv_len if bound_loop else part_lse, part_out, part_lse, logits,
         q.stride(0), q.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
@@ -188,8 +215,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         logits.stride(0), logits.stride(1) if emit_logits else 0,
         scale, length, split_len,
         NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=d,
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=blocks.block_n, MASK_MIN=mask_min,
-        DOT_PRECISION=_dot_precision(query.dtype), num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+        BLOCK_D=triton.next_power_of_2(d), MASK_MIN=mask_min, DOT_PRECISION=_dot_precision(query.dtype), **tiles)
     out, lse = _combine(part_out, part_lse, query.dtype)
     return out, lse, logits if emit_logits else None
 

@@ -70,7 +70,7 @@ def greedy_decode(forward: Callable, model: torch.nn.Module, prompt: torch.Tenso
         out = (prefill or forward)(input_ids=prompt, attention_mask=mask, position_ids=position,
                                    past_key_values=cache, use_cache=True)
         for step in range(steps + 1):
-            last = out.logits[:, -1].float()
+            last = out.logits[:, -1].to(torch.float32, copy=True)  # CUDA-graph outputs are reused
             logits.append(last)
             if step == steps:
                 break

@@ -69,7 +69,8 @@ def test_gpu_cuda_graph_decode_equals_eager():
 
 
 def test_gpu_ops_under_reduce_overhead_equal_eager():
-    """torch.compile(fn, backend="tidal", mode="reduce-overhead") over the ops: replays equal eager."""
+    """torch.compile(fn, backend="tidal", mode="reduce-overhead") over the ops: replays equal eager
+    (indices exactly)."""
     def attend(q, k, v, mask):
         out, idx = torch.ops.tidal.selection_attention(q, k, v, mask, 0.1, 256, "kv_head", 0, 4)
         return out, idx, torch.ops.tidal.sparse_attention(q, k, v, idx, 0.1), \
@@ -80,8 +81,11 @@ def test_gpu_ops_under_reduce_overhead_equal_eager():
     torch._dynamo.reset()
     compiled = torch.compile(attend, backend="tidal", mode="reduce-overhead")
     for _ in range(3):  # warm-up, record, replay
-        for ours, ref in zip(compiled(q, k, v, mask), expected):
-            torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+        out, idx, sparse, dense = compiled(q, k, v, mask)
+        torch.testing.assert_close(idx, expected[1], rtol=0, atol=0)
+        # Inductor autotunes the tiles itself: its pick may sum in another order than eager's.
+        for ours, ref in zip((out, sparse, dense), (expected[0], expected[2], expected[3])):
+            assert oracle.relative_error(ours, ref) < 1e-2
 
 
 def test_gpu_generate_with_cuda_graphs_and_correction_equals_eager():

@@ -302,19 +302,29 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
 
 
 TOPK_BLOCK = 1024
-TOPK_CHUNK = 4096
+TOPK_CHUNK = 4096  # the longest chunk of a row one top-k program takes
+TOPK_PROGRAMS_PER_SM = 8  # chunks shrink (to TOPK_BLOCK) until rows x chunks reaches this per SM
+
+
+def topk_chunk(rows: int, length: int, device: torch.device) -> int:
+    """Positions per top-k program: a power of two in [TOPK_BLOCK, TOPK_CHUNK] giving about
+    TOPK_PROGRAMS_PER_SM programs per SM (H100, scratch sweep in docs/benchmarks.md: the
+    histogram passes are latency-bound, so few long rows want short chunks)."""
+    wanted = triton.cdiv(rows * length, TOPK_PROGRAMS_PER_SM * _sm_count(device))
+    return max(TOPK_BLOCK, min(TOPK_CHUNK, triton.next_power_of_2(wanted)))
 RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_topk.py.jinja)
 
 
 def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
-                rank_by_prob: bool, chunk: int = TOPK_CHUNK, block: int = TOPK_BLOCK) -> Tensor:
+                rank_by_prob: bool, chunk: Optional[int] = None, block: int = TOPK_BLOCK) -> Tensor:
     """The top-`budget` positions per index set from flash_decode's logits (int32 [B, S, k]).
 
     A set ranks by its head's logit (query_head) or, with `rank_by_prob`, by the sum over its
     H / S heads of softmax probabilities (kv_head, layer). Each row is cut into chunks of
-    `chunk` positions (a multiple of `block`), one program each."""
+    `chunk` positions (a multiple of `block`; default `topk_chunk`), one program each."""
     b, h, length = logits.shape
     rows = b * sets
+    chunk = chunk or topk_chunk(rows, length, logits.device)
     chunks = triton.cdiv(length, chunk)
     module = codegen.load("radix_topk.py.jinja")
     rank = logits

@@ -148,3 +148,29 @@ def test_gpu_autotuned_tiles_equal_fixed_tiles(batch, heads, kv_heads, length):
                           bound_loop=many).flash_decode_split
     best = kernels._autotuned(kernel, 128).best_config
     assert (best.kwargs["BLOCK_N"], best.num_warps, best.num_stages) in kernels.TUNE_CANDIDATES
+
+
+def test_gpu_offsets_past_2_31_elements():
+    """A KV cache of more than 2^31 elements per tensor (int64 offsets): the last sequence's dense,
+    selection (exact top-k, integer-valued data) and sparse results equal the reference run on
+    that sequence alone."""
+    batch, heads, kv_heads, length = 16, 32, 8, 132096
+    assert batch * kv_heads * length * 128 > 2 ** 31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def draw(*shape):
+        return torch.randint(-2, 3, shape, generator=gen, device="cuda", dtype=torch.int8).to(torch.bfloat16)
+
+    q, k, v = draw(batch, heads, 1, 128), draw(batch, kv_heads, length, 128), draw(batch, kv_heads, length, 128)
+    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device="cuda")
+    mask[-1, ..., length - 100:] = False  # the last sequence's tail is unfilled
+    last = slice(batch - 1, batch)
+    tidal = torch.ops.tidal
+    expected = reference.dense_attention(q[last], k[last], v[last], mask[last], 1.0)
+    assert oracle.relative_error(tidal.dense_attention(q, k, v, mask, 1.0)[last], expected) < 1e-2
+    out, idx = tidal.selection_attention(q, k, v, mask, 1.0, 256, "query_head", 0, 0)
+    _, expected_idx = reference.selection_attention(q[last], k[last], v[last], mask[last], 1.0, 256, "query_head", 0, 0)
+    assert oracle.relative_error(out[last], expected) < 1e-2
+    torch.testing.assert_close(idx[last], expected_idx, rtol=0, atol=0)
+    sparse = tidal.sparse_attention(q, k, v, idx, 1.0)[last]
+    assert oracle.relative_error(sparse, reference.sparse_attention(q[last], k[last], v[last], idx[last], 1.0)) < 1e-2

@@ -155,6 +155,16 @@ def test_radix_topk_on_a_row_longer_than_a_block():
         oracle.assert_is_topk(idx, q, k, None, 1.0, 37, granularity, rel_tol=1e-4)
 
 
+def test_topk_chunk_picks_the_swept_best_on_an_h100(monkeypatch):
+    """rows x length -> chunk as benchmarks/tune_topk.py measured best (132 SMs), within bounds."""
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    swept_best = {(32, 32768): 1024, (8, 32768): 1024, (32, 131072): 4096, (8, 131072): 1024}
+    assert {shape: kernels.topk_chunk(*shape, cuda) for shape in swept_best} == swept_best
+    assert kernels.topk_chunk(256, 131072, cuda) == kernels.TOPK_CHUNK
+    assert kernels.topk_chunk(1, 100, cuda) == kernels.TOPK_BLOCK
+
+
 @settings(max_examples=12, deadline=None)
 @given(p=decode_problems(**small), budget=st.integers(1, 24), granularity=granularities)
 def test_sparse_decode_equals_reference(p, budget, granularity):

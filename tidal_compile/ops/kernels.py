@@ -304,15 +304,15 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
 TOPK_BLOCK = 1024
 TOPK_CHUNK = 4096  # the longest chunk of a row one top-k program takes
 TOPK_PROGRAMS_PER_SM = 8  # chunks shrink (to TOPK_BLOCK) until rows x chunks reaches this per SM
+RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_topk.py.jinja)
 
 
 def topk_chunk(rows: int, length: int, device: torch.device) -> int:
     """Positions per top-k program: a power of two in [TOPK_BLOCK, TOPK_CHUNK] giving about
-    TOPK_PROGRAMS_PER_SM programs per SM (H100, scratch sweep in docs/benchmarks.md: the
-    histogram passes are latency-bound, so few long rows want short chunks)."""
+    TOPK_PROGRAMS_PER_SM programs per SM (benchmarks/tune_topk.py on an H100: the histogram
+    passes are latency-bound, so few long rows want short chunks)."""
     wanted = triton.cdiv(rows * length, TOPK_PROGRAMS_PER_SM * _sm_count(device))
     return max(TOPK_BLOCK, min(TOPK_CHUNK, triton.next_power_of_2(wanted)))
-RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_topk.py.jinja)
 
 
 def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,

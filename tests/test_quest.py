@@ -173,3 +173,29 @@ def test_prefill_graph_bumps_the_shared_epoch():
     assert isinstance(state, tidal_compile.QuestState) and int(state.epoch(torch.device("cpu"))) == 1
     greedy_decode(compiled, model, prompt, 2, 40)
     assert int(state.epoch(torch.device("cpu"))) == 2
+
+
+def test_uncompiled_prefill_starts_a_new_quest_epoch():
+    """With the prefill outside the compiled graphs (CUDA-graph decoding), the prefill path bumps
+    the Quest epoch itself: a second sequence decodes exactly as through a fresh compile; without
+    the bump its page metadata would be stale (checked: the output differs)."""
+    from tidal_compile.hf import TidalForward, _uncompiled_prefill
+
+    model = tiny_model("llama", layers=4, heads=4, kv_heads=2, dtype=torch.float64)
+    first, _ = prompts(1, 24, False, seed=0)
+    second, _ = prompts(1, 40, False, seed=1)  # longer than the first sequence: no shrink to detect
+
+    def second_sequence_logits(bump: bool, after_first: bool):
+        options = {"mode": "quest", "budget": 16, "page_size": 8, "inner_backend": "aot_eager",
+                   "quest_state": tidal_compile.QuestState()}
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="tidal", options=options)
+        prefill = _uncompiled_prefill(model, options["quest_state"] if bump else None)
+        forward = TidalForward(compiled, 0, prefill=prefill)
+        if after_first:
+            greedy_decode(forward, model, first, 6, 56)
+        return greedy_decode(forward, model, second, 6, 56, tokens=torch.zeros(1, 6, dtype=torch.long))[1]
+
+    fresh = second_sequence_logits(bump=True, after_first=False)
+    torch.testing.assert_close(second_sequence_logits(bump=True, after_first=True), fresh, rtol=0, atol=0)
+    assert (second_sequence_logits(bump=False, after_first=True) - fresh).abs().max() > 1e-6

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from tidal_compile.backend import BackendOptions, TidalFallbackWarning
+from tidal_compile.quest_state import QuestState
 
 
 @dataclass
@@ -170,13 +171,28 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     if generation_config is not None:
         generation_config.cache_implementation = "static"
         generation_config.disable_compile = True
+    if parsed.mode == "quest":
+        options.setdefault("quest_state", QuestState())  # shared with the prefill path below
     # Correction happens here, around the compiled forward; the backend itself never corrects.
     compiled = torch.compile(model.forward, backend="tidal", options={**options, "correction": {"interval": 0}})
     dense_forward = model.forward
-    forward = TidalForward(compiled, parsed.correction.interval,
-                           prefill=dense_forward if options.get("cudagraphs") else None)
+    prefill = _uncompiled_prefill(dense_forward, options.get("quest_state")) if options.get("cudagraphs") else None
+    forward = TidalForward(compiled, parsed.correction.interval, prefill=prefill)
     _install(model, dense_forward, forward)
     return model
+
+
+def _uncompiled_prefill(forward: Callable, quest_state: Optional[QuestState]) -> Callable:
+    """`forward` for sequence starts; under mode quest it also starts a new Quest epoch (the
+    compiled prefill graph that would have done it does not run)."""
+    if quest_state is None:
+        return forward
+
+    def prefill(*args: Any, **kwargs: Any) -> Any:
+        quest_state.new_sequence()
+        return forward(*args, **kwargs)
+
+    return prefill
 
 
 def _install(model: torch.nn.Module, dense_forward: Callable, forward: TidalForward) -> None:

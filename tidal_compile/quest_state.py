@@ -6,6 +6,8 @@ was summarised in (`seen_epoch`). Every prefill graph (a new sequence, or a KV-c
 correction chunk) bumps the shared `epoch`, so the next decode step summarises the whole
 cache once; the steps after it summarise only the page they write. The tensors are graph
 constants (buffers of the compiled GraphModule), so they keep fixed addresses under CUDA graphs.
+A prefill run outside the compiled model (as CUDA-graph decoding needs) must call
+:meth:`QuestState.new_sequence` instead; `hf.compile_for_generation` does.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ class QuestState:
         if device not in self._epochs:
             self._epochs[device] = torch.zeros(1, dtype=torch.int32, device=device)
         return self._epochs[device]
+
+    def new_sequence(self) -> None:
+        """A new sequence was prefilled outside the compiled graphs: the next decode step must
+        summarise the whole cache (what a compiled prefill graph does by itself)."""
+        for epoch in self._epochs.values():
+            epoch.add_(1)
 
     def buffers(self, layer: int, key_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                 page_size: int) -> QuestBuffers:

@@ -5,7 +5,8 @@ Kinds (design section 1): `dense` (exact attention through `tidal::dense_attenti
 nearest earlier selection layer), `oracle` (mode topk_oracle: a layer that selects its own
 top-k and attends to it), `quest` (mode quest: attention over the layer's own top pages by
 page criticality, from page metadata kept beside the cache), and `unchanged` (the original
-SDPA node stays: prefill, or a call the tidal ops cannot compute). Every decision carries a one-line reason for the report.
+SDPA node stays: prefill, or a call the tidal ops cannot compute). Every decision carries a
+one-line reason for the report.
 """
 
 from __future__ import annotations

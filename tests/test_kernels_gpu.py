@@ -154,16 +154,9 @@ def test_gpu_offsets_past_2_31_elements():
     """A KV cache of more than 2^31 elements per tensor (int64 offsets): the last sequence's dense,
     selection (exact top-k, integer-valued data) and sparse results equal the reference run on
     that sequence alone."""
-    batch, heads, kv_heads, length = 16, 32, 8, 132096
-    assert batch * kv_heads * length * 128 > 2 ** 31
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def draw(*shape):
-        return torch.randint(-2, 3, shape, generator=gen, device="cuda", dtype=torch.int8).to(torch.bfloat16)
-
-    q, k, v = draw(batch, heads, 1, 128), draw(batch, kv_heads, length, 128), draw(batch, kv_heads, length, 128)
-    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device="cuda")
-    mask[-1, ..., length - 100:] = False  # the last sequence's tail is unfilled
+    batch, heads, kv_heads, length = 16, 32, 8, 132032
+    q, k, v, mask = _real_problem(batch, heads, kv_heads, length, torch.bfloat16, integer_valued=True)
+    assert k.numel() > 2 ** 31  # every sequence has 64 unfilled slots at the end (_real_problem)
     last = slice(batch - 1, batch)
     tidal = torch.ops.tidal
     expected = reference.dense_attention(q[last], k[last], v[last], mask[last], 1.0)

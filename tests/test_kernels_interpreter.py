@@ -91,16 +91,26 @@ def test_autotune_candidates_keep_tile_bytes_and_fit_the_split_alignment():
     assert not kernels.autotune_enabled(torch.device("cpu"))
 
 
-@settings(max_examples=12, deadline=None)
-@given(p=decode_problems(**small), given_lengths=st.booleans())
-def test_flash_decode_with_the_loop_bounded_by_the_valid_length_equals_reference(p, given_lengths):
+@settings(max_examples=16, deadline=None)
+@given(p=decode_problems(dtypes=small["dtypes"], max_len=150), given_lengths=st.booleans(),
+       min_split=st.sampled_from([kernels.MIN_SPLIT, 8]), emit_logits=st.booleans())
+def test_flash_decode_with_splits_over_the_valid_length_equals_reference(p, given_lengths, min_split,
+                                                                          emit_logits):
+    """Bounded launches spread their splits over each sequence's valid length (several splits
+    with a small MIN_SPLIT); outputs, lse and the logits up to the valid length are exact."""
     b, length = p.query.shape[0], p.key.shape[2]
-    kv_len = kernels.summarize_mask(p.mask, b, length, p.query.device).kv_len if given_lengths else None
-    out, lse, _ = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, bound_loop=True, kv_len=kv_len)
+    summary = kernels.summarize_mask(p.mask, b, length, p.query.device)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "MIN_SPLIT", min_split)
+        out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=emit_logits,
+                                                bound_loop=True, kv_len=summary.kv_len if given_lengths else None)
     expected = oracle.dense(p.query, p.key, p.value, p.mask, p.scale)
     assert oracle.relative_error(out, expected) < TOLERANCE[p.query.dtype]
-    logits, _ = reference.attention_logits(p.query, p.key, p.mask, p.scale)
-    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-3, atol=1e-3)
+    expected_logits, _ = reference.attention_logits(p.query, p.key, p.mask, p.scale)
+    torch.testing.assert_close(lse, torch.logsumexp(expected_logits, -1), rtol=1e-3, atol=1e-3)
+    for row, valid_length in enumerate(summary.kv_len.tolist() if emit_logits else []):
+        torch.testing.assert_close(logits[row, :, :valid_length], expected_logits[row, :, :valid_length].float(),
+                                   rtol=1e-3, atol=1e-3)
 
 
 def test_flash_decode_bounds_the_loop_of_many_sequence_heads_only(monkeypatch):

@@ -174,9 +174,10 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     with -inf at masked positions, or None). Tiles are autotuned on CUDA (`autotune_enabled`),
     else the defaults of `decode_blocks`; `blocks` fixes them and `waves` the split count.
 
-    `bound_loop` stops each sequence's loop at its valid length (`kv_len`, int32 [B], computed by
-    `summarize_mask` when not given), so a static cache's unfilled tail costs no iterations;
-    logits from the valid length on are then left unwritten (the top-k never reads them).
+    `bound_loop` spreads each sequence's splits over its valid length only (`kv_len`, int32 [B],
+    computed by `summarize_mask` when not given), so a static cache's unfilled tail costs no
+    iterations and leaves no program idle; logits from the valid length on are then left
+    unwritten (the top-k never reads them).
     None: bound when the valid lengths are given, or when the launch predicates its loads
     (B x Hkv > FEW_SEQUENCE_HEADS) and writes no logits, where it measured faster even with the
     summary (docs/benchmarks.md)."""

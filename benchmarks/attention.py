@@ -29,6 +29,7 @@ from tidal_compile.ops import kernels
 tidal = torch.ops.tidal
 MODELS = {"llama3-8b": (32, 8), "llama2-7b": (32, 32)}
 HEAD_DIM = 128
+LONG_CONTEXT = 262144  # run at batch 1 only
 
 
 @dataclass
@@ -104,6 +105,7 @@ def run_shape(model: str, batch: int, context: int, budgets: list[int], peak: fl
         except Exception as e:  # report, keep benchmarking the rest
             print(f"  flex_attention failed: {type(e).__name__}: {str(e)[:120]}")
     record("tidal dense", bench(lambda: tidal.dense_attention(q, k, v, mask, scale)), kv_bytes)
+    record("  dense, no mask", bench(lambda: tidal.dense_attention(q, k, v, None, scale)), kv_bytes)
     fixed = kernels.decode_blocks(HEAD_DIM, batch * kv_heads)  # the untuned defaults, for comparison
     record("  dense, default tiles", bench(lambda: kernels.flash_decode(q, k, v, mask, scale, blocks=fixed)), kv_bytes)
     # Where selection's time goes: the attention pass that also writes logits, then the top-k.
@@ -166,7 +168,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (compiles per shape)")
     parser.add_argument("--contexts", nargs="+", type=int, default=None,
-                        help="context lengths to run (default: 8K, 32K, 128K and 256K at batch 1; --quick: 32K)")
+                        help="context lengths to run (default: 8K, 32K, 128K, 256K; --quick: 32K); 256K and "
+                             "longer at batch 1 only")
     parser.add_argument("--out", default=None, help="write rows as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -176,19 +179,22 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
           f"triton {triton.__version__}; copy bandwidth {peak / 1e12:.2f} TB/s (read + write)")
-    default = [32768] if args.quick else [8192, 32768, 131072]
+    contexts = args.contexts or ([32768] if args.quick else [8192, 32768, 131072, LONG_CONTEXT])
     rows: list[Row] = []
     for model in MODELS:
         for batch in (1, 8):
-            long = [262144] if batch == 1 and not args.quick else []
-            for context in args.contexts or default + long:
-                run_shape(model, batch, context, [256, 2048], peak, not args.no_flex, rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-                       "python": platform.python_version(), "copy_bandwidth": peak,
-                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+            for context in contexts:
+                if context < LONG_CONTEXT or batch == 1:
+                    run_shape(model, batch, context, [256, 2048], peak, not args.no_flex, rows)
+                    if args.out:  # after every shape, so a cut-off run keeps what it measured
+                        save(args.out, props.name, peak, rows)
 
+
+def save(path: str, device: str, peak: float, rows: list[Row]) -> None:
+    with open(path, "w") as f:
+        json.dump({"device": device, "torch": torch.__version__, "triton": triton.__version__,
+                   "python": platform.python_version(), "copy_bandwidth": peak,
+                   "rows": [asdict(r) for r in rows]}, f, indent=1)
 
 if __name__ == "__main__":
     main()

@@ -257,3 +257,22 @@ def test_kernels_decline_inputs_they_do_not_take():
     assert not kernels.supports(q.double(), k.double(), None), "float64 runs the reference"
     assert not kernels.supports(q, torch.randn(1, 2, 8, 32), None), "value head dim differs"
     assert not kernels.supports(q, k, torch.ones(1, 4, 1, 8, dtype=torch.bool)), "per-head mask"
+
+
+@settings(max_examples=200, deadline=None)
+@given(programs=st.integers(1, 2048), length=st.integers(1, 300_000), block_n=st.sampled_from([16, 64, 128]),
+       sms=st.sampled_from([4, 108, 132]), waves=st.integers(1, 8))
+def test_split_work_covers_the_length_within_whole_waves(programs, length, block_n, sms, waves):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_sm_count", lambda device: sms)
+        splits, split_len = kernels.split_work(programs, length, block_n, torch.device("cuda"), waves)
+    assert split_len % block_n == 0 and (splits - 1) * split_len < length <= splits * split_len
+    assert splits == 1 or programs * splits <= waves * sms, "a launch never runs past its last whole wave"
+
+
+def test_split_work_fills_four_waves_at_the_swept_shapes(monkeypatch):
+    """benchmarks/tune_decode.py (H200, 132 SMs): 3.88 waves beat 4.12 and 1.94 at B = 1."""
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    for programs, length, splits in ((8, 32768, 64), (8, 131072, 64), (32, 131072, 16), (256, 8192, 2)):
+        assert kernels.split_work(programs, length, kernels.SPLIT_ALIGN, cuda, kernels.DECODE_WAVES)[0] == splits

@@ -78,12 +78,16 @@ def _autotuned(kernel: triton.JITFunction, head_dim: int) -> triton.runtime.Auto
     return triton.autotune(configs, key=["length", "split_len", "NUM_KV_HEADS", "GROUP", "HEAD_DIM"])(kernel)
 
 
+DECODE_WAVES = 4  # flash_decode's programs fill the GPU this many times (benchmarks/tune_decode.py)
+
+
 def split_work(programs: int, length: int, block_n: int, device: torch.device, waves: int = 2
                ) -> tuple[int, int]:
-    """(splits, positions per split) so that programs x splits covers the GPU `waves` times,
-    with at least MIN_SPLIT positions per split and a split length that is a multiple of block_n."""
-    wanted = triton.cdiv(waves * _sm_count(device), max(programs, 1))
-    splits = max(1, min(wanted, triton.cdiv(length, MIN_SPLIT)))
+    """(splits, positions per split) so that programs x splits fills at most `waves` whole waves of
+    one program per SM (a launch just past a whole wave idles most SMs during its last), with at
+    least MIN_SPLIT positions per split and a split length that is a multiple of block_n."""
+    wanted = max(1, waves * _sm_count(device) // max(programs, 1))
+    splits = min(wanted, triton.cdiv(length, MIN_SPLIT))
     split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
     return triton.cdiv(length, split_len), split_len
 
@@ -186,7 +190,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     group = h // hkv
     autotune = blocks is None and autotune_enabled(query.device)
     blocks = blocks or decode_blocks(d, b * hkv)
-    waves = waves or (4 if group == 1 else 2)  # MHA runs more, smaller programs (tune_decode.py)
+    waves = waves or DECODE_WAVES
     splits, split_len = split_work(b * hkv, length, SPLIT_ALIGN if autotune else blocks.block_n, query.device,
                                    waves)
     many = b * hkv > FEW_SEQUENCE_HEADS

@@ -196,5 +196,6 @@ def save(path: str, device: str, peak: float, rows: list[Row]) -> None:
                    "python": platform.python_version(), "copy_bandwidth": peak,
                    "rows": [asdict(r) for r in rows]}, f, indent=1)
 
+
 if __name__ == "__main__":
     main()

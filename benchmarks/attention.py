@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=None,
                         help="context lengths to run (default: 8K, 32K, 128K, 256K; --quick: 32K); 256K and "
                              "longer at batch 1 only")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--out", default=None, help="write rows as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -181,8 +183,8 @@ def main() -> None:
           f"triton {triton.__version__}; copy bandwidth {peak / 1e12:.2f} TB/s (read + write)")
     contexts = args.contexts or ([32768] if args.quick else [8192, 32768, 131072, LONG_CONTEXT])
     rows: list[Row] = []
-    for model in MODELS:
-        for batch in (1, 8):
+    for model in args.models:
+        for batch in args.batches:
             for context in contexts:
                 if context < LONG_CONTEXT or batch == 1:
                     run_shape(model, batch, context, [256, 2048], peak, not args.no_flex, rows)

@@ -51,8 +51,6 @@ def main() -> None:
                 "tidal unbounded": bench(lambda: kernels.flash_decode(q, k, v, mask, scale, bound_loop=False)),
                 "tidal bounded": bench(lambda: kernels.flash_decode(q, k, v, mask, scale, bound_loop=True,
                                                                     kv_len=kv_len)),
-                "bounded, mask on scores": bench(lambda: kernels.flash_decode(
-                    q, k, v, mask, scale, bound_loop=True, kv_len=kv_len, mask_scores_only=True)),
                 "tidal bounded + summary": bench(lambda: kernels.flash_decode(q, k, v, mask, scale, bound_loop=True)),
             }
             print(f"B={batch} H={heads} Hkv={kv_heads} L={length} fill={fill}: sdpa {sdpa:.4f} ms", flush=True)

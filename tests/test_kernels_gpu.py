@@ -145,7 +145,7 @@ def test_gpu_autotuned_tiles_equal_fixed_tiles(batch, heads, kv_heads, length):
     assert oracle.relative_error(tuned, expected) < 1e-2 and oracle.relative_error(tuned, fixed) < 1e-2
     many = batch * kv_heads > kernels.FEW_SEQUENCE_HEADS
     kernel = codegen.load("flash_decode.py.jinja", mask_kind="bool", emit_logits=False, skip_masked_blocks=not many,
-                          bound_loop=many, mask_scores_only=False).flash_decode_split
+                          bound_loop=many).flash_decode_split
     best = kernels._autotuned(kernel, 128).best_config
     assert (best.kwargs["BLOCK_N"], best.num_warps, best.num_stages) in kernels.TUNE_CANDIDATES
 

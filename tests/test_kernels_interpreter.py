@@ -83,7 +83,7 @@ def test_autotune_candidates_keep_tile_bytes_and_fit_the_split_alignment():
     from tidal_compile import codegen
 
     kernel = codegen.load("flash_decode.py.jinja", mask_kind="none", emit_logits=False, skip_masked_blocks=False,
-                          bound_loop=False, mask_scores_only=False).flash_decode_split
+                          bound_loop=False).flash_decode_split
     for head_dim, blocks in ((64, {64, 128}), (128, {64, 128}), (256, {32, 64})):
         configs = kernels._autotuned(kernel, head_dim).configs
         assert {c.kwargs["BLOCK_N"] for c in configs} == blocks
@@ -93,26 +93,18 @@ def test_autotune_candidates_keep_tile_bytes_and_fit_the_split_alignment():
 
 @settings(max_examples=16, deadline=None)
 @given(p=decode_problems(dtypes=small["dtypes"], max_len=150), given_lengths=st.booleans(),
-       min_split=st.sampled_from([kernels.MIN_SPLIT, 8]), emit_logits=st.booleans(),
-       mask_scores_only=st.booleans())
+       min_split=st.sampled_from([kernels.MIN_SPLIT, 8]), emit_logits=st.booleans())
 def test_flash_decode_with_splits_over_the_valid_length_equals_reference(p, given_lengths, min_split,
-                                                                          emit_logits, mask_scores_only):
+                                                                          emit_logits):
     """Bounded launches spread their splits over each sequence's valid length (several splits
-    with a small MIN_SPLIT); outputs, lse and the logits up to the valid length are exact, and
-    masked cache rows (here inf / nan) never weigh, whether their loads are predicated off or not."""
+    with a small MIN_SPLIT); outputs, lse and the logits up to the valid length are exact."""
     b, length = p.query.shape[0], p.key.shape[2]
-    expected = oracle.dense(p.query, p.key, p.value, p.mask, p.scale)
-    key, value = p.key.clone(), p.value.clone()
-    if p.mask is not None:
-        masked = ~p.mask[:, 0, 0, :]
-        key.masked_fill_(masked[:, None, :, None], float("nan"))
-        value.masked_fill_(masked[:, None, :, None], float("inf"))
     summary = kernels.summarize_mask(p.mask, b, length, p.query.device)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "MIN_SPLIT", min_split)
-        out, lse, logits = kernels.flash_decode(p.query, key, value, p.mask, p.scale, emit_logits=emit_logits,
-                                                bound_loop=True, kv_len=summary.kv_len if given_lengths else None,
-                                                mask_scores_only=mask_scores_only)
+        out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=emit_logits,
+                                                bound_loop=True, kv_len=summary.kv_len if given_lengths else None)
+    expected = oracle.dense(p.query, p.key, p.value, p.mask, p.scale)
     assert oracle.relative_error(out, expected) < TOLERANCE[p.query.dtype]
     expected_logits, _ = reference.attention_logits(p.query, p.key, p.mask, p.scale)
     torch.testing.assert_close(lse, torch.logsumexp(expected_logits, -1), rtol=1e-3, atol=1e-3)
@@ -209,9 +201,9 @@ def test_rendered_source_is_kept_and_keyed_by_parameters(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TIDAL_KERNEL_CACHE", str(tmp_path))
     with_logits = codegen.rendered_path("flash_decode.py.jinja", mask_kind="bool", emit_logits=True,
-                                        skip_masked_blocks=False, bound_loop=False, mask_scores_only=False)
+                                        skip_masked_blocks=False, bound_loop=False)
     without = codegen.rendered_path("flash_decode.py.jinja", mask_kind="none", emit_logits=False,
-                                    skip_masked_blocks=True, bound_loop=False, mask_scores_only=False)
+                                    skip_masked_blocks=True, bound_loop=False)
     assert with_logits != without and with_logits.parent == tmp_path
     assert "tl.store(Logits" in with_logits.read_text() and "Logits +" not in without.read_text()
     assert "if tl.max(valid" in without.read_text() and "if tl.max(valid" not in with_logits.read_text()

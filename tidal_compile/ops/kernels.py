@@ -172,8 +172,8 @@ def _partials(batch: int, heads: int, splits: int, head_dim: int, device: torch.
 
 def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: float,
                  emit_logits: bool = False, blocks: Optional[DecodeBlocks] = None, waves: Optional[int] = None,
-                 bound_loop: Optional[bool] = None, kv_len: Optional[Tensor] = None,
-                 mask_scores_only: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+                 bound_loop: Optional[bool] = None, kv_len: Optional[Tensor] = None
+                 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Exact decode attention. Returns (out [B, H, 1, D], lse [B, H] fp32, logits [B, H, L] fp32
     with -inf at masked positions, or None). Tiles are autotuned on CUDA (`autotune_enabled`),
     else the defaults of `decode_blocks`; `blocks` fixes them and `waves` the split count.
@@ -206,8 +206,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     # (H100, docs/benchmarks.md); a skipped block would also owe its -inf logits.
     skip = not emit_logits and not many
     kernel = codegen.load("flash_decode.py.jinja", mask_kind=mask_kind, emit_logits=emit_logits,
-                          skip_masked_blocks=skip, bound_loop=bound_loop,
-                          mask_scores_only=mask_scores_only).flash_decode_split
+                          skip_masked_blocks=skip, bound_loop=bound_loop).flash_decode_split
     tiles = {} if autotune else dict(BLOCK_N=blocks.block_n, num_warps=blocks.num_warps,
                                      num_stages=blocks.num_stages)
     wrap_triton(_autotuned(kernel, d) if autotune else kernel)[(b * hkv, splits)](

@@ -7,8 +7,8 @@ predicated on the mask) against the loop bounded by each sequence's valid length
 Per shape (head dim 128, bf16) and fill (the share of the cache holding valid positions, a
 static cache's valid prefix): SDPA on exactly the valid prefix (no mask: the ideal reads),
 tidal with no mask on the valid prefix, tidal as the ops run it (the default rule), the loop
-unbounded, the loop bounded with the valid lengths given, and bounded including the mask
-summary that computes them. CUDA-graph replays, median; ratios to SDPA.
+unbounded, the loop bounded with the mask summary given (the valid prefix, one run, then read
+without the mask), and bounded including the summary. CUDA-graph replays, median; ratios to SDPA.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ def main() -> None:
             mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device="cuda")
             mask[..., :valid] = True
             kv, vv = k[:, :, :valid], v[:, :, :valid]
-            kv_len = kernels.summarize_mask(mask, batch, length, q.device).kv_len
+            summary = kernels.summarize_mask(mask, batch, length, q.device)
             sdpa = bench(lambda: F.scaled_dot_product_attention(q, kv, vv, scale=scale, enable_gqa=True))
             rows = {
                 "tidal, no mask": bench(lambda: kernels.flash_decode(q, kv, vv, None, scale)),
                 "tidal as the ops run it": bench(lambda: kernels.flash_decode(q, k, v, mask, scale)),
                 "tidal unbounded": bench(lambda: kernels.flash_decode(q, k, v, mask, scale, bound_loop=False)),
                 "tidal bounded": bench(lambda: kernels.flash_decode(q, k, v, mask, scale, bound_loop=True,
-                                                                    kv_len=kv_len)),
+                                                                    summary=summary)),
                 "tidal bounded + summary": bench(lambda: kernels.flash_decode(q, k, v, mask, scale, bound_loop=True)),
             }
             print(f"B={batch} H={heads} Hkv={kv_heads} L={length} fill={fill}: sdpa {sdpa:.4f} ms", flush=True)

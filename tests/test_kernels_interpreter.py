@@ -28,7 +28,7 @@ def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=1
     b, h = p.query.shape[:2]
     summary = kernels.summarize_mask(p.mask, b, p.key.shape[2], p.query.device, sink, recent)
     out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=True,
-                                            kv_len=summary.kv_len)
+                                            summary=summary)
     for row, valid_length in enumerate(summary.kv_len.tolist()):  # unwritten: the top-k must not read it
         logits[row, :, valid_length:] = float("inf")
     sets = index_sets(granularity, h, p.num_kv_heads)
@@ -83,7 +83,7 @@ def test_autotune_candidates_keep_tile_bytes_and_fit_the_split_alignment():
     from tidal_compile import codegen
 
     kernel = codegen.load("flash_decode.py.jinja", mask_kind="none", emit_logits=False, skip_masked_blocks=False,
-                          bound_loop=False).flash_decode_split
+                          bound_loop=False, unmasked_run=False).flash_decode_split
     for head_dim, blocks in ((64, {64, 128}), (128, {64, 128}), (256, {32, 64})):
         configs = kernels._autotuned(kernel, head_dim).configs
         assert {c.kwargs["BLOCK_N"] for c in configs} == blocks
@@ -91,33 +91,47 @@ def test_autotune_candidates_keep_tile_bytes_and_fit_the_split_alignment():
     assert not kernels.autotune_enabled(torch.device("cpu"))
 
 
-@settings(max_examples=16, deadline=None)
-@given(p=decode_problems(dtypes=small["dtypes"], max_len=150), given_lengths=st.booleans(),
-       min_split=st.sampled_from([kernels.MIN_SPLIT, 8]), emit_logits=st.booleans())
-def test_flash_decode_with_splits_over_the_valid_length_equals_reference(p, given_lengths, min_split,
-                                                                          emit_logits):
+@settings(max_examples=20, deadline=None)
+@given(p=decode_problems(dtypes=small["dtypes"], max_len=150), given_summary=st.booleans(),
+       min_split=st.sampled_from([kernels.MIN_SPLIT, 8]), emit_logits=st.booleans(), hole=st.booleans())
+def test_flash_decode_with_splits_over_the_valid_length_equals_reference(p, given_summary, min_split, emit_logits,
+                                                                          hole):
     """Bounded launches spread their splits over each sequence's valid length (several splits
-    with a small MIN_SPLIT); outputs, lse and the logits up to the valid length are exact."""
+    with a small MIN_SPLIT) and read a single run of valid positions without the mask (a hole
+    in the run keeps the mask); outputs, lse and the logits up to the valid length are exact,
+    and masked cache rows (here inf / nan) never weigh."""
     b, length = p.query.shape[0], p.key.shape[2]
-    summary = kernels.summarize_mask(p.mask, b, length, p.query.device)
+    mask = p.mask if p.mask is None else p.mask.clone()
+    for row in range(b if hole and mask is not None else 0):
+        valid = mask[row, 0, 0].nonzero().flatten()
+        if len(valid) >= 3:
+            mask[row, 0, 0, valid[1]] = False
+    expected = oracle.dense(p.query, p.key, p.value, mask, p.scale)
+    key, value = p.key.clone(), p.value.clone()
+    if mask is not None:
+        masked = ~mask[:, 0, 0, :]
+        key.masked_fill_(masked[:, None, :, None], float("nan"))
+        value.masked_fill_(masked[:, None, :, None], float("inf"))
+    summary = kernels.summarize_mask(mask, b, length, p.query.device)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "MIN_SPLIT", min_split)
-        out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=emit_logits,
-                                                bound_loop=True, kv_len=summary.kv_len if given_lengths else None)
-    expected = oracle.dense(p.query, p.key, p.value, p.mask, p.scale)
+        out, lse, logits = kernels.flash_decode(p.query, key, value, mask, p.scale, emit_logits=emit_logits,
+                                                bound_loop=True, summary=summary if given_summary else None)
     assert oracle.relative_error(out, expected) < TOLERANCE[p.query.dtype]
-    expected_logits, _ = reference.attention_logits(p.query, p.key, p.mask, p.scale)
+    expected_logits, _ = reference.attention_logits(p.query, p.key, mask, p.scale)
     torch.testing.assert_close(lse, torch.logsumexp(expected_logits, -1), rtol=1e-3, atol=1e-3)
     for row, valid_length in enumerate(summary.kv_len.tolist() if emit_logits else []):
         torch.testing.assert_close(logits[row, :, :valid_length], expected_logits[row, :, :valid_length].float(),
                                    rtol=1e-3, atol=1e-3)
 
 
-def test_flash_decode_bounds_the_loop_of_many_sequence_heads_only(monkeypatch):
-    """By default B x Hkv > FEW_SEQUENCE_HEADS without logits bounds the loop (computing the
-    valid lengths); fewer sequence-heads or logits without given lengths do not."""
+def test_flash_decode_bounds_large_masked_launches_only(monkeypatch):
+    """By default a masked launch without logits of at least BOUND_MIN_WORK sequence-head
+    positions bounds the loop (computing the mask summary); smaller ones, unmasked ones and
+    logit-writing ones without a given summary do not."""
+    monkeypatch.setattr(kernels, "BOUND_MIN_WORK", 100)
     gen = torch.Generator().manual_seed(2)
-    b, hkv, length = 2, kernels.FEW_SEQUENCE_HEADS // 2 + 1, 40
+    b, hkv, length = 2, 2, 40
     q, k, v = (torch.randn(s, generator=gen) for s in ((b, 2 * hkv, 1, 8), (b, hkv, length, 8), (b, hkv, length, 8)))
     mask = torch.zeros(b, 1, 1, length, dtype=torch.bool)
     mask[0, ..., 5:30], mask[1, ..., 12:33] = True, True
@@ -126,10 +140,11 @@ def test_flash_decode_bounds_the_loop_of_many_sequence_heads_only(monkeypatch):
     monkeypatch.setattr(kernels, "summarize_mask", lambda *a, **kw: summaries.append(a) or summarize(*a, **kw))
     out, _, _ = kernels.flash_decode(q, k, v, mask, 0.3)
     assert oracle.relative_error(out, oracle.dense(q, k, v, mask, 0.3)) < 1e-5
-    assert len(summaries) == 1, "many sequence-heads: the loop is bounded by the valid lengths"
+    assert len(summaries) == 1, "2 x 2 x 40 >= 100 positions: the loop is bounded by the valid lengths"
     kernels.flash_decode(q[:1, :2], k[:1, :1], v[:1, :1], mask[:1], 0.3)
+    kernels.flash_decode(q, k, v, None, 0.3)
     kernels.flash_decode(q, k, v, mask, 0.3, emit_logits=True)
-    assert len(summaries) == 1, "few sequence-heads and logit-writing launches are not bounded by default"
+    assert len(summaries) == 1, "small, unmasked and logit-writing launches are not bounded by default"
 
 
 @settings(max_examples=12, deadline=None)
@@ -201,9 +216,9 @@ def test_rendered_source_is_kept_and_keyed_by_parameters(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TIDAL_KERNEL_CACHE", str(tmp_path))
     with_logits = codegen.rendered_path("flash_decode.py.jinja", mask_kind="bool", emit_logits=True,
-                                        skip_masked_blocks=False, bound_loop=False)
+                                        skip_masked_blocks=False, bound_loop=False, unmasked_run=False)
     without = codegen.rendered_path("flash_decode.py.jinja", mask_kind="none", emit_logits=False,
-                                    skip_masked_blocks=True, bound_loop=False)
+                                    skip_masked_blocks=True, bound_loop=False, unmasked_run=False)
     assert with_logits != without and with_logits.parent == tmp_path
     assert "tl.store(Logits" in with_logits.read_text() and "Logits +" not in without.read_text()
     assert "if tl.max(valid" in without.read_text() and "if tl.max(valid" not in with_logits.read_text()
@@ -225,6 +240,7 @@ def test_mask_summary_matches_reference_counts(p, sink, recent, additive):
         forced_start = set(valid[:sink])
         forced_end = set(valid[-max(recent, 1):])
         assert summary.kv_len[row] == valid[-1] + 1
+        assert (summary.kv_start[row], summary.valid_count[row]) == (valid[0], len(valid))
         assert {j for j in valid if j < summary.sink_end[row]} == forced_start
         assert {j for j in valid if j >= summary.recent_start[row]} == forced_end
 
@@ -247,6 +263,7 @@ def test_one_pass_mask_summary_over_several_chunks(batch, length, recent, data):
     for row in range(batch):
         valid = mask[row, 0, 0].nonzero().flatten().tolist()
         assert summary.kv_len[row] == valid[-1] + 1
+        assert (summary.kv_start[row], summary.valid_count[row]) == (valid[0], len(valid))
         assert not any(j < summary.sink_end[row] for j in valid)
         assert [j for j in valid if j >= summary.recent_start[row]] == valid[-1:]
 

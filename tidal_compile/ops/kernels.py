@@ -94,11 +94,15 @@ def split_work(programs: int, length: int, block_n: int, device: torch.device, w
 
 @dataclass(frozen=True)
 class MaskSummary:
-    """Per sequence: valid length (last valid position + 1), and where sink / recent start."""
+    """Per sequence (int32 [B]): valid length (last valid position + 1), where sink / recent
+    start, and the first valid position and how many are valid (one run when they fill
+    [kv_start, kv_len))."""
 
     kv_len: Tensor
     sink_end: Tensor
     recent_start: Tensor
+    kv_start: Optional[Tensor] = None
+    valid_count: Optional[Tensor] = None
 
 
 SUMMARY_CHUNK = 4096  # positions per program of the one-pass mask summary
@@ -109,16 +113,21 @@ def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device:
     """Valid length and sink / recent boundaries per sequence, from a mask broadcast over heads."""
     one_pass = sink == 0 and recent <= 1  # no boundary to count: parallel over the row
     make = torch.zeros if one_pass else torch.empty
-    summary = MaskSummary(*(make(batch, dtype=torch.int32, device=device) for _ in range(3)))
+    kv_start = torch.empty(batch, dtype=torch.int32, device=device)
+    if one_pass:  # merged by atomic min
+        kv_start.fill_(length)
+    summary = MaskSummary(*(make(batch, dtype=torch.int32, device=device) for _ in range(3)), kv_start=kv_start,
+                          valid_count=make(batch, dtype=torch.int32, device=device))
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, batch, length, summary.kv_len)
     module = codegen.load("mask_summary.py.jinja", mask_kind=mask_kind)
+    lengths = (summary.kv_len, summary.kv_start, summary.valid_count)
     if one_pass:
         wrap_triton(module.mask_valid_length)[(batch, triton.cdiv(length, SUMMARY_CHUNK))](
-            mask, summary.kv_len, summary.recent_start, *mask_strides, length,
+            mask, *lengths, summary.recent_start, *mask_strides, length,
             MASK_MIN=mask_min, BLOCK=1024, CHUNK=SUMMARY_CHUNK)
     else:
         wrap_triton(module.mask_summary)[(batch,)](
-            mask, summary.kv_len, summary.sink_end, summary.recent_start, *mask_strides, length, sink, recent,
+            mask, *lengths, summary.sink_end, summary.recent_start, *mask_strides, length, sink, recent,
             MASK_MIN=mask_min, BLOCK=4096)
     return summary
 
@@ -170,21 +179,25 @@ def _partials(batch: int, heads: int, splits: int, head_dim: int, device: torch.
             torch.empty(batch, heads, splits, dtype=torch.float32, device=device))
 
 
+BOUND_MIN_WORK = 1 << 19  # B x Hkv x L from which a masked dense launch computes the mask summary
+
+
 def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: float,
                  emit_logits: bool = False, blocks: Optional[DecodeBlocks] = None, waves: Optional[int] = None,
-                 bound_loop: Optional[bool] = None, kv_len: Optional[Tensor] = None
+                 bound_loop: Optional[bool] = None, summary: Optional[MaskSummary] = None
                  ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Exact decode attention. Returns (out [B, H, 1, D], lse [B, H] fp32, logits [B, H, L] fp32
     with -inf at masked positions, or None). Tiles are autotuned on CUDA (`autotune_enabled`),
     else the defaults of `decode_blocks`; `blocks` fixes them and `waves` the split count.
 
-    `bound_loop` spreads each sequence's splits over its valid length only (`kv_len`, int32 [B],
+    `bound_loop` spreads each sequence's splits over its valid length only (from `summary`,
     computed by `summarize_mask` when not given), so a static cache's unfilled tail costs no
     iterations and leaves no program idle; logits from the valid length on are then left
-    unwritten (the top-k never reads them).
-    None: bound when the valid lengths are given, or when the launch predicates its loads
-    (B x Hkv > FEW_SEQUENCE_HEADS) and writes no logits, where it measured faster even with the
-    summary (docs/benchmarks.md)."""
+    unwritten (the top-k never reads them). With a bool mask whose valid positions form one run
+    per sequence, the run is then read without the mask.
+    None: bound when the summary is given, or for a masked launch without logits of at least
+    BOUND_MIN_WORK sequence-head positions, where the mask costs more than the summary
+    (docs/benchmarks.md)."""
     b, h, _, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     group = h // hkv
@@ -193,24 +206,28 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     waves = waves or DECODE_WAVES
     splits, split_len = split_work(b * hkv, length, SPLIT_ALIGN if autotune else blocks.block_n, query.device,
                                    waves)
-    many = b * hkv > FEW_SEQUENCE_HEADS
     if bound_loop is None:
-        bound_loop = kv_len is not None or (many and not emit_logits and attn_mask is not None)
-    if bound_loop and kv_len is None:
-        kv_len = summarize_mask(attn_mask, b, length, query.device).kv_len
+        bound_loop = summary is not None or (
+            attn_mask is not None and not emit_logits and b * hkv * length >= BOUND_MIN_WORK)
+    if bound_loop and summary is None:
+        summary = summarize_mask(attn_mask, b, length, query.device)
     q = query.contiguous()
     part_out, part_lse = _partials(b, h, splits, d, query.device)
     logits = torch.empty(b, h, length, dtype=torch.float32, device=query.device) if emit_logits else part_lse
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, part_lse)
     # Skipping all-masked blocks by a branch pays only for dense-only launches of few programs
     # (H100, docs/benchmarks.md); a skipped block would also owe its -inf logits.
-    skip = not emit_logits and not many
+    skip = not emit_logits and b * hkv <= FEW_SEQUENCE_HEADS
+    unmasked_run = bound_loop and mask_kind == "bool" and summary.valid_count is not None
     kernel = codegen.load("flash_decode.py.jinja", mask_kind=mask_kind, emit_logits=emit_logits,
-                          skip_masked_blocks=skip, bound_loop=bound_loop).flash_decode_split
+                          skip_masked_blocks=skip, bound_loop=bound_loop, unmasked_run=unmasked_run
+                          ).flash_decode_split
     tiles = {} if autotune else dict(BLOCK_N=blocks.block_n, num_warps=blocks.num_warps,
                                      num_stages=blocks.num_stages)
+    lengths = ((summary.kv_len, summary.kv_start, summary.valid_count) if unmasked_run
+               else (summary.kv_len if bound_loop else part_lse, part_lse, part_lse))
     wrap_triton(_autotuned(kernel, d) if autotune else kernel)[(b * hkv, splits)](
-        q, key, value, mask, kv_len if bound_loop else part_lse, part_out, part_lse, logits,
+        q, key, value, mask, *lengths, part_out, part_lse, logits,
         q.stride(0), q.stride(1),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
@@ -301,7 +318,8 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
         BLOCK_P=QUEST_BLOCK_P, MASK_MIN=mask_min)
     valid_pages = (summary.kv_len + page_size - 1) // page_size
     # The page of the current token is the last valid page: forced like the current token.
-    page_summary = MaskSummary(valid_pages, torch.zeros_like(valid_pages), valid_pages - 1)
+    page_summary = MaskSummary(kv_len=valid_pages, sink_end=torch.zeros_like(valid_pages),
+                               recent_start=valid_pages - 1)
     chosen = select_topk(scores, scores, page_summary, budget // page_size, h, rank_by_prob=False)
     return sparse_decode(query, key, value, chosen, scale, attn_mask, page_size)
 

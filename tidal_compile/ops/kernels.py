@@ -110,7 +110,8 @@ SUMMARY_CHUNK = 4096  # positions per program of the one-pass mask summary
 
 def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device: torch.device,
                    sink: int = 0, recent: int = 0) -> MaskSummary:
-    """Valid length and sink / recent boundaries per sequence, from a mask broadcast over heads."""
+    """Valid length, first valid position, valid count and sink / recent boundaries per sequence,
+    from a mask broadcast over heads."""
     one_pass = sink == 0 and recent <= 1  # no boundary to count: parallel over the row
     make = torch.zeros if one_pass else torch.empty
     kv_start = torch.empty(batch, dtype=torch.int32, device=device)

@@ -113,24 +113,22 @@ def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device:
     """Valid length, first valid position, valid count and sink / recent boundaries per sequence,
     from a mask broadcast over heads."""
     one_pass = sink == 0 and recent <= 1  # no boundary to count: parallel over the row
+    # The one pass merges its chunks by atomics: max / add into zeros, min into the length.
     make = torch.zeros if one_pass else torch.empty
-    kv_start = torch.empty(batch, dtype=torch.int32, device=device)
-    if one_pass:  # merged by atomic min
-        kv_start.fill_(length)
-    summary = MaskSummary(*(make(batch, dtype=torch.int32, device=device) for _ in range(3)), kv_start=kv_start,
-                          valid_count=make(batch, dtype=torch.int32, device=device))
-    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, batch, length, summary.kv_len)
+    kv_len, sink_end, recent_start, valid_count = (make(batch, dtype=torch.int32, device=device) for _ in range(4))
+    kv_start = (torch.full((batch,), length, dtype=torch.int32, device=device) if one_pass
+                else torch.empty(batch, dtype=torch.int32, device=device))
+    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, batch, length, kv_len)
     module = codegen.load("mask_summary.py.jinja", mask_kind=mask_kind)
-    lengths = (summary.kv_len, summary.kv_start, summary.valid_count)
     if one_pass:
         wrap_triton(module.mask_valid_length)[(batch, triton.cdiv(length, SUMMARY_CHUNK))](
-            mask, *lengths, summary.recent_start, *mask_strides, length,
+            mask, kv_len, kv_start, valid_count, recent_start, *mask_strides, length,
             MASK_MIN=mask_min, BLOCK=1024, CHUNK=SUMMARY_CHUNK)
     else:
         wrap_triton(module.mask_summary)[(batch,)](
-            mask, *lengths, summary.sink_end, summary.recent_start, *mask_strides, length, sink, recent,
+            mask, kv_len, kv_start, valid_count, sink_end, recent_start, *mask_strides, length, sink, recent,
             MASK_MIN=mask_min, BLOCK=4096)
-    return summary
+    return MaskSummary(kv_len, sink_end, recent_start, kv_start, valid_count)
 
 
 def supports(query: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> bool:

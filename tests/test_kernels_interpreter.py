@@ -168,6 +168,21 @@ def test_radix_topk_is_a_topk_of_float_scores(p, budget, granularity, sink, rece
     oracle.assert_is_topk(idx, p.query, p.key, p.mask, p.scale, budget, granularity, sink, recent, rel_tol=1e-4)
 
 
+@settings(max_examples=12, deadline=None)
+@given(p=decode_problems(integer_valued=True, max_len=70), granularity=granularities)
+def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity):
+    """Identical keys tie every position in every head (and in the summed kv_head / layer
+    scores): the kernels pick the lowest valid positions plus the current token."""
+    key = p.key[:, :, :1].expand_as(p.key).contiguous()
+    tied = type("P", (), dict(query=p.query, key=key, value=p.value, mask=p.mask, scale=p.scale,
+                              num_kv_heads=p.num_kv_heads))
+    _, idx = kernel_selection(tied, 3, granularity)
+    for b in range(idx.shape[0]):
+        valid = oracle.valid_positions(p.mask, b, key.shape[2])
+        expected = sorted(set(valid[:2]) | {valid[-1]})
+        assert all(row == expected + [-1] * (3 - len(expected)) for row in idx[b].tolist())
+
+
 def test_radix_topk_on_a_row_longer_than_a_block():
     """Production chunk sizes: several blocks per chunk, all three radix passes (kv_len > budget)."""
     gen = torch.Generator().manual_seed(3)

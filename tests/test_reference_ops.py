@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tidal_compile  # noqa: F401  (registers torch.ops.tidal)
+from tidal_compile.ops import reference
 import oracle
 from strategies import DTYPES, TOLERANCE, budgets, decode_problems, granularities
 
@@ -80,6 +81,22 @@ def test_all_equal_scores_pick_lowest_positions(p, granularity):
         expected = sorted(set(valid[:budget - 1]) | {valid[-1]})
         expected += [-1] * (budget - len(expected))
         assert all(idx[b, s].tolist() == expected for s in range(idx.shape[1]))
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (12, 3), (32, 8)])
+@pytest.mark.parametrize("granularity", ["kv_head", "layer"])
+def test_summed_probabilities_of_tied_positions_are_exactly_equal(heads, kv_heads, granularity):
+    """Every length up to 40 (vector lanes and their tails): positions with identical logits in
+    every head get bit-identical summed scores, so the lowest positions win."""
+    gen = torch.Generator().manual_seed(heads)
+    for length in range(1, 41):
+        logits = torch.randn(2, heads, 1, generator=gen).expand(2, heads, length).contiguous()
+        valid = torch.ones(2, heads, length, dtype=torch.bool)
+        rank, _ = reference.selection_ranking(logits, valid, kv_heads, granularity)
+        assert torch.equal(rank, rank[..., :1].expand_as(rank)), f"length {length}"
+        indices = reference.top_positions(rank, valid[:, : rank.shape[1]], 3)
+        assert indices.tolist() == [[[0, 1, length - 1][:min(3, length)] + [-1] * (3 - min(3, length))]
+                                    * rank.shape[1]] * 2
 
 
 @settings(max_examples=60, deadline=None)

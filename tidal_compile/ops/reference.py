@@ -10,6 +10,7 @@ query dtype. These functions define the semantics; the Triton kernels must match
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -81,7 +82,10 @@ def selection_ranking(logits: Tensor, valid: Tensor, num_kv_heads: int, granular
     b, h, length = logits.shape
     groups = num_kv_heads if granularity == "kv_head" else 1
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    rank = probs.view(b, groups, h // groups, length).sum(2)
+    # Head by head, elementwise: every position's sum is added in the same order, so equal
+    # probabilities give exactly equal ranks (ties go to the lower position). A reduction over
+    # the head dim (`.sum(2)`) adds vectorised positions and the tail in different orders.
+    rank = functools.reduce(torch.add, probs.view(b, groups, h // groups, length).unbind(2))
     return rank, valid.view(b, groups, h // groups, length).any(2)
 
 

@@ -148,12 +148,11 @@ def run_quest(q, k, v, mask, scale, budgets, record, page_size: int = 16):
     pages = -(-context // page_size)
     page_min = torch.zeros(batch, kv_heads, pages, HEAD_DIM, dtype=k.dtype, device=k.device)
     page_max, filled = torch.zeros_like(page_min), torch.zeros(batch, dtype=torch.int32, device=k.device)
-    epoch, seen = torch.ones(1, dtype=torch.int32, device=k.device), torch.zeros(1, dtype=torch.int32, device=k.device)
-    tidal.quest_update_metadata(k, mask, page_min, page_max, filled, epoch, seen, page_size)  # "prefill"
+    tidal.quest_update_metadata(k, mask, page_min, page_max, filled, page_size)  # "prefill"
 
     def step_update():
-        filled.fill_(context - 1)  # as after the previous decode step: one position to add
-        tidal.quest_update_metadata(k, mask, page_min, page_max, filled, epoch, seen, page_size)
+        filled.fill_(context - 1)  # as after the decode step's cache write: one position to add
+        tidal.quest_update_metadata(k, mask, page_min, page_max, filled, page_size)
 
     meta_bytes = 2 * page_min.numel() * page_min.element_size()
     record("  part: quest metadata step", bench(step_update), 2 * batch * kv_heads * page_size * HEAD_DIM * 2)

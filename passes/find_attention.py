@@ -14,7 +14,10 @@ as Dynamo hands it over::
         attn_mask=attention_mask_1, dropout_p=0.0, scale=0.25, is_causal=False)
 
 is described as `AttentionSite(layer=0, key=l_kwargs_past_key_values_layers_0_keys,
-num_heads=4, num_kv_heads=2, is_decode=True, ...)`. Nothing in the graph changes here.
+num_heads=4, num_kv_heads=2, is_decode=True, ...)`. A `TidalCache` with Quest pages writes each
+layer through `tidal::quest_cache_write(keys, page_min, page_max, filled, ...)`; a site whose
+cache tensor appears there gets those three graph inputs as `quest_pages`. Nothing in the graph
+changes here.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from tidal_compile.ops.library import kernel_fallback
 from tidal_compile.passes import fx_utils
 from tidal_compile.passes.fx_utils import aten
 
@@ -49,11 +53,20 @@ class AttentionSite:
     is_decode: bool = False
     unsupported: Optional[str] = None
     """Why the tidal ops cannot compute this call (None when they can)."""
+    quest_pages: Optional[tuple[fx.Node, fx.Node, fx.Node]] = None
+    """(page_min, page_max, filled) of the cache layer `key`, when a TidalCache keeps them."""
+    reference_reason: Optional[str] = None
+    """Why the tidal ops would run their PyTorch reference on this CUDA call (None: the kernels)."""
 
 
 def find_attention(graph: fx.Graph) -> list[AttentionSite]:
     """Every SDPA node of `graph`, in graph order, described as an :class:`AttentionSite`."""
-    return [_describe(node) for node in graph.nodes if fx_utils.is_sdpa(node)]
+    pages = {node.args[0]: tuple(node.args[1:4]) for node in graph.nodes
+             if fx_utils.is_call(node, torch.ops.tidal.quest_cache_write.default, torch.ops.tidal.quest_cache_write)}
+    sites = [_describe(node) for node in graph.nodes if fx_utils.is_sdpa(node)]
+    for site in sites:
+        site.quest_pages = pages.get(site.key)
+    return sites
 
 
 def _describe(node: fx.Node) -> AttentionSite:
@@ -115,6 +128,8 @@ def _check(site: AttentionSite, node: fx.Node, args: dict[str, Any]) -> Optional
         site.scale = 1.0 / math.sqrt(head_dim)
     elif not isinstance(site.scale, (int, float)):
         return "scale is not a constant"
+    if q.is_cuda:
+        site.reference_reason = kernel_fallback(q, v, fx_utils.fake_value(args["attn_mask"]))
     return None
 
 

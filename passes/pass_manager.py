@@ -18,7 +18,6 @@ from tidal_compile.config import ResolvedPlanConfig, TidalConfig
 from tidal_compile.passes.find_attention import AttentionSite, find_attention
 from tidal_compile.passes.plan import LayerDecision, plan_attention
 from tidal_compile.passes.rewrite_attention import rewrite_attention
-from tidal_compile.quest_state import QuestState
 
 _graph_ids = itertools.count()
 
@@ -39,10 +38,8 @@ def model_depth(sites: list[AttentionSite]) -> Optional[int]:
     return max(layers) + 1 if layers else None
 
 
-def run_tidal_passes(gm: fx.GraphModule, config: TidalConfig, num_layers: Optional[int] = None,
-                     quest_state: Optional[QuestState] = None) -> PassResult:
-    """Find, plan and rewrite the attention of `gm` in place, and recompile it. Mode quest keeps
-    its page metadata in `quest_state` (shared by the graphs of one compile)."""
+def run_tidal_passes(gm: fx.GraphModule, config: TidalConfig, num_layers: Optional[int] = None) -> PassResult:
+    """Find, plan and rewrite the attention of `gm` in place, and recompile it."""
     graph_id = next(_graph_ids)
     sites = find_attention(gm.graph)
     depth = num_layers or model_depth(sites)
@@ -53,7 +50,7 @@ def run_tidal_passes(gm: fx.GraphModule, config: TidalConfig, num_layers: Option
     plan = config.resolve(depth, family)
     decisions = plan_attention(sites, plan)
     _dump(gm, graph_id, "before")
-    counts = rewrite_attention(gm, decisions, config, quest_state)
+    counts = rewrite_attention(gm, decisions, config)
     gm.graph.lint()
     gm.recompile()
     _dump(gm, graph_id, "after")

@@ -100,9 +100,14 @@ def _sparse(site: AttentionSite, plan: ResolvedPlanConfig,
 
 def _quest(site: AttentionSite, plan: ResolvedPlanConfig) -> LayerDecision:
     cfg = plan.config
-    shape = fx_utils.static_shape(site.key)
-    if shape is None:
-        return LayerDecision(site, "dense", "dense fallback: Quest's page metadata needs a KV cache of static "
-                             "shape (a static cache), this one is dynamic", fallback=True)
+    if site.quest_pages is None:
+        return LayerDecision(site, "dense", "dense fallback: mode quest keeps its page metadata in the KV cache; "
+                             "this cache has none (pass cache=tidal_compile.TidalCache(model.config, max_cache_len, "
+                             f"page_size={cfg.page_size}); compile_for_generation does)", fallback=True)
+    key, page_min = (fx_utils.static_shape(node) for node in (site.key, site.quest_pages[0]))
+    # With a symbolic cache length (a graph for several cache sizes) the op checks the page count.
+    if key is not None and page_min is not None and page_min[2] != -(-key[2] // cfg.page_size):
+        return LayerDecision(site, "dense", f"dense fallback: the TidalCache keeps pages of another size than "
+                             f"page_size={cfg.page_size} (metadata {page_min}, cache {key})", fallback=True)
     return LayerDecision(site, "quest", f"mode quest: top {cfg.budget // cfg.page_size} pages of {cfg.page_size} "
                          "by page criticality, current page included")

@@ -20,18 +20,17 @@ kernels read the un-expanded cache, so the repeat_kv views are gone)::
         l_kwargs_past_key_values_layers_3_keys, l_kwargs_past_key_values_layers_3_values,
         tidal_indices_2, 0.25)
 
-Mode quest: each Quest layer reads its page metadata from buffers of the GraphModule (shared
-with the other graphs of the same compile through :class:`QuestState`), brings it up to date
+Mode quest: each Quest layer's page metadata comes with its KV cache (a `TidalCache`: graph
+inputs, found on the cache's `tidal::quest_cache_write` node); the layer brings it up to date
 after the cache write, then attends over its chosen pages::
 
+    quest_cache_write = torch.ops.tidal.quest_cache_write.default(keys_2, page_min_2, page_max_2,
+        filled_2, sub_2)                                  # in the cache update: filled <= written from
+    ...
     tidal_quest_update_2 = torch.ops.tidal.quest_update_metadata.default(keys_2, attention_mask_1,
-        tidal_quest_2_page_min, tidal_quest_2_page_max, tidal_quest_2_filled, tidal_quest_epoch,
-        tidal_quest_2_seen_epoch, 16)
+        page_min_2, page_max_2, filled_2, 16)
     tidal_out_2 = torch.ops.tidal.quest_attention.default(q_embed_2, keys_2, values_2,
-        attention_mask_1, tidal_quest_2_page_min, tidal_quest_2_page_max, 0.25, 256, 16)
-
-A prefill graph under mode quest adds 1 to `tidal_quest_epoch`, so the next decode step
-summarises the whole (new) cache.
+        attention_mask_1, page_min_2, page_max_2, 0.25, 256, 16)
 
 Fused ATen SDPA variants return tuples; only their element 0 (the output) may be used.
 """
@@ -49,14 +48,12 @@ import tidal_compile.ops  # noqa: F401  (registers torch.ops.tidal)
 from tidal_compile.config import TidalConfig
 from tidal_compile.passes import fx_utils
 from tidal_compile.passes.plan import LayerDecision
-from tidal_compile.quest_state import QuestState
 
 log = logging.getLogger(__name__)
 tidal = torch.ops.tidal
 
 
-def rewrite_attention(gm: fx.GraphModule, decisions: list[LayerDecision], config: TidalConfig,
-                      quest_state: QuestState | None = None) -> Counter:
+def rewrite_attention(gm: fx.GraphModule, decisions: list[LayerDecision], config: TidalConfig) -> Counter:
     """Rewrite `gm`'s graph in place; return how many nodes became each kind."""
     graph = gm.graph
     indices_of_layer: dict[int, fx.Node] = {}
@@ -70,7 +67,7 @@ def rewrite_attention(gm: fx.GraphModule, decisions: list[LayerDecision], config
             if decision.kind == "dense":
                 out = graph.call_function(tidal.dense_attention.default, (*base, site.attn_mask, site.scale))
             elif decision.kind == "quest":
-                out = _quest_attention(gm, decision, config, quest_state)
+                out = _quest_attention(graph, decision, config)
             elif decision.kind == "sparse":
                 indices = indices_of_layer[decision.source_layer]
                 out = graph.call_function(tidal.sparse_attention.default, (*base, indices, site.scale))
@@ -86,55 +83,18 @@ def rewrite_attention(gm: fx.GraphModule, decisions: list[LayerDecision], config
         out.meta["nn_module_stack"] = site.node.meta.get("nn_module_stack", {})
         _replace_output(site.node, out)
         counts[decision.kind] += 1
-    if config.mode == "quest" and any(d.site.layer is not None and not d.site.is_decode for d in decisions):
-        _bump_epoch(gm, quest_state, decisions)
     log.debug("tidal rewrite: %s", dict(counts))
     return counts
 
 
-def _constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
-    """A get_attr node for `tensor`, registered as a buffer of `gm` (Dynamo-captured modules also
-    need a source for it, or AOT autograd refuses the lifted input)."""
-    if not hasattr(gm, name):
-        gm.register_buffer(name, tensor)
-        sources = getattr(gm, "_param_name_to_source", None)
-        if sources is not None:
-            from torch._dynamo.source import ConstantSource
-
-            sources[name] = ConstantSource(name)
-    return gm.graph.get_attr(name)
-
-
-def _quest_attention(gm: fx.GraphModule, decision: LayerDecision, config: TidalConfig,
-                     quest_state: QuestState | None) -> fx.Node:
-    if quest_state is None:
-        raise ValueError("mode quest needs a QuestState to keep its page metadata in")
-    site, graph = decision.site, gm.graph
-    key = fx_utils.fake_value(site.key)
-    bufs = quest_state.buffers(site.layer, tuple(key.shape), key.dtype, key.device, config.page_size)
-    prefix = f"tidal_quest_{site.layer}"
-    page_min = _constant(gm, f"{prefix}_page_min", bufs.page_min)
-    page_max = _constant(gm, f"{prefix}_page_max", bufs.page_max)
+def _quest_attention(graph: fx.Graph, decision: LayerDecision, config: TidalConfig) -> fx.Node:
+    site = decision.site
+    page_min, page_max, filled = site.quest_pages
     graph.call_function(tidal.quest_update_metadata.default, (
-        site.key, site.attn_mask, page_min, page_max, _constant(gm, f"{prefix}_filled", bufs.filled),
-        _constant(gm, "tidal_quest_epoch", quest_state.epoch(key.device)),
-        _constant(gm, f"{prefix}_seen_epoch", bufs.seen_epoch), config.page_size))
+        site.key, site.attn_mask, page_min, page_max, filled, config.page_size))
     return graph.call_function(tidal.quest_attention.default, (
         site.query, site.key, site.value, site.attn_mask, page_min, page_max, site.scale, config.budget,
         config.page_size))
-
-
-def _bump_epoch(gm: fx.GraphModule, quest_state: QuestState | None, decisions: list[LayerDecision]) -> None:
-    """A prefill graph: the next decode step must summarise the whole cache again."""
-    if quest_state is None:
-        return
-    queries = (fx_utils.fake_value(d.site.query) for d in decisions)
-    device = next((q.device for q in queries if q is not None), None)
-    if device is None:
-        return
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    with gm.graph.inserting_before(output):
-        gm.graph.call_method("add_", (_constant(gm, "tidal_quest_epoch", quest_state.epoch(device)), 1))
 
 
 def _replace_output(node: fx.Node, out: fx.Node) -> None:

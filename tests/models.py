@@ -8,12 +8,16 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, StaticCache)
 
+from tidal_compile import TidalCache, hf_compat
+
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
 }
 VOCAB = 96
+CACHE = hf_compat.forward_cache_name(LlamaForCausalLM.forward)
+"""The forward / generate argument for the KV cache in the installed transformers."""
 
 
 def tiny_model(family: str = "llama", layers: int = 4, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
@@ -50,17 +54,21 @@ def prompts(batch: int, length: int, padded: bool, seed: int = 0, device: str = 
 def greedy_decode(forward: Callable, model: torch.nn.Module, prompt: torch.Tensor, steps: int,
                   max_cache_len: int, padding: Optional[torch.Tensor] = None,
                   tokens: Optional[torch.Tensor] = None, cache: Optional[StaticCache] = None,
-                  prefill: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  prefill: Optional[Callable] = None, page_size: Optional[int] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill `prompt` then decode `steps` tokens with a StaticCache through `forward`.
 
     `padding` ([B, P] bool, True = real token) masks left padding. With `tokens` given, those
     are fed instead of the argmax (teacher forcing), so two runs see identical inputs. `cache`
-    lets the caller inspect the StaticCache afterwards. `prefill` runs the prompt instead of
-    `forward` (e.g. the eager model, so CUDA-graph decode steps find the cache allocated).
+    lets the caller inspect the cache afterwards; by default a StaticCache, or a TidalCache with
+    Quest pages of `page_size`. `prefill` runs the prompt instead of `forward` (e.g. the eager
+    model, so CUDA-graph decode steps find the cache allocated).
     Returns (generated tokens [B, steps], last-position logits [steps + 1, B, V]).
     """
     batch, length = prompt.shape
-    cache = cache if cache is not None else StaticCache(config=model.config, max_cache_len=max_cache_len)
+    if cache is None:
+        cache = (TidalCache(model.config, max_cache_len, page_size=page_size) if page_size
+                 else StaticCache(config=model.config, max_cache_len=max_cache_len))
     mask = torch.ones(batch, max_cache_len, dtype=torch.long, device=prompt.device)
     if padding is not None:
         mask[:, :length] = padding.long()
@@ -68,7 +76,7 @@ def greedy_decode(forward: Callable, model: torch.nn.Module, prompt: torch.Tenso
     logits, generated = [], []
     with torch.no_grad():
         out = (prefill or forward)(input_ids=prompt, attention_mask=mask, position_ids=position,
-                                   past_key_values=cache, use_cache=True)
+                                   use_cache=True, **{CACHE: cache})
         for step in range(steps + 1):
             last = out.logits[:, -1].to(torch.float32, copy=True)  # CUDA-graph outputs are reused
             logits.append(last)
@@ -77,6 +85,6 @@ def greedy_decode(forward: Callable, model: torch.nn.Module, prompt: torch.Tenso
             token = tokens[:, step:step + 1] if tokens is not None else last.argmax(-1, keepdim=True)
             generated.append(token)
             position = position[:, -1:] + 1
-            out = forward(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
-                          use_cache=True)
+            out = forward(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True,
+                          **{CACHE: cache})
     return torch.cat(generated, dim=1), torch.stack(logits)

@@ -36,7 +36,7 @@ def test_options_merge_yaml_and_shorthands(tmp_path):
     ({"cudagraphs": True, "inner_backend": "eager"}, "cudagraphs needs inner_backend inductor"),
     ({"inner_backend": "tvm"}, "inner_backend must be one of inductor, aot_eager, eager"),
     ({"num_layers": 0}, "num_layers must be a positive integer"),
-    ({"mode": "quest", "quest_state": {}}, "quest_state must be a tidal_compile.QuestState"),
+    ({"mode": "quest", "quest_state": {}}, "unknown config key 'quest_state'"),
     ({"mode": "quest", "page_size": 12, "budget": 48}, "page_size must be a power of two"),
     ({"budget": 0}, "budget must be a positive integer"),
 ])
@@ -45,6 +45,23 @@ def test_bad_options_raise_config_error(options, message):
         BackendOptions.parse(options)
     with pytest.raises(ConfigError, match=message):
         tidal_compile.compile(torch.nn.Linear(2, 2), **options)
+
+
+def test_options_of_the_wrong_type_are_named():
+    with pytest.raises(ConfigError, match="options must be a dict .* got list"):
+        BackendOptions.parse([("budget", 3)])
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="options must be a dict"):
+        torch.compile(torch.nn.Linear(4, 4), backend="tidal", options=[("budget", 3)])(torch.randn(2, 4))
+
+
+def test_the_backend_leaves_the_options_dict_as_given():
+    torch._dynamo.reset()
+    options = {"mode": "quest", "budget": 32, "page_size": 8, "inner_backend": "eager"}
+    model = ToyDecoder(num_layers=4)
+    with torch.no_grad(), pytest.warns(tidal_compile.TidalFallbackWarning, match="pass cache=tidal_compile.TidalCache"):
+        torch.compile(model, backend="tidal", options=options)(*model.inputs())
+    assert options == {"mode": "quest", "budget": 32, "page_size": 8, "inner_backend": "eager"}
 
 
 def test_bad_key_through_torch_compile_names_it():

@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 from transformers import StaticCache
 
 import tidal_compile
-from tidal_compile import TidalFallbackWarning
+from tidal_compile import TidalCache, TidalFallbackWarning
 from tidal_compile.hf import compile_for_generation
-from models import greedy_decode, prompts, tiny_model
+from models import CACHE, greedy_decode, prompts, tiny_model
 
-FAST = {"inner_backend": "aot_eager"}
+FAST = {"inner_backend": "eager"}
 slow_settings = settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck),
                          phases=(Phase.explicit, Phase.reuse, Phase.generate))
 
@@ -41,7 +41,7 @@ def dense_cache(model, tokens, padding, cache_len, padded_positions=True):
     if not padded_positions:
         position = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
-        eager(model)(input_ids=tokens, attention_mask=mask, position_ids=position, past_key_values=cache)
+        eager(model)(input_ids=tokens, attention_mask=mask, position_ids=position, **{CACHE: cache})
     return cache
 
 
@@ -50,7 +50,7 @@ def run_with_correction(interval, steps, batch, padded, budget=4):
     compile_for_generation(model, budget=budget, selection_layers=[2], correction={"interval": interval}, **FAST)
     prompt, padding = prompts(batch, 20, padded)
     cache_len = 20 + steps + 2
-    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    cache = TidalCache(model.config, max_cache_len=cache_len)
     tokens, _ = greedy_decode(model, model, prompt, steps, cache_len, padding, cache=cache)
     sequence = torch.cat([prompt, tokens], dim=1)
     return model, cache, dense_cache(model, sequence, padding, cache_len), prompt.shape[1]
@@ -186,9 +186,9 @@ def test_correction_inside_generate_writes_dense_kv(padded):
     compile_for_generation(model, budget=4, selection_layers=[2], correction={"interval": 3}, **FAST)
     prompt, padding = prompts(2, 16, padded)
     steps, cache_len = 8, 30
-    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    cache = TidalCache(model.config, max_cache_len=cache_len)
     mask = padding.long() if padding is not None else torch.ones_like(prompt)
-    out = model.generate(prompt, attention_mask=mask, max_new_tokens=steps + 1, do_sample=False, past_key_values=cache)
+    out = model.generate(prompt, attention_mask=mask, max_new_tokens=steps + 1, do_sample=False, **{CACHE: cache})
     sequence = out[:, : 16 + steps]
     dense = dense_cache(model, sequence, padding, cache_len, padded_positions=False)
     end = 16 + 3 * ((steps - 1) // 3)
@@ -207,8 +207,8 @@ def test_one_token_prompt_starts_a_new_sequence():
     first, _ = prompts(1, 12, False, seed=1)
     model.generate(first, max_new_tokens=5, do_sample=False)  # leaves steps pending
     prompt, _ = prompts(1, 1, False, seed=2)
-    cache = StaticCache(config=model.config, max_cache_len=16)
-    out = model.generate(prompt, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    cache = TidalCache(model.config, max_cache_len=16)
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, **{CACHE: cache})
     dense = dense_cache(model, out[:, :10], None, 16)
     end = 1 + 2 * ((9 - 1) // 2)
     for ours, ref in zip(cache.layers, dense.layers):
@@ -217,9 +217,9 @@ def test_one_token_prompt_starts_a_new_sequence():
 
 @pytest.mark.parametrize("prompt_length", [1, 8])
 def test_sequence_starts_run_the_prefill_forward(prompt_length):
-    """A prompt, or a one-token prompt into a cache not allocated yet, runs `prefill`; decode steps
-    run the compiled forward. With cudagraphs, prefill is the uncompiled forward, so the static
-    cache is allocated outside any captured graph."""
+    """A prompt, or a one-token prompt into a new TidalCache, runs `prefill`; decode steps run the
+    compiled forward. With cudagraphs, prefill is the uncompiled forward, so the static cache is
+    allocated outside any captured graph."""
     from tidal_compile.hf import TidalForward
 
     model = fresh(tiny_model("llama", layers=4))
@@ -230,8 +230,42 @@ def test_sequence_starts_run_the_prefill_forward(prompt_length):
 
     forward = TidalForward(recording("compiled"), 0, prefill=recording("prefill"))
     prompt, _ = prompts(1, prompt_length, False)
-    greedy_decode(forward, model, prompt, 3, 16)
+    greedy_decode(forward, model, prompt, 3, 16, cache=TidalCache(model.config, max_cache_len=16))
     assert calls == ["prefill"] + ["compiled"] * 3
     compile_for_generation(model, budget=8, cudagraphs=True)
     assert model.forward.prefill.__func__ is type(model).forward
     assert model.forward.compiled is not model.forward.prefill
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_generate_counts_one_correction_per_interval(name, rounds):
+    """A generate call of rounds x interval decode steps corrects `rounds` - 1 times (the last
+    round's steps are still pending when generation ends), whichever name the cache comes under."""
+    if name == "cache" and CACHE != "cache":
+        pytest.skip("this transformers release takes the cache as past_key_values only")
+    model = fresh(tiny_model("llama", layers=6))
+    compile_for_generation(model, budget=4, selection_layers=[2], correction={"interval": 3}, **FAST)
+    prompt, _ = prompts(1, 10, False)
+    cache = TidalCache(model.config, max_cache_len=40)
+    model.generate(prompt, max_new_tokens=3 * rounds + 1, do_sample=False, **{name: cache})
+    assert (cache.sequence.length, cache.sequence.corrections) == (10 + 3 * rounds, rounds - 1)
+
+
+def test_correction_with_a_plain_static_cache_warns():
+    model = fresh(tiny_model("llama", layers=5))
+    compile_for_generation(model, budget=4, selection_layers=[2], correction={"interval": 2}, **FAST)
+    prompt, _ = prompts(1, 10, False)
+    with pytest.warns(TidalFallbackWarning, match="decodes without correction"):
+        model.generate(prompt, max_new_tokens=4, do_sample=False,
+                       **{CACHE: StaticCache(config=model.config, max_cache_len=20)})
+
+
+def test_decoding_past_the_cache_is_a_clear_error():
+    model = fresh(tiny_model("llama", layers=4))
+    compile_for_generation(model, budget=4, **FAST)
+    prompt, _ = prompts(1, 10, False)
+    with pytest.raises(ValueError, match="needs 13 cache positions .* TidalCache holds 12"):
+        model.generate(prompt, max_new_tokens=5, do_sample=False, **{CACHE: TidalCache(model.config, max_cache_len=12)})
+    with pytest.raises(ValueError, match="needs 10 cache positions"):
+        model.generate(prompt, max_new_tokens=5, do_sample=False, **{CACHE: TidalCache(model.config, max_cache_len=8)})

@@ -283,12 +283,13 @@ def test_one_pass_mask_summary_over_several_chunks(batch, length, recent, data):
         assert [j for j in valid if j >= summary.recent_start[row]] == valid[-1:]
 
 
-def test_kernels_decline_inputs_they_do_not_take():
+def test_kernels_decline_inputs_they_do_not_take_and_say_why():
     q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16)
-    assert kernels.supports(q, k, None)
-    assert not kernels.supports(q.double(), k.double(), None), "float64 runs the reference"
-    assert not kernels.supports(q, torch.randn(1, 2, 8, 32), None), "value head dim differs"
-    assert not kernels.supports(q, k, torch.ones(1, 4, 1, 8, dtype=torch.bool)), "per-head mask"
+    assert kernels.unsupported(q, k, None) is None
+    assert "dtype torch.float64" in kernels.unsupported(q.double(), k.double(), None)
+    assert "value head dim 32 differs" in kernels.unsupported(q, torch.randn(1, 2, 8, 32), None)
+    assert "head dim 320 > 256" in kernels.unsupported(torch.randn(1, 4, 1, 320), torch.randn(1, 2, 8, 320), None)
+    assert "per-head attention mask" in kernels.unsupported(q, k, torch.ones(1, 4, 1, 8, dtype=torch.bool))
 
 
 @settings(max_examples=200, deadline=None)

@@ -39,7 +39,7 @@ def check_budget_covering_context(family, heads, kv_heads, layers, granularity, 
     eager_tokens, eager_logits = greedy_decode(model, model, prompt, steps, cache_len, padding)
     compiled = compile_tidal(model, budget=cache_len, granularity=granularity, inner_backend=inner, **options)
     tokens, logits = greedy_decode(compiled, model, prompt, steps, cache_len, padding,
-                                   prefill=model if eager_prefill else None)
+                                   prefill=model if eager_prefill else None, page_size=options.get("page_size"))
     report = decode_report(model)
     rewritten = "quest" if options.get("mode") == "quest" else "sparse"
     assert report.count(rewritten) > 0 and report.count("unchanged") == 0, str(report)

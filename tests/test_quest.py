@@ -1,7 +1,8 @@
 """Mode quest: reference ops against a loop oracle, incremental page metadata against a full
 recompute, the Triton kernels (TRITON_INTERPRET=1 on CPU) against the reference, and whole
 tiny models through the pass (budget covering the context equals eager; budget below it equals
-a test-side Quest patched per layer; a new prompt in the same compiled model re-summarises)."""
+a test-side Quest patched per layer; the page metadata lives in the TidalCache, so a new prompt
+gets new pages, and cache writes mark the pages they touch stale)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import tidal_compile
+from tidal_compile import TidalCache, hf_compat
+from tidal_compile.hf import compile_for_generation
 from tidal_compile.ops import kernels, reference
 
 import oracle
-from models import greedy_decode, prompts, tiny_model
+from models import CACHE, greedy_decode, prompts, tiny_model
 from patched_attention import LayerPlan, patched
 from strategies import decode_problems
 from test_models import check_budget_covering_context, compile_tidal, decode_report
@@ -80,25 +83,38 @@ def _draw_growing_cache(data, length, page_size, head_dim, max_batch):
     return key, masks, empty
 
 
+def _write(filled: torch.Tensor, position: int) -> None:
+    """What a TidalCache layer does on a cache write from `position` on: those pages are stale."""
+    unused = torch.empty(0)
+    torch.ops.tidal.quest_cache_write(unused, unused, unused, filled, torch.tensor(position))
+
+
+def _written_from(step: int, mask: torch.Tensor) -> int:
+    """Step 0 is the prefill (writes from 0), every later step writes its token at the end."""
+    return 0 if step == 0 else int(reference.valid_length(mask[:, 0, 0]).max()) - 1
+
+
 @settings(max_examples=25, deadline=None)
 @given(page_size=page_sizes, length=st.integers(2, 90), data=st.data())
 def test_incremental_metadata_equals_full_recompute(page_size, length, data):
     """Metadata updated step by step (one position per decode step, after a prefill) equals the
-    whole-cache recompute on every page holding a valid position; a new epoch starts over."""
+    whole-cache recompute on every page holding a valid position; a new sequence written into
+    the same cache (its writes lower `filled` to 0) is summarised from scratch."""
     key, masks, state = _draw_growing_cache(data, length, page_size, head_dim=8, max_batch=3)
     batch, pages = key.shape[0], state[0].shape[2]
     for step, mask in enumerate(masks):
-        reference.quest_update_metadata(key, mask, *state, new_sequence=step == 0, page_size=page_size)
+        _write(state[2], _written_from(step, mask))
+        reference.quest_update_metadata(key, mask, *state, page_size=page_size)
         expected = reference.quest_page_metadata(key, mask, page_size)
         used = reference.pages_valid(reference.valid_positions(mask, batch, length, key.device), page_size, pages)
         for got, want in zip(state[:2], expected):
             torch.testing.assert_close(got[used[:, None].expand(-1, 2, -1)], want[used[:, None].expand(-1, 2, -1)],
                                        rtol=0, atol=0)
-    # A new sequence in the same cache (shorter, different keys) is summarised from scratch.
     key2 = torch.randn_like(key)
-    reference.quest_update_metadata(key2, masks[0], *state, new_sequence=False, page_size=page_size)
-    if int(masks[-1].sum()) > int(masks[0].sum()):
-        torch.testing.assert_close(state[0][:, :, :1], reference.quest_page_metadata(key2, masks[0], page_size)[0][:, :, :1])
+    _write(state[2], 0)
+    reference.quest_update_metadata(key2, masks[-1], *state, page_size=page_size)
+    for got, want in zip(state[:2], reference.quest_page_metadata(key2, masks[-1], page_size)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @interpreted
@@ -107,13 +123,13 @@ def test_incremental_metadata_equals_full_recompute(page_size, length, data):
 def test_metadata_kernel_equals_reference_step_by_step(page_size, length, data):
     key, masks, ours = _draw_growing_cache(data, length, page_size, head_dim=16, max_batch=2)
     theirs = [t.clone() for t in ours]
-    epoch, seen = torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
     for step, mask in enumerate(masks[:6]):
-        kernels.quest_update_metadata(key, mask, *ours, epoch, seen, page_size)
-        reference.quest_update_metadata(key, mask, *theirs, new_sequence=step == 0, page_size=page_size)
+        for state in (ours, theirs):
+            _write(state[2], _written_from(step, mask))
+        kernels.quest_update_metadata(key, mask, *ours, page_size)
+        reference.quest_update_metadata(key, mask, *theirs, page_size=page_size)
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert int(seen) == int(epoch)
 
 
 @interpreted
@@ -135,15 +151,14 @@ def test_quest_tiny_model_budget_covering_context_equals_eager():
 @pytest.mark.parametrize("page_size", [8, 16])
 def test_quest_tiny_model_equals_layer_by_layer_patch(page_size):
     """Budget below the context: the compiled model equals a test-side Quest patched per layer,
-    for two different prompts through the same compiled model (the second prefill makes the
-    decode graph re-summarise the cache: no stale pages)."""
+    for two different prompts through the same compiled model (each in its own TidalCache)."""
     model = tiny_model("llama", layers=5, heads=4, kv_heads=2, dtype=torch.float64)
     budget, steps, cache_len = 2 * page_size, 8, 56
     compiled = compile_tidal(model, mode="quest", budget=budget, page_size=page_size, inner_backend="aot_eager")
     plan = LayerPlan(5, (0, 1), (), budget, "query_head", mode="quest", page_size=page_size)
     for seed, padded in ((0, True), (1, False)):
         prompt, padding = prompts(2, 40, padded, seed=seed)
-        tokens, logits = greedy_decode(compiled, model, prompt, steps, cache_len, padding)
+        tokens, logits = greedy_decode(compiled, model, prompt, steps, cache_len, padding, page_size=page_size)
         with patched(model, plan):
             _, expected = greedy_decode(model, model, prompt, steps, cache_len, padding, tokens=tokens)
         torch.testing.assert_close(logits, expected, rtol=1e-7, atol=1e-7)
@@ -161,41 +176,76 @@ def test_quest_ops_reject_bad_metadata_and_page_size():
         torch.ops.tidal.quest_attention(q, k, k, None, meta[0][:, :, :2], meta[1], 1.0, 8, 4)
 
 
-def test_prefill_graph_bumps_the_shared_epoch():
-    """Each prefill through the compiled model bumps the QuestState epoch that decode graphs read."""
+def test_quest_without_a_tidal_cache_stays_dense_and_says_how_to_fix_it():
+    """A plain StaticCache has no page metadata: the layers stay dense, with a warning naming
+    TidalCache; the same compile with a TidalCache rewrites them."""
     model = tiny_model("llama", layers=4, heads=4, kv_heads=2)
-    options = {"mode": "quest", "budget": 32, "page_size": 8, "inner_backend": "aot_eager"}
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="tidal", options=options)
+    compiled = compile_tidal(model, mode="quest", budget=32, page_size=8, inner_backend="aot_eager")
     prompt, _ = prompts(1, 20, False)
-    greedy_decode(compiled, model, prompt, 2, 40)
-    state = options["quest_state"]
-    assert isinstance(state, tidal_compile.QuestState) and int(state.epoch(torch.device("cpu"))) == 1
-    greedy_decode(compiled, model, prompt, 2, 40)
-    assert int(state.epoch(torch.device("cpu"))) == 2
+    with pytest.warns(tidal_compile.TidalFallbackWarning, match="pass cache=tidal_compile.TidalCache"):
+        greedy_decode(compiled, model, prompt, 2, 40)
+    assert decode_report(model).count("quest") == 0
+    tidal_compile.clear_reports()
+    greedy_decode(compiled, model, prompt, 2, 40, cache=TidalCache(model.config, max_cache_len=40, page_size=8))
+    assert [g.count("quest") for g in tidal_compile.explain(model) if g.phase == "decode"] == [2]
 
 
-def test_uncompiled_prefill_starts_a_new_quest_epoch():
-    """With the prefill outside the compiled graphs (CUDA-graph decoding), the prefill path bumps
-    the Quest epoch itself: a second sequence decodes exactly as through a fresh compile; without
-    the bump its page metadata would be stale (checked: the output differs)."""
-    from tidal_compile.hf import TidalForward, _uncompiled_prefill
+def test_a_cache_with_pages_of_another_size_stays_dense():
+    model = tiny_model("llama", layers=4, heads=4, kv_heads=2)
+    compiled = compile_tidal(model, mode="quest", budget=32, page_size=8, inner_backend="aot_eager")
+    prompt, _ = prompts(1, 20, False)
+    with pytest.warns(tidal_compile.TidalFallbackWarning, match="pages of another size than page_size=8"):
+        greedy_decode(compiled, model, prompt, 2, 40, cache=TidalCache(model.config, max_cache_len=40, page_size=16))
 
-    model = tiny_model("llama", layers=4, heads=4, kv_heads=2, dtype=torch.float64)
+
+def generate_quest_logits(model, prompt, **kwargs):
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         **kwargs)
+    return out.sequences, torch.stack(out.logits)
+
+
+def test_quest_through_generate_two_prompts_in_a_row():
+    """compile_for_generation in mode quest: each generate call gets its own TidalCache, so a
+    second, longer prompt decodes over its own pages (equal to the test-side Quest), with
+    nothing for the user to call between them."""
+    model = tiny_model("llama", layers=5, heads=4, kv_heads=2, dtype=torch.float64)
+    plan = LayerPlan(5, (0, 1), (), 16, "query_head", mode="quest", page_size=8)
     first, _ = prompts(1, 24, False, seed=0)
-    second, _ = prompts(1, 40, False, seed=1)  # longer than the first sequence: no shrink to detect
+    second, _ = prompts(1, 40, False, seed=1)
+    expected = []
+    for prompt in (first, second):
+        with patched(model, plan):
+            expected.append(generate_quest_logits(model, prompt, cache_implementation="static"))
+    dense = generate_quest_logits(model, second, cache_implementation="static")[1]
+    torch._dynamo.reset()
+    compile_for_generation(model, mode="quest", budget=16, page_size=8, inner_backend="aot_eager")
+    for prompt, (tokens, logits) in zip((first, second), expected):
+        ours = generate_quest_logits(model, prompt)
+        assert torch.equal(ours[0], tokens)
+        torch.testing.assert_close(ours[1], logits, rtol=1e-7, atol=1e-7)
+    assert (dense - logits).abs().max() > 1e-4, "budget < length must change the output"
 
-    def second_sequence_logits(bump: bool, after_first: bool):
-        options = {"mode": "quest", "budget": 16, "page_size": 8, "inner_backend": "aot_eager",
-                   "quest_state": tidal_compile.QuestState()}
+
+def test_quest_metadata_after_correction_matches_the_corrected_cache(monkeypatch):
+    """A correction rewrites cache entries; the cache write lowers `filled`, so the next step
+    re-summarises those pages: after generate, every Quest layer's page metadata equals a recompute
+    from its final keys. Negative control: writes that do not lower `filled` leave stale pages."""
+    prompt, _ = prompts(1, 30, False)
+
+    def metadata_error():
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="tidal", options=options)
-        prefill = _uncompiled_prefill(model, options["quest_state"] if bump else None)
-        forward = TidalForward(compiled, 0, prefill=prefill)
-        if after_first:
-            greedy_decode(forward, model, first, 6, 56)
-        return greedy_decode(forward, model, second, 6, 56, tokens=torch.zeros(1, 6, dtype=torch.long))[1]
+        model = tiny_model("llama", layers=5, heads=4, kv_heads=2)
+        compile_for_generation(model, mode="quest", budget=16, page_size=8, correction={"interval": 2},
+                               inner_backend="aot_eager")
+        cache = TidalCache(model.config, max_cache_len=48, page_size=8)
+        model.generate(prompt, max_new_tokens=10, do_sample=False, **{CACHE: cache})
+        assert cache.sequence.corrections == 4
+        valid = torch.zeros(1, 1, 1, 48, dtype=torch.bool)
+        valid[..., : cache.sequence.length] = True
+        return max((layer.page_min[..., : -(-cache.sequence.length // 8), :]
+                    - reference.quest_page_metadata(layer.keys, valid, 8)[0][..., : -(-cache.sequence.length // 8), :]
+                    ).abs().max().item() for layer in cache.layers[2:])  # the Quest layers
 
-    fresh = second_sequence_logits(bump=True, after_first=False)
-    torch.testing.assert_close(second_sequence_logits(bump=True, after_first=True), fresh, rtol=0, atol=0)
-    assert (second_sequence_logits(bump=False, after_first=True) - fresh).abs().max() > 1e-6
+    assert metadata_error() == 0
+    monkeypatch.setattr(hf_compat, "written_end", lambda layer: torch.tensor(10**6))
+    assert metadata_error() > 0

@@ -12,7 +12,7 @@ import torch
 from tidal_compile import ops  # noqa: F401  (registers torch.ops.tidal.*)
 from tidal_compile.backend import BackendOptions, TidalFallbackWarning, tidal_backend
 from tidal_compile.config import ConfigError, CorrectionConfig, TidalConfig
-from tidal_compile.quest_state import QuestState
+from tidal_compile.cache import TidalCache
 from tidal_compile.report import clear_reports, explain
 
 __version__ = "0.1.0"
@@ -27,5 +27,5 @@ def compile(model: Any, config: Any = None, **options: Any) -> Any:
     return torch.compile(model, backend="tidal", options=options)
 
 
-__all__ = ["BackendOptions", "ConfigError", "CorrectionConfig", "QuestState", "TidalConfig", "TidalFallbackWarning",
+__all__ = ["BackendOptions", "ConfigError", "CorrectionConfig", "TidalCache", "TidalConfig", "TidalFallbackWarning",
            "clear_reports", "compile", "explain", "tidal_backend"]

@@ -6,13 +6,11 @@ Registered by entry point (`torch_dynamo_backends: tidal`), so after `pip instal
 
 `options` holds `config` (YAML path, dict or TidalConfig), any config key as a shorthand that
 overrides it, and backend keys: `num_layers` (model depth, default: highest layer index in the
-graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug),
+graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug) and
 `cudagraphs` (Inductor captures each graph in CUDA graphs and replays it, what
-`mode="reduce-overhead"` does; torch.compile takes no `mode` together with `options`) and
-`quest_state` (mode quest:
-the :class:`QuestState` holding page metadata; created on first use and stored back into the
-`options` dict, which torch.compile hands unchanged to every graph of the same compiled
-function, so prefill and decode graphs share it).
+`mode="reduce-overhead"` does; torch.compile takes no `mode` together with `options`). The
+backend never writes into `options`; per-sequence state (Quest's page metadata) lives in the
+KV cache (:class:`tidal_compile.TidalCache`).
 `torch.compile(model, backend="tidal", mode=...)` (no options) passes an Inductor mode through.
 CUDA graphs need a Hugging Face static cache allocated outside the compiled region (prefill run
 uncompiled, as transformers' generate does; `hf.compile_for_generation` does it): a cache whose
@@ -22,7 +20,6 @@ as well, torch 2.11).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import warnings
@@ -34,7 +31,6 @@ import torch.fx as fx
 
 from tidal_compile.config import ConfigError, TidalConfig
 from tidal_compile.passes import run_tidal_passes
-from tidal_compile.quest_state import QuestState
 from tidal_compile.report import build_report, record
 
 log = logging.getLogger("tidal_compile")
@@ -54,18 +50,20 @@ class BackendOptions:
     num_layers: Optional[int] = None
     inner_backend: str = "inductor"
     cudagraphs: bool = False
-    quest_state: Optional[QuestState] = None
+
+    KEYS = ("config", "num_layers", "inner_backend", "cudagraphs")
+    """Backend options besides the config keys."""
 
     @classmethod
     def parse(cls, options: Optional[Mapping[str, Any]]) -> "BackendOptions":
+        if options is not None and not isinstance(options, Mapping):
+            raise ConfigError(f"options must be a dict of config keys and backend options "
+                              f"({', '.join(cls.KEYS)}), got {type(options).__name__}")
         opts = dict(options or {})
         num_layers = opts.pop("num_layers", None)
         inner = opts.pop("inner_backend", "inductor")
         cudagraphs = opts.pop("cudagraphs", False)
         source = opts.pop("config", None)
-        quest_state = opts.pop("quest_state", None)
-        if quest_state is not None and not isinstance(quest_state, QuestState):
-            raise ConfigError(f"quest_state must be a tidal_compile.QuestState, got {type(quest_state).__name__}")
         if num_layers is not None and (not isinstance(num_layers, int) or num_layers <= 0):
             raise ConfigError(f"num_layers must be a positive integer, got {num_layers!r}")
         if inner not in INNER_BACKENDS:
@@ -78,10 +76,9 @@ class BackendOptions:
             config = TidalConfig.load(source, **opts)
         except ConfigError as e:
             if "unknown config key" in str(e):
-                raise ConfigError(f"{e} (backend options: config, num_layers, inner_backend, cudagraphs, "
-                                  "quest_state)") from None
+                raise ConfigError(f"{e} (backend options: {', '.join(cls.KEYS)})") from None
             raise
-        return cls(config, num_layers, inner, cudagraphs, quest_state)
+        return cls(config, num_layers, inner, cudagraphs)
 
 
 def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
@@ -90,17 +87,11 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
     `mode` is torch.compile's Inductor mode (e.g. "reduce-overhead"), given without `options`."""
     opts = BackendOptions.parse(options)
     inductor_patches = _inductor_mode_patches(mode, opts)
-    if opts.config.mode == "quest" and opts.quest_state is None:
-        if not isinstance(options, dict):
-            raise ConfigError("mode quest stores its page metadata in options['quest_state']: pass options "
-                              f"as a dict (got {type(options).__name__}) or give a QuestState")
-        options["quest_state"] = QuestState()
-        opts = dataclasses.replace(opts, quest_state=options["quest_state"])
     if opts.config.correction.interval:
         warnings.warn("tidal: correction.interval takes effect through tidal_compile.hf.compile_for_generation; "
                       "a bare torch.compile backend cannot correct the cache, so this graph decodes without "
                       "correction", TidalFallbackWarning, stacklevel=2)
-    result = run_tidal_passes(gm, opts.config, opts.num_layers, opts.quest_state)
+    result = run_tidal_passes(gm, opts.config, opts.num_layers)
     report = build_report(result, opts.config, example_inputs)
     record(report)
     if report.layers:
@@ -109,6 +100,10 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
         if layer.fallback:
             warnings.warn(f"tidal: layer {layer.layer} stays dense: {layer.reason}", TidalFallbackWarning,
                           stacklevel=2)
+    slow = [layer for layer in report.layers if layer.reference_reason]
+    if slow:
+        warnings.warn(f"tidal: on CUDA, layers {[layer.layer for layer in slow]} run the plain-PyTorch reference, "
+                      f"not the Triton kernels: {slow[0].reference_reason}", TidalFallbackWarning, stacklevel=2)
     return _inner_compile(opts.inner_backend, inductor_patches)(gm, example_inputs)
 
 

@@ -1,5 +1,5 @@
-"""Hugging Face generation with tidal: one call sets up static cache, compiled decode steps,
-dense prefill and KV-cache correction.
+"""Hugging Face generation with tidal: one call sets up the compiled decode steps, dense
+prefill, a `TidalCache` per generate call and KV-cache correction.
 
     model = tidal_compile.hf.compile_for_generation(model, "tidal.yaml")
     out = model.generate(input_ids, max_new_tokens=256)
@@ -10,63 +10,25 @@ N tokens those steps consumed, preceded by the token before them (already exact:
 prompt token or the end of the previous correction), are run again in one forward at their
 positions and their cache entries are overwritten. The chunk has N + 1 >= 2 queries, so the
 pass leaves it dense, and one compiled graph serves every correction. Later steps attend to
-the corrected K/V.
+the corrected K/V. The bookkeeping lives in the `TidalCache` (`cache.sequence`), so a new
+cache is a new sequence; calls are read by the forward's signature (`cache=` from transformers
+5.24 on, `past_key_values=` before: both work).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
+from transformers import StaticCache
 
+from tidal_compile import hf_compat
 from tidal_compile.backend import BackendOptions, TidalFallbackWarning
-from tidal_compile.quest_state import QuestState
-
-
-@dataclass
-class _Pending:
-    """Inputs of the decode steps since the last correction, after the exact token before them."""
-
-    input_ids: list[Tensor] = field(default_factory=list)
-    position_ids: list[Tensor] = field(default_factory=list)
-
-    def restart(self, input_ids: Optional[Tensor], position_ids: Optional[Tensor]) -> None:
-        """Forget the pending steps; the last column of these inputs becomes the anchor."""
-        self.input_ids = [] if input_ids is None else [input_ids[:, -1:]]
-        self.position_ids = [] if position_ids is None else [position_ids[:, -1:]]
-
-    def add(self, input_ids: Tensor, position_ids: Optional[Tensor]) -> None:
-        self.input_ids.append(input_ids)
-        if position_ids is not None:
-            self.position_ids.append(position_ids)
-
-    @property
-    def steps(self) -> int:
-        """Decode steps waiting for correction (the anchor not counted)."""
-        return max(len(self.input_ids) - 1, 0)
-
-
-def _cache_layers(cache: Any) -> list[Any]:
-    return list(getattr(cache, "layers", []))
-
-
-def _cache_length(cache: Any) -> int:
-    return int(cache.get_seq_length())
-
-
-def _rewind(cache: Any, steps: int) -> Optional[Tensor]:
-    """Move the cache's write position back by `steps`; returns explicit cache positions for
-    caches that take them instead (older transformers)."""
-    layers = [layer for layer in _cache_layers(cache) if hasattr(layer, "cumulative_length")]
-    if layers:
-        for layer in layers:
-            layer.cumulative_length.sub_(steps)
-        return None
-    end = _cache_length(cache)
-    return torch.arange(end - steps, end, device=cache.layers[0].keys.device if _cache_layers(cache) else None)
+from tidal_compile.cache import SequenceState, TidalCache
 
 
 def _chunk_mask(mask: Optional[Tensor], start: int, steps: int) -> Optional[Tensor]:
@@ -84,69 +46,160 @@ def _chunk_mask(mask: Optional[Tensor], start: int, steps: int) -> Optional[Tens
     return torch.where(causal, row, torch.finfo(mask.dtype).min)
 
 
-def _cache_allocated(cache: Any) -> bool:
-    """Whether every layer of a lazily allocated cache (transformers >= 4.56) holds its tensors."""
-    return all(getattr(layer, "is_initialized", True) for layer in _cache_layers(cache))
+def _new_tokens(call: dict[str, Any]) -> int:
+    inputs = call.get("input_ids")
+    inputs = call.get("inputs_embeds") if inputs is None else inputs
+    if inputs is None:
+        raise ValueError("tidal: a forward call needs input_ids or inputs_embeds")
+    return inputs.shape[1]
 
 
 class TidalForward:
-    """`model.forward` replacement: compiled tidal forward plus KV-cache correction.
+    """`model.forward` replacement: the compiled tidal forward plus KV-cache correction.
 
-    `prefill` runs calls that start a sequence (the compiled forward, or the uncompiled one when
-    decode graphs are captured in CUDA graphs: the static cache must be allocated outside them)."""
+    `prefill` runs the calls that start a sequence or add several tokens (the compiled forward,
+    or the uncompiled one when decode graphs are captured in CUDA graphs: the static cache must
+    be allocated outside them). `signature` is the model forward's, to read calls by name."""
 
-    def __init__(self, compiled: Callable, interval: int, prefill: Optional[Callable] = None):
+    def __init__(self, compiled: Callable, interval: int, prefill: Optional[Callable] = None,
+                 signature: Optional[inspect.Signature] = None):
         self.compiled = compiled
         self.prefill = prefill or compiled
         self.interval = interval
-        self.pending = _Pending()
+        self.signature = signature or inspect.signature(compiled)
+        self._warned_untracked = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        # A new sequence: a prefill (or embeddings), or a one-token prompt into an empty cache
-        # (checked only with correction on: reading the cache length syncs with the GPU).
-        if (input_ids is None or input_ids.shape[1] != 1 or cache is None or not _cache_allocated(cache)
-                or (self.interval and _cache_length(cache) == 0)):
-            self.pending.restart(input_ids, kwargs.get("position_ids"))
-            return self.prefill(*args, **kwargs)
-        if self.interval and self.pending.input_ids and self.pending.steps == self.interval:
-            self.correct(kwargs)
-        out = self.compiled(*args, **kwargs)
-        if self.interval and self.pending.input_ids:
-            self.pending.add(input_ids, kwargs.get("position_ids"))
+        call = hf_compat.call_arguments(self.signature, args, kwargs)
+        name = hf_compat.cache_argument(call)
+        cache = call.get(name) if name else None
+        tokens = _new_tokens(call)
+        if not isinstance(cache, TidalCache):
+            return self._untracked(call, cache, tokens)
+        state = cache.sequence
+        _check_fits(cache, state.length, tokens)
+        if state.length == 0 or tokens != 1:  # a sequence starts, or a chunk of several tokens
+            out = self.prefill(**call)
+            state.anchor(call.get("input_ids"), call.get("position_ids"))
+            if self.interval and call.get("input_ids") is None:
+                warnings.warn("tidal: KV-cache correction re-runs token ids; this sequence came as inputs_embeds, "
+                              "so it decodes without correction", TidalFallbackWarning, stacklevel=2)
+        else:
+            if self.interval and state.pending_steps >= self.interval:
+                self.correct(call, cache, state)
+            out = self.compiled(**call)
+            if self.interval and state.pending_input_ids:
+                state.add(call["input_ids"], call.get("position_ids"))
+        state.length += tokens
         return out
 
-    def correct(self, step_kwargs: dict[str, Any]) -> None:
+    def _untracked(self, call: dict[str, Any], cache: Any, tokens: int) -> Any:
+        """A call whose cache holds no tidal state (no cache, or transformers' own)."""
+        starts = tokens != 1 or cache is None or not hf_compat.is_allocated(cache)
+        if self.interval and not starts and not self._warned_untracked:
+            self._warned_untracked = True
+            warnings.warn(f"tidal: KV-cache correction keeps its bookkeeping in a tidal_compile.TidalCache; this "
+                          f"call's cache is a {type(cache).__name__}, so it decodes without correction (let "
+                          "generate build the cache, or pass a TidalCache)", TidalFallbackWarning, stacklevel=3)
+        return (self.prefill if starts else self.compiled)(**call)
+
+    def correct(self, call: dict[str, Any], cache: TidalCache, state: SequenceState) -> None:
         """Re-run the anchor and the pending tokens densely at their positions, overwriting their K/V."""
-        cache = step_kwargs["past_key_values"]
-        length = len(self.pending.input_ids)  # pending steps + the anchor
-        start = _cache_length(cache) - length
-        cache_position = _rewind(cache, length)
-        kwargs = dict(step_kwargs)
-        kwargs["input_ids"] = torch.cat(self.pending.input_ids, dim=1)
-        kwargs["attention_mask"] = _chunk_mask(step_kwargs.get("attention_mask"), start, length)
-        if self.pending.position_ids:
-            kwargs["position_ids"] = torch.cat(self.pending.position_ids, dim=1)
-        if cache_position is not None:
-            kwargs["cache_position"] = cache_position
-        kwargs.pop("inputs_embeds", None)
-        kwargs["logits_to_keep"] = 1
+        steps = len(state.pending_input_ids)  # pending steps + the anchor
+        start = state.length - steps
+        hf_compat.rewind(cache, steps)
+        chunk = {key: value for key, value in call.items() if key != "inputs_embeds"}
+        chunk["input_ids"] = torch.cat(state.pending_input_ids, dim=1)
+        chunk["attention_mask"] = _chunk_mask(call.get("attention_mask"), start, steps)
+        if len(state.pending_position_ids) == steps:
+            chunk["position_ids"] = torch.cat(state.pending_position_ids, dim=1)
+        if call.get("cache_position") is not None:  # releases whose models read it
+            chunk["cache_position"] = torch.arange(start, start + steps, device=call["cache_position"].device)
+        if "logits_to_keep" in self.signature.parameters:
+            chunk["logits_to_keep"] = 1
         with torch.no_grad():
-            self.compiled(**kwargs)
-        self.pending.restart(kwargs["input_ids"], kwargs.get("position_ids"))
+            self.compiled(**chunk)
+        state.corrections += 1
+        state.anchor(chunk["input_ids"], chunk.get("position_ids"))
+
+
+def _check_fits(cache: TidalCache, length: int, tokens: int) -> None:
+    capacity = hf_compat.max_length(cache)
+    if 0 <= capacity < length + tokens:
+        raise ValueError(f"tidal: the sequence needs {length + tokens} cache positions ({length} held + {tokens} "
+                         f"new) but the TidalCache holds {capacity}; build it with a larger max_cache_len (or ask "
+                         "generate for fewer new tokens)")
+
+
+class TidalGenerate:
+    """`model.generate` replacement: gives each call a `TidalCache` (unless the caller passes a
+    cache), and routes calls tidal cannot serve (no static cache) to the dense, uncompiled
+    forward with a warning."""
+
+    def __init__(self, model: torch.nn.Module, generate: Callable, dense_forward: Callable, forward: TidalForward,
+                 page_size: Optional[int]):
+        self.model, self.generate, self.dense_forward, self.forward = model, generate, dense_forward, forward
+        self.page_size = page_size
+        self.cache_name = hf_compat.forward_cache_name(dense_forward)
+        self.max_cache_len = 0  # grows only: the same cache shape across calls keeps the graphs
+
+    def __call__(self, *args: Any, max_cache_len: Optional[int] = None, **kwargs: Any) -> Any:
+        """`model.generate(...)`; `max_cache_len` sizes the TidalCache it builds (at least the
+        prompt plus the new tokens), so that calls of several lengths share one cache shape."""
+        model = self.model
+        given = hf_compat.cache_argument(kwargs)
+        implementation = kwargs.pop("cache_implementation", model.generation_config.cache_implementation)
+        if given is None and implementation in ("static", "tidal"):
+            kwargs[self.cache_name] = self.new_cache(args, kwargs, max_cache_len or 0)
+        elif given is None or not isinstance(kwargs[given], StaticCache):
+            kind = type(kwargs[given]).__name__ if given else f"cache_implementation={implementation!r}"
+            warnings.warn(f"tidal: decoding needs a static cache (a TidalCache, or cache_implementation='static'); "
+                          f"this generate call ({kind}) runs dense, without the tidal compile", TidalFallbackWarning,
+                          stacklevel=2)
+            if given is None:
+                kwargs["cache_implementation"] = implementation
+            model.forward = self.dense_forward
+            try:
+                return self.generate(*args, **kwargs)
+            finally:
+                model.forward = self.forward
+        kwargs["cache_implementation"] = None  # the cache is given: transformers refuses both
+        beams = kwargs.get("num_beams") or getattr(model.generation_config, "num_beams", 1) or 1
+        interval = self.forward.interval
+        if beams > 1 and interval:
+            warnings.warn("tidal: KV-cache correction does not support beam search yet; this generate call "
+                          "runs without correction", TidalFallbackWarning, stacklevel=2)
+            self.forward.interval = 0
+        try:
+            return self.generate(*args, **kwargs)
+        finally:
+            self.forward.interval = interval
+
+    def new_cache(self, args: tuple, kwargs: dict[str, Any], at_least: int = 0) -> TidalCache:
+        """A TidalCache long enough for this call (prompt plus new tokens), as long as any before
+        it and at least `at_least`."""
+        inputs = args[0] if args else next(
+            (kwargs[k] for k in ("inputs", "input_ids", "inputs_embeds") if kwargs.get(k) is not None), None)
+        if inputs is None:
+            raise ValueError("tidal: generate needs input_ids (or inputs_embeds) to size the TidalCache")
+        config = copy.deepcopy(kwargs.get("generation_config") or self.model.generation_config)
+        config.update(**{k: kwargs[k] for k in ("max_new_tokens", "max_length") if k in kwargs})
+        needed = inputs.shape[1] + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+        self.max_cache_len = max(self.max_cache_len, needed, at_least, getattr(config, "max_cache_len", None) or 0)
+        return TidalCache(self.model.config, max_cache_len=self.max_cache_len, page_size=self.page_size)
 
 
 def compile_for_generation(model: torch.nn.Module, config: Any = None, **options: Any) -> torch.nn.Module:
     """Set `model` up for `model.generate` with tidal decoding, in place; returns it.
 
-    Static cache; `model.forward` compiled with backend="tidal" (depth from the model config);
-    prefill stays dense (uncompiled with `cudagraphs=True`, which captures the decode steps in
-    CUDA graphs); transformers' own generate-time compile is turned off so the forward
-    is not compiled twice; KV-cache correction every `correction.interval` tokens. Not yet
-    supported, each with a warning and dense attention: encoder-decoder models (left as they
-    are), sliding-window layers (kept dense), generate calls without a static cache (run
-    uncompiled); beam search runs without correction.
+    `model.forward` compiled with backend="tidal" (depth from the model config); each generate
+    call gets a `TidalCache` (Quest's page metadata and the correction bookkeeping travel with
+    it); prefill stays dense (uncompiled with `cudagraphs=True`, which captures the decode steps
+    in CUDA graphs); transformers' own generate-time compile is turned off so the forward is not
+    compiled twice; KV-cache correction every `correction.interval` tokens. Not yet supported,
+    each with a warning and dense attention: encoder-decoder models (left as they are),
+    sliding-window layers (kept dense), generate calls with a dynamic cache (run uncompiled);
+    beam search runs without correction.
     """
     if config is not None:
         options = {"config": config, **options}
@@ -171,62 +224,16 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     if generation_config is not None:
         generation_config.cache_implementation = "static"
         generation_config.disable_compile = True
-    if parsed.mode == "quest":
-        options.setdefault("quest_state", QuestState())  # shared with the prefill path below
     # Correction happens here, around the compiled forward; the backend itself never corrects.
     compiled = torch.compile(model.forward, backend="tidal", options={**options, "correction": {"interval": 0}})
     dense_forward = model.forward
-    prefill = _uncompiled_prefill(dense_forward, options.get("quest_state")) if options.get("cudagraphs") else None
-    forward = TidalForward(compiled, parsed.correction.interval, prefill=prefill)
-    _install(model, dense_forward, forward)
-    return model
-
-
-def _uncompiled_prefill(forward: Callable, quest_state: Optional[QuestState]) -> Callable:
-    """`forward` for sequence starts; under mode quest it also starts a new Quest epoch (the
-    compiled prefill graph that would have done it does not run)."""
-    if quest_state is None:
-        return forward
-
-    def prefill(*args: Any, **kwargs: Any) -> Any:
-        quest_state.new_sequence()
-        return forward(*args, **kwargs)
-
-    return prefill
-
-
-def _install(model: torch.nn.Module, dense_forward: Callable, forward: TidalForward) -> None:
-    """Route model.forward through `forward`, and model.generate through the support checks."""
-    generate = model.generate
+    forward = TidalForward(compiled, parsed.correction.interval,
+                           prefill=dense_forward if options.get("cudagraphs") else None,
+                           signature=inspect.signature(dense_forward))
+    page_size = parsed.page_size if parsed.mode == "quest" else None
+    model.generate = TidalGenerate(model, model.generate, dense_forward, forward, page_size)
     model.forward = forward
-
-    def tidal_generate(*args: Any, **kwargs: Any) -> Any:
-        cache = kwargs.get("past_key_values")
-        if cache is not None:  # the caller's cache replaces the configured cache_implementation
-            static = type(cache).__name__ == "StaticCache"
-            kwargs.setdefault("cache_implementation", None)
-        else:
-            static = kwargs.get("cache_implementation", "static") == "static"
-        if not static:
-            warnings.warn("tidal: decoding needs a static cache (cache_implementation='static'); this "
-                          "generate call runs dense, without the tidal compile", TidalFallbackWarning, stacklevel=2)
-            model.forward = dense_forward
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                model.forward = forward
-        beams = kwargs.get("num_beams") or getattr(model.generation_config, "num_beams", 1) or 1
-        interval = forward.interval
-        if beams > 1 and interval:
-            warnings.warn("tidal: KV-cache correction does not support beam search yet; this generate call "
-                          "runs without correction", TidalFallbackWarning, stacklevel=2)
-            forward.interval = 0
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            forward.interval = interval
-
-    model.generate = tidal_generate
+    return model
 
 
 def sliding_window_layers(model_config: Any) -> list[int]:

@@ -23,10 +23,13 @@ class LayerReport:
     reason: str
     source_layer: Optional[int] = None
     fallback: bool = False
+    reference_reason: Optional[str] = None
+    """Set when the layer's tidal ops run the PyTorch reference on CUDA instead of the kernels."""
 
     def __str__(self) -> str:
         layer = "  ?" if self.layer is None else f"{self.layer:3d}"
-        return f"  layer {layer}  {self.phase:<7}  {self.kind:<9}  {self.reason}"
+        slow = f" [PyTorch reference, not the kernels: {self.reference_reason}]" if self.reference_reason else ""
+        return f"  layer {layer}  {self.phase:<7}  {self.kind:<9}  {self.reason}{slow}"
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ def build_report(result: PassResult, config: TidalConfig, example_inputs: Iterab
     layers = tuple(
         LayerReport(layer=d.site.layer, module_path=d.site.module_path,
                     phase="decode" if d.site.is_decode else "prefill", kind=d.kind, reason=d.reason,
-                    source_layer=d.source_layer, fallback=d.fallback)
+                    source_layer=d.source_layer, fallback=d.fallback,
+                    reference_reason=d.site.reference_reason if d.kind != "unchanged" else None)
         for d in result.decisions)
     family = next((d.site.family for d in result.decisions if d.site.family), None)
     params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))

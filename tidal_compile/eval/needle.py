@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
 
+from tidal_compile import hf_compat
 from tidal_compile.eval import retrieval_data as data
 from tidal_compile.hf import compile_for_generation
 
@@ -74,6 +75,8 @@ def evaluate_setting(model_path: str | Path, setting: Setting, lengths: list[int
     """Accuracy per (length, depth) cell for one setting."""
     torch._dynamo.reset()
     model = load_model(model_path, device, dtype)
+    cache_len = max(lengths) + data.VALUE_TOKENS  # one cache shape for every cell: one compiled graph
+    cache_name = hf_compat.forward_cache_name(model.forward)
     if setting.options is not None:
         compile_for_generation(model, inner_backend=inner_backend, **setting.options)
     language = data.FillerLanguage()
@@ -81,8 +84,10 @@ def evaluate_setting(model_path: str | Path, setting: Setting, lengths: list[int
     for length in lengths:
         for depth in depths:
             prompt, answer = needle_prompts(length, depth, cases, device, language)
-            cache = StaticCache(config=model.config, max_cache_len=max(lengths) + data.VALUE_TOKENS)
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+            # compile_for_generation's generate builds a TidalCache per call
+            cache = ({"max_cache_len": cache_len} if setting.options is not None else
+                     {cache_name: StaticCache(config=model.config, max_cache_len=cache_len)})
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **cache,
                                  max_new_tokens=data.VALUE_TOKENS, min_new_tokens=data.VALUE_TOKENS,
                                  do_sample=False, pad_token_id=data.PAD)
             generated = out[:, -data.VALUE_TOKENS:]

@@ -29,6 +29,7 @@ from transformers import AttentionInterface, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tidal_compile import hf_compat
 from tidal_compile.config import TidalConfig
 from tidal_compile.eval import retrieval_data as data
 from tidal_compile.eval.needle import Setting, load_model, needle_prompts
@@ -121,7 +122,7 @@ def measure(model: torch.nn.Module, setting: Setting, length: int, depths: list[
         for depth in depths:
             prompt, _ = needle_prompts(length, depth, cases, device, language)
             cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps)
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), **{hf_compat.forward_cache_name(model.forward): cache},
                            max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=data.PAD,
                            disable_compile=True)  # the probe runs eagerly
     return probe.recall()

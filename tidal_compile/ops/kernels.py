@@ -131,12 +131,22 @@ def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device:
     return MaskSummary(kv_len, sink_end, recent_start, kv_start, valid_count)
 
 
-def supports(query: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> bool:
-    """Whether the kernels take these inputs (else the op uses the PyTorch reference): fp16 /
-    bf16 / fp32, one head dim <= 256 for q, k and v, and a mask shared by all heads."""
-    per_head_mask = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] != 1
-    same_dim = value.shape[-1] == query.shape[-1] <= 256
-    return query.dtype in KERNEL_DTYPES and same_dim and not per_head_mask
+MAX_HEAD_DIM = 256
+
+
+def unsupported(query: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> Optional[str]:
+    """Why the kernels do not take these inputs (the op then runs the PyTorch reference), or None
+    when they do: they take fp16 / bf16 / fp32, one head dim <= 256 for q, k and v, and a mask
+    shared by all heads."""
+    if query.dtype not in KERNEL_DTYPES:
+        return f"dtype {query.dtype} (kernels: float16, bfloat16, float32)"
+    if value.shape[-1] != query.shape[-1]:
+        return f"value head dim {value.shape[-1]} differs from the query's {query.shape[-1]}"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
+    if attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[1] != 1:
+        return f"a per-head attention mask {tuple(attn_mask.shape)} (kernels: one mask per sequence)"
+    return None
 
 
 def _group_pad(group: int) -> int:
@@ -281,20 +291,19 @@ QUEST_BLOCK_P = 64
 
 
 def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
-                          filled: Tensor, epoch: Tensor, seen_epoch: Tensor, page_size: int) -> None:
-    """Summarise the pages written since the last call (all of them after a new epoch), in place."""
+                          filled: Tensor, page_size: int) -> None:
+    """Summarise the pages from the one holding position `filled` to the valid length, in place."""
     b, hkv, length, d = key.shape
     kv_len = summarize_mask(attn_mask, b, length, key.device).kv_len
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, kv_len)
     kernel = codegen.load("quest_metadata.py.jinja", mask_kind=mask_kind).quest_metadata
     wrap_triton(kernel)[(b * hkv, QUEST_METADATA_PROGRAMS)](
-        key, mask, page_min, page_max, filled, kv_len, epoch, seen_epoch,
+        key, mask, page_min, page_max, filled, kv_len,
         key.stride(0), key.stride(1), key.stride(2), *mask_strides,
         page_min.stride(0), page_min.stride(1), page_min.stride(2), length,
         NUM_KV_HEADS=hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         NPROG=QUEST_METADATA_PROGRAMS, MASK_MIN=mask_min)
     filled.copy_(kv_len)
-    seen_epoch.copy_(epoch)
 
 
 def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,

@@ -9,7 +9,8 @@ traced with fake tensors, which gives the ops their shapes under torch.compile.
     tidal::dense_attention(q, k, v, mask, scale) -> out
     tidal::selection_attention(q, k, v, mask, scale, budget, granularity, sink, recent) -> (out, indices)
     tidal::sparse_attention(q, k, v, indices, scale) -> out
-    tidal::quest_update_metadata(k, mask, page_min!, page_max!, filled!, epoch, seen_epoch!, page_size)
+    tidal::quest_cache_write(k, page_min, page_max, filled!, written_from)
+    tidal::quest_update_metadata(k, mask, page_min!, page_max!, filled!, page_size)
     tidal::quest_attention(q, k, v, mask, page_min, page_max, scale, budget, page_size) -> out
 
 q is `[B, H, 1, D]`, k/v the un-expanded KV cache `[B, Hkv, L, D]`, indices `int32 [B, S, k]`.
@@ -26,13 +27,23 @@ from tidal_compile.config import GRANULARITIES
 from tidal_compile.ops import reference
 
 try:
-    from tidal_compile.ops import kernels
+    import triton  # noqa: F401
 except ImportError:  # no Triton on this platform: the reference runs everywhere
     kernels = None
+else:
+    from tidal_compile.ops import kernels
+
+
+def kernel_fallback(query: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None) -> Optional[str]:
+    """Why the ops would run the plain-PyTorch reference instead of the Triton kernels on these
+    (CUDA) inputs, or None when they run the kernels."""
+    if kernels is None:
+        return "Triton is not installed"
+    return kernels.unsupported(query, value, attn_mask)
 
 
 def _use_kernels(query: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None) -> bool:
-    return kernels is not None and query.is_cuda and kernels.supports(query, value, attn_mask)
+    return query.is_cuda and kernel_fallback(query, value, attn_mask) is None
 
 
 def index_sets(granularity: str, num_heads: int, num_kv_heads: int) -> int:
@@ -125,32 +136,43 @@ def _check_page_metadata(key: Tensor, page_min: Tensor, page_max: Tensor, page_s
                              f"{list(t.shape)}")
 
 
-@torch.library.triton_op("tidal::quest_update_metadata",
-                         mutates_args=("page_min", "page_max", "filled", "seen_epoch"))
+@torch.library.custom_op("tidal::quest_cache_write", mutates_args=("filled",))
+def quest_cache_write(key: Tensor, page_min: Tensor, page_max: Tensor, filled: Tensor, written_from: Tensor) -> None:
+    """A KV-cache layer `key` was written from position `written_from` on: the page metadata of
+    those pages is stale, so `filled` (int32 [B], positions summarised) drops to at most it.
+    Called by `TidalCache` layers on every write; the tidal pass finds a layer's page metadata
+    (`page_min`, `page_max`, `filled`) on this node, by the cache tensor `key`."""
+    torch.minimum(filled, written_from.to(filled.dtype), out=filled)
+
+
+@quest_cache_write.register_fake
+def _(key, page_min, page_max, filled, written_from) -> None:
+    return None
+
+
+@torch.library.triton_op("tidal::quest_update_metadata", mutates_args=("page_min", "page_max", "filled"))
 def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
-                          filled: Tensor, epoch: Tensor, seen_epoch: Tensor, page_size: int) -> None:
+                          filled: Tensor, page_size: int) -> None:
     """Bring Quest's page metadata (`page_min`/`page_max` [B, Hkv, P, D]) up to date with the
-    cache in place: only pages written since the last call, everything when `epoch` (bumped by
-    every prefill) differs from `seen_epoch`. `filled` int32 [B] is the valid length summarised."""
+    cache in place: the pages from the one holding position `filled` (int32 [B]: summarised up
+    to there; every cache write lowers it to where it wrote) to the valid length, which
+    `filled` then becomes."""
     _check_page_metadata(key, page_min, page_max, page_size)
     if _use_kernels(key, key, attn_mask):
-        kernels.quest_update_metadata(key, attn_mask, page_min, page_max, filled, epoch, seen_epoch, page_size)
+        kernels.quest_update_metadata(key, attn_mask, page_min, page_max, filled, page_size)
         return
-    quest_update_metadata_reference(key, attn_mask, page_min, page_max, filled, epoch, seen_epoch, page_size)
+    quest_update_metadata_reference(key, attn_mask, page_min, page_max, filled, page_size)
 
 
-@torch.library.custom_op("tidal::quest_update_metadata_reference",
-                         mutates_args=("page_min", "page_max", "filled", "seen_epoch"))
+@torch.library.custom_op("tidal::quest_update_metadata_reference", mutates_args=("page_min", "page_max", "filled"))
 def quest_update_metadata_reference(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
-                                    filled: Tensor, epoch: Tensor, seen_epoch: Tensor, page_size: int) -> None:
+                                    filled: Tensor, page_size: int) -> None:
     """The reference update, an opaque op: it reads lengths on the host, which tracing cannot."""
-    reference.quest_update_metadata(key, attn_mask, page_min, page_max, filled,
-                                    bool((epoch != seen_epoch).any()), page_size)
-    seen_epoch.copy_(epoch)
+    reference.quest_update_metadata(key, attn_mask, page_min, page_max, filled, page_size)
 
 
 @quest_update_metadata_reference.register_fake
-def _(key, attn_mask, page_min, page_max, filled, epoch, seen_epoch, page_size) -> None:
+def _(key, attn_mask, page_min, page_max, filled, page_size) -> None:
     return None
 
 

@@ -178,17 +178,16 @@ def quest_page_metadata(key: Tensor, attn_mask: Optional[Tensor], page_size: int
 
 
 def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
-                          filled: Tensor, new_sequence: bool, page_size: int) -> None:
+                          filled: Tensor, page_size: int) -> None:
     """Bring the page metadata up to date in place after cache writes, touching only the pages
-    that changed: from the page holding position `filled[b]` (the first position not yet
-    summarised) to the page of the last valid position; everything when `new_sequence`, or
-    when the valid length shrank (a new sequence in the same cache). Sets `filled` to the
-    valid length."""
+    that changed: from the page holding position `filled[b]` (the first position not
+    summarised since it was written) to the page of the last valid position; everything when
+    the valid length shrank. Sets `filled` to the valid length."""
     b = key.shape[0]
     length = valid_length(valid_positions(attn_mask, b, key.shape[2], key.device))
     for row in range(b):
         end, done = int(length[row]), int(filled[row])
-        start = 0 if new_sequence or done > end else done // page_size
+        start = 0 if done > end else done // page_size
         stop = -(-end // page_size)
         if stop <= start:
             continue

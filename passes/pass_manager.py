@@ -46,8 +46,7 @@ def run_tidal_passes(gm: fx.GraphModule, config: TidalConfig, num_layers: Option
     if depth is None:  # no attention, or none with a layer index: nothing to rewrite
         decisions = [LayerDecision(s, "unchanged", f"stays SDPA: {s.unsupported}") for s in sites]
         return PassResult(graph_id, None, decisions, Counter())
-    family = next((s.family for s in sites if s.family), None)
-    plan = config.resolve(depth, family)
+    plan = config.resolve(depth)
     decisions = plan_attention(sites, plan)
     _dump(gm, graph_id, "before")
     counts = rewrite_attention(gm, decisions, config)

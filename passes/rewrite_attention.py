@@ -37,6 +37,7 @@ Fused ATen SDPA variants return tuples; only their element 0 (the output) may be
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from collections import Counter
@@ -47,6 +48,7 @@ import torch.fx as fx
 import tidal_compile.ops  # noqa: F401  (registers torch.ops.tidal)
 from tidal_compile.config import TidalConfig
 from tidal_compile.passes import fx_utils
+from tidal_compile.passes.find_attention import AttentionSite
 from tidal_compile.passes.plan import LayerDecision
 
 log = logging.getLogger(__name__)
@@ -57,11 +59,12 @@ def rewrite_attention(gm: fx.GraphModule, decisions: list[LayerDecision], config
     """Rewrite `gm`'s graph in place; return how many nodes became each kind."""
     graph = gm.graph
     indices_of_layer: dict[int, fx.Node] = {}
+    replaced: dict[fx.Node, fx.Node] = {}  # an erased attention output -> what replaced it
     counts: Counter = Counter()
     for decision in decisions:
         if decision.kind == "unchanged":
             continue
-        site = decision.site
+        site = decision.site = _with_current_inputs(decision.site, replaced)
         with graph.inserting_before(site.node):
             base = (site.query, site.key, site.value)
             if decision.kind == "dense":
@@ -81,7 +84,7 @@ def rewrite_attention(gm: fx.GraphModule, decisions: list[LayerDecision], config
                     out = graph.call_function(tidal.sparse_attention.default, (*base, indices, site.scale))
                 indices_of_layer[site.layer] = indices
         out.meta["nn_module_stack"] = site.node.meta.get("nn_module_stack", {})
-        _replace_output(site.node, out)
+        replaced.update(dict.fromkeys(_replace_output(site.node, out), out))
         counts[decision.kind] += 1
     log.debug("tidal rewrite: %s", dict(counts))
     return counts
@@ -97,14 +100,27 @@ def _quest_attention(graph: fx.Graph, decision: LayerDecision, config: TidalConf
         config.page_size))
 
 
-def _replace_output(node: fx.Node, out: fx.Node) -> None:
+def _with_current_inputs(site: AttentionSite, replaced: dict[fx.Node, fx.Node]) -> AttentionSite:
+    """`site` with inputs that an earlier rewrite erased (an attention output feeding this call)
+    pointing at their replacements."""
+    inputs = {name: getattr(site, name) for name in ("query", "key", "value", "attn_mask")}
+    return dataclasses.replace(site, **{name: replaced.get(x, x) if isinstance(x, fx.Node) else x
+                                        for name, x in inputs.items()})
+
+
+def _replace_output(node: fx.Node, out: fx.Node) -> list[fx.Node]:
+    """Route the uses of attention node `node` to `out` and erase it; returns the nodes erased
+    that held its output (the node, or a fused variant's getitem users)."""
     if node.target in fx_utils.PUBLIC_SDPA_TARGETS:
         node.replace_all_uses_with(out)
+        outputs = [node]
     else:
-        for user in list(node.users):
+        outputs = list(node.users)
+        for user in outputs:
             user.replace_all_uses_with(out)
             node.graph.erase_node(user)
     inputs = node.all_input_nodes
     node.graph.erase_node(node)
     for inp in inputs:
         fx_utils.erase_if_unused(inp)
+    return outputs

@@ -112,3 +112,30 @@ def test_correction_through_the_bare_backend_warns():
     with pytest.warns(tidal_compile.TidalFallbackWarning, match="takes effect through .*compile_for_generation"):
         with torch.no_grad():
             compiled(*model.inputs())
+
+
+def test_cuda_calls_the_kernels_do_not_take_are_reported_and_warned_once():
+    """float64 on CUDA runs the PyTorch reference: the report says so with the reason, and one
+    warning names the layers (fake CUDA tensors: no GPU needed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    def attend(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(out, k, v)
+
+    gm = torch.fx.symbolic_trace(attend)
+    sdpa = [n for n in gm.graph.nodes if n.op == "call_function"]
+    for layer, node in enumerate(sdpa):
+        node.meta["nn_module_stack"] = {"m": (f"model.layers.{layer}.self_attn", torch.nn.Module)}
+    with FakeTensorMode() as mode:
+        q, k = torch.empty(1, 2, 1, 8, device="cuda", dtype=torch.float64), torch.empty(1, 2, 5, 8, device="cuda",
+                                                                                       dtype=torch.float64)
+    FakeTensorProp(gm, mode).propagate(q, k, k)
+    tidal_compile.clear_reports()
+    with pytest.warns(tidal_compile.TidalFallbackWarning, match=r"layers \[0, 1\] run the plain-PyTorch reference"
+                      r".*dtype torch.float64") as caught:
+        tidal_compile.tidal_backend(gm, [q, k, k], options={"mode": "full", "inner_backend": "eager"})
+    assert len([w for w in caught if "reference" in str(w.message)]) == 1
+    text = str(tidal_compile.explain())
+    assert text.count("[PyTorch reference, not the kernels: dtype torch.float64") == 2, text

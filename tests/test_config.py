@@ -31,12 +31,12 @@ def test_load_accepts_dict_config_and_empty_yaml(tmp_path):
 
 
 def test_auto_selection_layers_follow_tidaldecode_default():
-    assert auto_selection_layers(32, (0, 1), "llama") == (2, 13)
+    assert auto_selection_layers(32, (0, 1)) == (2, 13)
     assert auto_selection_layers(8, (0, 1)) == (2,), "layer 3 would re-select right after layer 2"
     assert auto_selection_layers(12, (0, 1)) == (2, 5)
     assert auto_selection_layers(4, (0, 1)) == (2,)
     assert auto_selection_layers(2, (0, 1)) == ()
-    plan = TidalConfig().resolve(32, "llama")
+    plan = TidalConfig().resolve(32)
     assert plan.dense_layers == (0, 1) and plan.selection_layers == (2, 13)
 
 

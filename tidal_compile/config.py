@@ -17,9 +17,8 @@ import yaml
 MODES = ("tidal", "quest", "full", "topk_oracle")
 GRANULARITIES = ("query_head", "kv_head", "layer")
 
-# TidalDecode's reference setting for 32-layer Llama-3-8B re-selects at layer 13; presets
-# scale that point to the model depth.
-_RESELECT_FRACTION = {"llama": 13 / 32, "mistral": 13 / 32, "qwen2": 13 / 32}
+# TidalDecode's reference setting for 32-layer Llama-3-8B re-selects at layer 13; "auto" scales
+# that point to the model depth. No family has evidence for another point: calibrate per model.
 DEFAULT_RESELECT_FRACTION = 13 / 32
 
 
@@ -98,14 +97,14 @@ class TidalConfig:
 
     # ------------------------------------------------------------- resolving
 
-    def resolve(self, num_layers: int, family: str | None = None) -> "ResolvedPlanConfig":
+    def resolve(self, num_layers: int) -> "ResolvedPlanConfig":
         """Fix the layer sets for a model of `num_layers` layers and check they fit it."""
         if num_layers <= 0:
             raise ConfigError(f"num_layers must be positive, got {num_layers}")
         dense = tuple(sorted(set(self.dense_layers)))
         _check_in_range("dense_layers", dense, num_layers)
         if self.selection_layers == "auto":
-            selection = auto_selection_layers(num_layers, dense, family)
+            selection = auto_selection_layers(num_layers, dense)
         else:
             selection = tuple(sorted(set(self.selection_layers)))
             _check_in_range("selection_layers", selection, num_layers)
@@ -136,16 +135,13 @@ class ResolvedPlanConfig:
     selection_layers: tuple[int, ...]
 
 
-def auto_selection_layers(num_layers: int, dense_layers: Sequence[int],
-                          family: str | None = None) -> tuple[int, ...]:
-    """TidalDecode's default: the first layer after the dense ones, and a re-selection layer.
-
-    The re-selection layer sits at the family's fraction of the depth (layer 13 of 32 for
-    Llama). Layers past the model's end are dropped, so a 2-layer model has none.
+def auto_selection_layers(num_layers: int, dense_layers: Sequence[int]) -> tuple[int, ...]:
+    """TidalDecode's default: the first layer after the dense ones, and a re-selection layer
+    at 13/32 of the depth (layer 13 of a 32-layer Llama). Layers past the model's end are
+    dropped, so a 2-layer model has none.
     """
     first = max(dense_layers, default=-1) + 1
-    fraction = _RESELECT_FRACTION.get(family or "", DEFAULT_RESELECT_FRACTION)
-    reselect = round(fraction * num_layers)
+    reselect = round(DEFAULT_RESELECT_FRACTION * num_layers)
     chosen = {first} | ({reselect} if reselect > first + 1 else set())  # adjacent: nothing to reuse
     return tuple(sorted(i for i in chosen if i < num_layers and i not in dense_layers))
 

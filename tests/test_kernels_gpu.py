@@ -166,3 +166,30 @@ def test_gpu_offsets_past_2_31_elements():
     torch.testing.assert_close(idx[last], expected_idx, rtol=0, atol=0)
     sparse = tidal.sparse_attention(q, k, v, idx, 1.0)[last]
     assert oracle.relative_error(sparse, reference.sparse_attention(q[last], k[last], v[last], idx[last], 1.0)) < 1e-2
+
+
+def test_gpu_quest_through_generate_with_cuda_graphs_two_prompts_in_a_row():
+    """compile_for_generation(mode quest, cudagraphs=True): each generate call gets its own
+    TidalCache, the decode steps replay CUDA graphs over its page metadata, and a second, longer
+    prompt decodes like the test-side Quest (tokens equal, logits within fp32 kernel tolerance)."""
+    import tidal_compile
+    from models import prompts, tiny_model
+    from patched_attention import LayerPlan, patched
+    from tidal_compile.hf import compile_for_generation
+
+    torch._dynamo.reset()
+    tidal_compile.clear_reports()
+    model = tiny_model("llama", layers=5, heads=8, kv_heads=2).cuda()
+    plan = LayerPlan(5, (0, 1), (), 32, "query_head", mode="quest", page_size=16)
+    kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    runs = [prompts(1, length, False, seed=seed, device="cuda")[0] for seed, length in ((0, 100), (1, 300))]
+    expected = []
+    for prompt in runs:
+        with patched(model, plan):
+            expected.append(model.generate(prompt, cache_implementation="static", **kwargs))
+    compile_for_generation(model, mode="quest", budget=32, page_size=16, cudagraphs=True)
+    for prompt, want in zip(runs, expected):
+        got = model.generate(prompt, max_cache_len=400, **kwargs)
+        assert torch.equal(got.sequences, want.sequences)
+        assert oracle.relative_error(torch.stack(got.logits), torch.stack(want.logits)) < 1e-3
+    assert any(g.phase == "decode" and g.count("quest") == 3 for g in tidal_compile.explain(model))

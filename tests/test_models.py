@@ -53,7 +53,7 @@ def check_budget_covering_context(family, heads, kv_heads, layers, granularity, 
        padded=st.booleans())
 def test_budget_covering_context_equals_eager(family, heads_kv, layers, granularity, batch, padded):
     """(a) k >= every valid length: each decode step's logits equal eager, tokens identical."""
-    check_budget_covering_context(family, *heads_kv, layers, granularity, batch, padded, "aot_eager")
+    check_budget_covering_context(family, *heads_kv, layers, granularity, batch, padded, "eager")
 
 
 @pytest.mark.slow
@@ -88,7 +88,7 @@ def check_against_patched_model(family, heads, kv_heads, layers, granularity, bu
        batch=st.integers(1, 2), padded=st.booleans())
 def test_sparse_model_equals_layer_by_layer_patch(family, heads_kv, layers, granularity, budget, batch, padded):
     """(d) k < length: the compiled model equals a test-side TidalDecode patched per layer."""
-    check_against_patched_model(family, *heads_kv, layers, granularity, budget, batch, padded, "aot_eager")
+    check_against_patched_model(family, *heads_kv, layers, granularity, budget, batch, padded, "eager")
 
 
 def test_topk_oracle_mode_equals_patch():

@@ -181,7 +181,7 @@ def test_quest_without_a_tidal_cache_stays_dense_and_says_how_to_fix_it():
     """A plain StaticCache has no page metadata: the layers stay dense, with a warning naming
     TidalCache; the same compile with a TidalCache rewrites them."""
     model = tiny_model("llama", layers=4, heads=4, kv_heads=2)
-    compiled = compile_tidal(model, mode="quest", budget=32, page_size=8, inner_backend="aot_eager")
+    compiled = compile_tidal(model, mode="quest", budget=32, page_size=8, inner_backend="eager")
     prompt, _ = prompts(1, 20, False)
     with pytest.warns(tidal_compile.TidalFallbackWarning, match="pass cache=tidal_compile.TidalCache"):
         greedy_decode(compiled, model, prompt, 2, 40)
@@ -193,7 +193,7 @@ def test_quest_without_a_tidal_cache_stays_dense_and_says_how_to_fix_it():
 
 def test_a_cache_with_pages_of_another_size_stays_dense():
     model = tiny_model("llama", layers=4, heads=4, kv_heads=2)
-    compiled = compile_tidal(model, mode="quest", budget=32, page_size=8, inner_backend="aot_eager")
+    compiled = compile_tidal(model, mode="quest", budget=32, page_size=8, inner_backend="eager")
     prompt, _ = prompts(1, 20, False)
     with pytest.warns(tidal_compile.TidalFallbackWarning, match="pages of another size than page_size=8"):
         greedy_decode(compiled, model, prompt, 2, 40, cache=TidalCache(model.config, max_cache_len=40, page_size=16))
@@ -219,7 +219,7 @@ def test_quest_through_generate_two_prompts_in_a_row():
             expected.append(generate_quest_logits(model, prompt, cache_implementation="static"))
     dense = generate_quest_logits(model, second, cache_implementation="static")[1]
     torch._dynamo.reset()
-    compile_for_generation(model, mode="quest", budget=16, page_size=8, inner_backend="aot_eager")
+    compile_for_generation(model, mode="quest", budget=16, page_size=8, inner_backend="eager")
     for prompt, (tokens, logits) in zip((first, second), expected):
         ours = generate_quest_logits(model, prompt)
         assert torch.equal(ours[0], tokens)
@@ -237,7 +237,7 @@ def test_quest_metadata_after_correction_matches_the_corrected_cache(monkeypatch
         torch._dynamo.reset()
         model = tiny_model("llama", layers=5, heads=4, kv_heads=2)
         compile_for_generation(model, mode="quest", budget=16, page_size=8, correction={"interval": 2},
-                               inner_backend="aot_eager")
+                               inner_backend="eager")
         cache = TidalCache(model.config, max_cache_len=48, page_size=8)
         model.generate(prompt, max_new_tokens=10, do_sample=False, **{CACHE: cache})
         assert cache.sequence.corrections == 4

@@ -89,16 +89,18 @@ def is_getitem(node: Any) -> bool:
     return is_call(node, operator.getitem)
 
 
-def erase_if_unused(node: Any) -> None:
-    """Erase `node` and, recursively, its inputs that only it used, if they are pure views."""
-    if not isinstance(node, fx.Node) or node.users or node.op != "call_function" and node.op != "call_method":
-        return
-    if not _is_pure_view(node):
-        return
-    inputs = node.all_input_nodes
-    node.graph.erase_node(node)
-    for inp in inputs:
-        erase_if_unused(inp)
+def erase_if_unused(*nodes: Any) -> None:
+    """Erase those of `nodes` that nothing uses any more and, transitively, their inputs that only
+    they used, if they are pure views (each node at most once, though several may share inputs)."""
+    pending = [n for n in nodes if isinstance(n, fx.Node)]
+    erased: set[fx.Node] = set()
+    while pending:
+        node = pending.pop()
+        if node in erased or node.users or node.op not in ("call_function", "call_method") or not _is_pure_view(node):
+            continue
+        pending.extend(node.all_input_nodes)
+        node.graph.erase_node(node)
+        erased.add(node)
 
 
 _VIEW_METHODS = ("expand", "reshape", "view", "unsqueeze", "contiguous")

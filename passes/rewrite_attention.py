@@ -121,6 +121,5 @@ def _replace_output(node: fx.Node, out: fx.Node) -> list[fx.Node]:
             node.graph.erase_node(user)
     inputs = node.all_input_nodes
     node.graph.erase_node(node)
-    for inp in inputs:
-        fx_utils.erase_if_unused(inp)
+    fx_utils.erase_if_unused(*inputs)
     return outputs

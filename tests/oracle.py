@@ -44,7 +44,7 @@ def attend(q, k, v, scale, b: int, h: int, positions: Sequence[int]) -> torch.Te
     group = q.shape[1] // k.shape[1]
     logits = {j: float(q[b, h, 0].double() @ k[b, h // group, j].double()) * scale for j in positions}
     probs = softmax(logits)
-    out = torch.zeros(v.shape[-1], dtype=torch.float64)
+    out = torch.zeros(v.shape[-1], dtype=torch.float64, device=v.device)
     for j, p in probs.items():
         out += p * v[b, h // group, j].double()
     return out
@@ -80,11 +80,11 @@ def select(rank: dict[int, float], budget: int, sink: int = 0, recent: int = 0) 
 def selection_indices(q, k, mask, scale, budget, granularity, sink=0, recent=0) -> torch.Tensor:
     rows = [[select(r, budget, sink, recent) for r in ranking(q, k, mask, scale, b, granularity)]
             for b in range(q.shape[0])]
-    return torch.tensor(rows, dtype=torch.int32)
+    return torch.tensor(rows, dtype=torch.int32, device=q.device)
 
 
 def dense(q, k, v, mask, scale) -> torch.Tensor:
-    out = torch.zeros(q.shape[0], q.shape[1], 1, v.shape[-1], dtype=torch.float64)
+    out = torch.zeros(q.shape[0], q.shape[1], 1, v.shape[-1], dtype=torch.float64, device=q.device)
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
             out[b, h, 0] = attend(q, k, v, scale, b, h, valid_positions(mask, b, k.shape[2]))
@@ -93,7 +93,7 @@ def dense(q, k, v, mask, scale) -> torch.Tensor:
 
 def sparse(q, k, v, indices, scale) -> torch.Tensor:
     heads, sets = q.shape[1], indices.shape[1]
-    out = torch.zeros(q.shape[0], heads, 1, v.shape[-1], dtype=torch.float64)
+    out = torch.zeros(q.shape[0], heads, 1, v.shape[-1], dtype=torch.float64, device=q.device)
     for b in range(q.shape[0]):
         for h in range(heads):
             row = indices[b, h * sets // heads].tolist()
@@ -150,7 +150,7 @@ def quest_pages(q, k, mask, b: int, h: int, budget: int, page_size: int) -> list
 
 def quest(q, k, v, mask, scale, budget: int, page_size: int) -> torch.Tensor:
     """Quest decode attention: each head attends to the valid positions of its chosen pages."""
-    out = torch.zeros(q.shape[0], q.shape[1], 1, v.shape[-1], dtype=torch.float64)
+    out = torch.zeros(q.shape[0], q.shape[1], 1, v.shape[-1], dtype=torch.float64, device=q.device)
     for b in range(q.shape[0]):
         valid = set(valid_positions(mask, b, k.shape[2]))
         for h in range(q.shape[1]):

@@ -112,6 +112,7 @@ def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device:
                    sink: int = 0, recent: int = 0) -> MaskSummary:
     """Valid length, first valid position, valid count and sink / recent boundaries per sequence,
     from a mask broadcast over heads."""
+    batch, length = int(batch), int(length)  # see `sizes`
     one_pass = sink == 0 and recent <= 1  # no boundary to count: parallel over the row
     # The one pass merges its chunks by atomics: max / add into zeros, min into the length.
     make = torch.zeros if one_pass else torch.empty
@@ -149,6 +150,13 @@ def unsupported(query: Tensor, value: Tensor, attn_mask: Optional[Tensor]) -> Op
     return None
 
 
+def sizes(t: Tensor) -> tuple[int, ...]:
+    """`t.shape` as plain ints. Launch plans (split counts, tiles, template flags) depend on the
+    sizes, so under torch.compile with a symbolic size (dynamic=True, or a cache that changed
+    size) this specialises the graph on the traced value: a guard, and a recompile for another."""
+    return tuple(int(size) for size in t.shape)
+
+
 def _group_pad(group: int) -> int:
     return max(16, triton.next_power_of_2(group))
 
@@ -169,7 +177,7 @@ def _mask_args(attn_mask: Optional[Tensor], batch: int, length: int, like: Tenso
 
 def _combine(part_out: Tensor, part_lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Merge split partials into (out [B, H, 1, D] in `dtype`, lse [B, H] fp32)."""
-    b, h, splits, d = part_out.shape
+    b, h, splits, d = sizes(part_out)
     out = torch.empty(b, h, 1, d, dtype=dtype, device=part_out.device)
     lse = torch.empty(b, h, dtype=torch.float32, device=part_out.device)
     kernel = codegen.load("combine_splits.py.jinja").combine_splits
@@ -207,8 +215,8 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     None: bound when the summary is given, or for a masked launch without logits of at least
     BOUND_MIN_WORK sequence-head positions, where the mask costs more than the summary
     (docs/benchmarks.md)."""
-    b, h, _, d = query.shape
-    hkv, length = key.shape[1], key.shape[2]
+    b, h, _, d = sizes(query)
+    _, hkv, length, _ = sizes(key)
     group = h // hkv
     autotune = blocks is None and autotune_enabled(query.device)
     blocks = blocks or decode_blocks(d, b * hkv)
@@ -255,9 +263,10 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
                   attn_mask: Optional[Tensor] = None, page_size: int = 0) -> Tensor:
     """Attention over the positions in `indices` (int32 [B, S, k], -1 ignored). With `page_size`,
     indices are pages (Quest): each covers `page_size` positions, those valid under `attn_mask` used."""
-    b, h, _, d = query.shape
-    hkv, length = key.shape[1], key.shape[2]
-    sets, budget = indices.shape[1], indices.shape[2] * max(page_size, 1)
+    b, h, _, d = sizes(query)
+    _, hkv, length, _ = sizes(key)
+    _, sets, budget = sizes(indices)
+    budget *= max(page_size, 1)
     group = h // hkv
     shared = sets != h or group == 1
     blocks = decode_blocks(d, b * hkv)
@@ -293,7 +302,7 @@ QUEST_BLOCK_P = 64
 def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
                           filled: Tensor, page_size: int) -> None:
     """Summarise the pages from the one holding position `filled` to the valid length, in place."""
-    b, hkv, length, d = key.shape
+    b, hkv, length, d = sizes(key)
     kv_len = summarize_mask(attn_mask, b, length, key.device).kv_len
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, kv_len)
     kernel = codegen.load("quest_metadata.py.jinja", mask_kind=mask_kind).quest_metadata
@@ -310,9 +319,9 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
                     page_max: Tensor, scale: float, budget: int, page_size: int) -> Tensor:
     """Quest decode attention: page scores, per-head top pages (the current one forced), then
     attention over the chosen pages' valid positions."""
-    b, h, _, d = query.shape
-    hkv, length = key.shape[1], key.shape[2]
-    pages = page_min.shape[2]
+    b, h, _, d = sizes(query)
+    _, hkv, length, _ = sizes(key)
+    pages = sizes(page_min)[2]
     summary = summarize_mask(attn_mask, b, length, query.device)
     scores = torch.empty(b, h, pages, dtype=torch.float32, device=query.device)
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, scores)
@@ -353,7 +362,7 @@ def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, 
     A set ranks by its head's logit (query_head) or, with `rank_by_prob`, by the sum over its
     H / S heads of softmax probabilities (kv_head, layer). Each row is cut into chunks of
     `chunk` positions (a multiple of `block`; default `topk_chunk`), one program each."""
-    b, h, length = logits.shape
+    b, h, length = sizes(logits)
     rows = b * sets
     chunk = chunk or topk_chunk(rows, length, logits.device)
     chunks = triton.cdiv(length, chunk)

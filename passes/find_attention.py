@@ -69,6 +69,23 @@ def find_attention(graph: fx.Graph) -> list[AttentionSite]:
     return sites
 
 
+_SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.ops.aten._softmax.default, torch.ops.aten.softmax.int,
+            "softmax")
+
+
+def eager_attention_layers(graph: fx.Graph) -> list[int]:
+    """Layers that compute attention without SDPA (a softmax inside an attention module, as
+    `attn_implementation="eager"` does): the tidal ops cannot take those over."""
+    layers = set()
+    for node in graph.nodes:
+        located = fx_utils.module_path(node) if fx_utils.is_call(node, *_SOFTMAX) else None
+        if located and "att" in located[0].lower():
+            layer = fx_utils.layer_index(located[0])
+            if layer is not None:
+                layers.add(layer)
+    return sorted(layers)
+
+
 def _describe(node: fx.Node) -> AttentionSite:
     args = fx_utils.sdpa_arguments(node)
     located = fx_utils.module_path(node)
@@ -89,8 +106,6 @@ def _check(site: AttentionSite, node: fx.Node, args: dict[str, Any]) -> Optional
     if node.target not in fx_utils.PUBLIC_SDPA_TARGETS and not all(
             fx_utils.is_getitem(u) and u.args[1] == 0 for u in node.users):
         return f"{node.target} outputs besides the attention output (e.g. log-sum-exp) are used"
-    if site.layer is None:
-        return "no layer index: the node has no nn_module_stack with a layer number"
     q, k, v = (fx_utils.fake_value(args[name]) for name in ("query", "key", "value"))
     if q is None or k is None or v is None:
         return "q/k/v have no recorded shapes"
@@ -102,6 +117,8 @@ def _check(site: AttentionSite, node: fx.Node, args: dict[str, Any]) -> Optional
     if query_len != 1:
         return f"prefill (query length {query_len})"
     site.is_decode = True
+    if site.layer is None:
+        return "no layer index: the node has no nn_module_stack with a layer number"
     if not args["enable_gqa"]:
         key, value = _look_through_repeat_kv(args["key"]), _look_through_repeat_kv(args["value"])
         if key is not None and value is not None:

@@ -8,15 +8,15 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch.fx as fx
 
 from tidal_compile.config import ResolvedPlanConfig, TidalConfig
-from tidal_compile.passes.find_attention import AttentionSite, find_attention
-from tidal_compile.passes.plan import LayerDecision, plan_attention
+from tidal_compile.passes.find_attention import AttentionSite, eager_attention_layers, find_attention
+from tidal_compile.passes.plan import LayerDecision, LayerKind, plan_attention
 from tidal_compile.passes.rewrite_attention import rewrite_attention
 
 _graph_ids = itertools.count()
@@ -30,6 +30,8 @@ class PassResult:
     plan: Optional[ResolvedPlanConfig]
     decisions: list[LayerDecision]
     counts: Counter
+    eager_attention: list[int] = field(default_factory=list)
+    """Layers computing attention without SDPA (nothing the tidal ops can take over)."""
 
 
 def model_depth(sites: list[AttentionSite]) -> Optional[int]:
@@ -42,10 +44,12 @@ def run_tidal_passes(gm: fx.GraphModule, config: TidalConfig, num_layers: Option
     """Find, plan and rewrite the attention of `gm` in place, and recompile it."""
     graph_id = next(_graph_ids)
     sites = find_attention(gm.graph)
+    with_sdpa = {s.layer for s in sites}
+    eager = [layer for layer in eager_attention_layers(gm.graph) if layer not in with_sdpa]
     depth = num_layers or model_depth(sites)
-    if depth is None:  # no attention, or none with a layer index: nothing to rewrite
-        decisions = [LayerDecision(s, "unchanged", f"stays SDPA: {s.unsupported}") for s in sites]
-        return PassResult(graph_id, None, decisions, Counter())
+    if depth is None or not sites:  # no attention, or none with a layer index: nothing to rewrite
+        decisions = [LayerDecision(s, LayerKind.UNCHANGED, f"stays SDPA: {s.unsupported}") for s in sites]
+        return PassResult(graph_id, None, decisions, Counter(), eager)
     plan = config.resolve(depth)
     decisions = plan_attention(sites, plan)
     _dump(gm, graph_id, "before")
@@ -53,7 +57,7 @@ def run_tidal_passes(gm: fx.GraphModule, config: TidalConfig, num_layers: Option
     gm.graph.lint()
     gm.recompile()
     _dump(gm, graph_id, "after")
-    return PassResult(graph_id, plan, decisions, counts)
+    return PassResult(graph_id, plan, decisions, counts, eager)
 
 
 def _dump(gm: fx.GraphModule, graph_id: int, stage: str) -> None:

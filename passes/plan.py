@@ -7,10 +7,16 @@ top-k and attends to it), `quest` (mode quest: attention over the layer's own to
 page criticality, from page metadata kept beside the cache), and `unchanged` (the original
 SDPA node stays: prefill, or a call the tidal ops cannot compute). Every decision carries a
 one-line reason for the report.
+
+Indices are reused only between layers that attend under the same mask over caches of the same
+length (the same graph value as attention mask: in a model with sliding-window layers, the
+sliding and the full-attention layers each have their own): a sparse layer whose selection
+layer attends otherwise stays dense, so it never attends outside its own mask.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +24,18 @@ from tidal_compile.config import ResolvedPlanConfig
 from tidal_compile.passes import fx_utils
 from tidal_compile.passes.find_attention import AttentionSite
 
-KINDS = ("dense", "selection", "sparse", "oracle", "quest", "unchanged")
+
+class LayerKind(str, enum.Enum):
+    """What an attention call becomes (compares equal to its name: `LayerKind.DENSE == "dense"`)."""
+
+    DENSE = "dense"
+    SELECTION = "selection"
+    SPARSE = "sparse"
+    ORACLE = "oracle"
+    QUEST = "quest"
+    UNCHANGED = "unchanged"
+
+    __str__ = str.__str__  # prints as its name, in f-strings too
 
 
 @dataclass
@@ -26,7 +43,7 @@ class LayerDecision:
     """What the rewrite does with one attention site."""
 
     site: AttentionSite
-    kind: str
+    kind: LayerKind
     reason: str
     source_layer: Optional[int] = None
     """For sparse layers: the selection layer whose indices they reuse."""
@@ -40,7 +57,7 @@ def plan_attention(sites: list[AttentionSite], plan: ResolvedPlanConfig) -> list
     selection_seen: dict[int, LayerDecision] = {}
     for site in sites:
         decision = _decide(site, plan, selection_seen)
-        if decision.kind == "selection":
+        if decision.kind == LayerKind.SELECTION:
             selection_seen[site.layer] = decision
         decisions.append(decision)
     _demote_unused_selections(decisions)
@@ -49,10 +66,10 @@ def plan_attention(sites: list[AttentionSite], plan: ResolvedPlanConfig) -> list
 
 def _demote_unused_selections(decisions: list[LayerDecision]) -> None:
     """A selection layer whose indices no sparse layer of this graph reads only needs dense attention."""
-    used = {d.source_layer for d in decisions if d.kind == "sparse"}
+    used = {d.source_layer for d in decisions if d.kind == LayerKind.SPARSE}
     for d in decisions:
-        if d.kind == "selection" and d.site.layer not in used:
-            d.kind = "dense"
+        if d.kind == LayerKind.SELECTION and d.site.layer not in used:
+            d.kind = LayerKind.DENSE
             d.reason = f"selection layer, but no sparse layer of this graph reads its indices; {d.reason}"
 
 
@@ -60,21 +77,21 @@ def _decide(site: AttentionSite, plan: ResolvedPlanConfig,
             selection_seen: dict[int, LayerDecision]) -> LayerDecision:
     cfg = plan.config
     if site.unsupported is not None:
-        return LayerDecision(site, "unchanged", f"stays SDPA: {site.unsupported}")
+        return LayerDecision(site, LayerKind.UNCHANGED, f"stays SDPA: {site.unsupported}")
     layer = site.layer
     if layer >= plan.num_layers:
-        return LayerDecision(site, "unchanged",
+        return LayerDecision(site, LayerKind.UNCHANGED,
                              f"stays SDPA: layer {layer} is past num_layers={plan.num_layers}", fallback=True)
     if cfg.mode == "full":
-        return LayerDecision(site, "dense", "mode full: exact attention")
+        return LayerDecision(site, LayerKind.DENSE, "mode full: exact attention")
     if layer in plan.dense_layers:
-        return LayerDecision(site, "dense", f"in dense_layers {list(plan.dense_layers)}")
+        return LayerDecision(site, LayerKind.DENSE, f"in dense_layers {list(plan.dense_layers)}")
     if cfg.mode == "topk_oracle":
-        return LayerDecision(site, "oracle", f"mode topk_oracle: own top-{cfg.budget} by exact scores")
+        return LayerDecision(site, LayerKind.ORACLE, f"mode topk_oracle: own top-{cfg.budget} by exact scores")
     if cfg.mode == "quest":
         return _quest(site, plan)
     if layer in plan.selection_layers:
-        return LayerDecision(site, "selection",
+        return LayerDecision(site, LayerKind.SELECTION,
                              f"in selection_layers {list(plan.selection_layers)}: picks top-{cfg.budget} "
                              f"({cfg.granularity})")
     return _sparse(site, plan, selection_seen)
@@ -86,28 +103,39 @@ def _sparse(site: AttentionSite, plan: ResolvedPlanConfig,
     source = max(earlier)  # config validation guarantees one exists
     chosen = selection_seen.get(source)
     if chosen is None:
-        return LayerDecision(site, "dense", f"dense fallback: its selection layer {source} is not a "
+        return LayerDecision(site, LayerKind.DENSE, f"dense fallback: its selection layer {source} is not a "
                              "rewritten decode layer earlier in this graph (graph break or unsupported)",
                              source_layer=source, fallback=True)
     src = chosen.site
+    if not _same_mask_and_cache(src, site):
+        return LayerDecision(site, LayerKind.DENSE, f"dense fallback: attends under another mask or cache length "
+                             f"than its selection layer {source} (sliding-window vs full attention); indices are "
+                             "reused only between layers of the same mask", source_layer=source, fallback=True)
     if (src.num_heads, src.num_kv_heads) != (site.num_heads, site.num_kv_heads):
-        return LayerDecision(site, "dense", f"dense fallback: head counts ({site.num_heads}/"
+        return LayerDecision(site, LayerKind.DENSE, f"dense fallback: head counts ({site.num_heads}/"
                              f"{site.num_kv_heads}) differ from selection layer {source} "
                              f"({src.num_heads}/{src.num_kv_heads})", source_layer=source, fallback=True)
-    return LayerDecision(site, "sparse", f"indices from layer {source}, k={plan.config.budget}",
+    return LayerDecision(site, LayerKind.SPARSE, f"indices from layer {source}, k={plan.config.budget}",
                          source_layer=source)
 
 
 def _quest(site: AttentionSite, plan: ResolvedPlanConfig) -> LayerDecision:
     cfg = plan.config
     if site.quest_pages is None:
-        return LayerDecision(site, "dense", "dense fallback: mode quest keeps its page metadata in the KV cache; "
+        return LayerDecision(site, LayerKind.DENSE, "dense fallback: mode quest keeps its page metadata in the KV cache; "
                              "this cache has none (pass cache=tidal_compile.TidalCache(model.config, max_cache_len, "
                              f"page_size={cfg.page_size}); compile_for_generation does)", fallback=True)
     key, page_min = (fx_utils.static_shape(node) for node in (site.key, site.quest_pages[0]))
     # With a symbolic cache length (a graph for several cache sizes) the op checks the page count.
     if key is not None and page_min is not None and page_min[2] != -(-key[2] // cfg.page_size):
-        return LayerDecision(site, "dense", f"dense fallback: the TidalCache keeps pages of another size than "
+        return LayerDecision(site, LayerKind.DENSE, f"dense fallback: the TidalCache keeps pages of another size than "
                              f"page_size={cfg.page_size} (metadata {page_min}, cache {key})", fallback=True)
-    return LayerDecision(site, "quest", f"mode quest: top {cfg.budget // cfg.page_size} pages of {cfg.page_size} "
+    return LayerDecision(site, LayerKind.QUEST, f"mode quest: top {cfg.budget // cfg.page_size} pages of {cfg.page_size} "
                          "by page criticality, current page included")
+
+
+def _same_mask_and_cache(a: AttentionSite, b: AttentionSite) -> bool:
+    """Whether two calls attend under the same mask (the same graph value) over caches of equal length."""
+    ka, kb = fx_utils.fake_value(a.key), fx_utils.fake_value(b.key)
+    return a.attn_mask is b.attn_mask and ka is not None and kb is not None and fx_utils.known_equal(
+        ka.shape[2], kb.shape[2])

@@ -49,7 +49,7 @@ import tidal_compile.ops  # noqa: F401  (registers torch.ops.tidal)
 from tidal_compile.config import TidalConfig
 from tidal_compile.passes import fx_utils
 from tidal_compile.passes.find_attention import AttentionSite
-from tidal_compile.passes.plan import LayerDecision
+from tidal_compile.passes.plan import LayerDecision, LayerKind
 
 log = logging.getLogger(__name__)
 tidal = torch.ops.tidal
@@ -62,27 +62,30 @@ def rewrite_attention(gm: fx.GraphModule, decisions: list[LayerDecision], config
     replaced: dict[fx.Node, fx.Node] = {}  # an erased attention output -> what replaced it
     counts: Counter = Counter()
     for decision in decisions:
-        if decision.kind == "unchanged":
+        if decision.kind == LayerKind.UNCHANGED:
             continue
         site = decision.site = _with_current_inputs(decision.site, replaced)
         with graph.inserting_before(site.node):
             base = (site.query, site.key, site.value)
-            if decision.kind == "dense":
-                out = graph.call_function(tidal.dense_attention.default, (*base, site.attn_mask, site.scale))
-            elif decision.kind == "quest":
-                out = _quest_attention(graph, decision, config)
-            elif decision.kind == "sparse":
-                indices = indices_of_layer[decision.source_layer]
-                out = graph.call_function(tidal.sparse_attention.default, (*base, indices, site.scale))
-            else:  # selection or oracle
-                selected = graph.call_function(tidal.selection_attention.default, (
-                    *base, site.attn_mask, site.scale, config.budget, config.granularity,
-                    config.sink, config.recent))
-                out = graph.call_function(operator.getitem, (selected, 0))
-                indices = graph.call_function(operator.getitem, (selected, 1))
-                if decision.kind == "oracle":
+            match decision.kind:
+                case LayerKind.DENSE:
+                    out = graph.call_function(tidal.dense_attention.default, (*base, site.attn_mask, site.scale))
+                case LayerKind.QUEST:
+                    out = _quest_attention(graph, decision, config)
+                case LayerKind.SPARSE:
+                    indices = indices_of_layer[decision.source_layer]
                     out = graph.call_function(tidal.sparse_attention.default, (*base, indices, site.scale))
-                indices_of_layer[site.layer] = indices
+                case LayerKind.SELECTION | LayerKind.ORACLE:
+                    selected = graph.call_function(tidal.selection_attention.default, (
+                        *base, site.attn_mask, site.scale, config.budget, config.granularity,
+                        config.sink, config.recent))
+                    out = graph.call_function(operator.getitem, (selected, 0))
+                    indices = graph.call_function(operator.getitem, (selected, 1))
+                    if decision.kind == LayerKind.ORACLE:
+                        out = graph.call_function(tidal.sparse_attention.default, (*base, indices, site.scale))
+                    indices_of_layer[site.layer] = indices
+                case _:
+                    raise AssertionError(f"rewrite_attention has no case for layer kind {decision.kind!r}")
         out.meta["nn_module_stack"] = site.node.meta.get("nn_module_stack", {})
         replaced.update(dict.fromkeys(_replace_output(site.node, out), out))
         counts[decision.kind] += 1

@@ -139,3 +139,26 @@ def test_cuda_calls_the_kernels_do_not_take_are_reported_and_warned_once():
     assert len([w for w in caught if "reference" in str(w.message)]) == 1
     text = str(tidal_compile.explain())
     assert text.count("[PyTorch reference, not the kernels: dtype torch.float64") == 2, text
+
+
+def test_eager_attention_is_named_with_the_fix():
+    """A model whose attention is not SDPA (attn_implementation="eager") gets nothing rewritten,
+    and one warning says so and how to fix it."""
+    torch._dynamo.reset()
+    tidal_compile.clear_reports()
+    model = ToyDecoder(num_layers=3, expand="eager")
+    with pytest.warns(tidal_compile.TidalFallbackWarning, match=r"layers \[0, 1, 2\]: attention computed without "
+                      r"scaled_dot_product_attention .* attn_implementation=\"sdpa\""), torch.no_grad():
+        tidal_compile.compile(model, inner_backend="eager")(*model.inputs())
+    assert "eager attention" in str(tidal_compile.explain())
+
+
+def test_compile_checks_layer_sets_against_the_model_depth_at_once():
+    from transformers import LlamaConfig
+
+    model = torch.nn.Linear(2, 2)
+    model.config = LlamaConfig(num_hidden_layers=4)
+    with pytest.raises(ConfigError, match="selection_layers: layer 5 is out of range for a model with 4 layers"):
+        tidal_compile.compile(model, selection_layers=[2, 5])
+    with pytest.raises(ConfigError, match="dense_layers and selection_layers overlap at layer 2"):
+        tidal_compile.compile(model, dense_layers=[0, 2], selection_layers=[2])

@@ -138,16 +138,20 @@ def test_dynamic_cache_runs_dense_with_a_warning():
     assert tidal_compile.explain(model) == [], "nothing was compiled for the dense call"
 
 
-def test_sliding_window_layers_stay_dense_with_a_warning():
+def test_a_sliding_window_layer_never_reuses_full_attention_indices():
+    """Layer 3 is sliding-window, its selection layer 2 full attention: compile_for_generation
+    names it before the first call, the config stays as given, and the pass keeps it dense;
+    the full-attention layers after it reuse layer 2's indices."""
     layer_types = ["full_attention"] * 3 + ["sliding_attention"] + ["full_attention"] * 2
     model = fresh(tiny_model("qwen2", layers=6, layer_types=layer_types, sliding_window=6, use_sliding_window=True))
-    with pytest.warns(TidalFallbackWarning, match=r"layers \[3\] use sliding-window attention"):
+    with pytest.warns(TidalFallbackWarning, match=r"layers \[3\] will stay dense: their selection layer"):
         compile_for_generation(model, budget=4, selection_layers=[2], **FAST)
     prompt, _ = prompts(1, 12, False)
-    model.generate(prompt, max_new_tokens=3, do_sample=False)
+    with pytest.warns(TidalFallbackWarning, match="layer 3 stays dense: dense fallback: attends under another mask"):
+        model.generate(prompt, max_new_tokens=3, do_sample=False)
     decode = next(g for g in tidal_compile.explain(model) if g.phase == "decode")
     kinds = {r.layer: r.kind for r in decode.layers}
-    assert kinds[3] == "dense" and kinds[4] == "sparse"
+    assert (kinds[2], kinds[3], kinds[4], kinds[5]) == ("selection", "dense", "sparse", "sparse")
 
 
 def test_encoder_decoder_models_stay_dense_with_a_warning():
@@ -218,8 +222,7 @@ def test_one_token_prompt_starts_a_new_sequence():
 @pytest.mark.parametrize("prompt_length", [1, 8])
 def test_sequence_starts_run_the_prefill_forward(prompt_length):
     """A prompt, or a one-token prompt into a new TidalCache, runs `prefill`; decode steps run the
-    compiled forward. With cudagraphs, prefill is the uncompiled forward, so the static cache is
-    allocated outside any captured graph."""
+    compiled forward (with cudagraphs, prefill is the uncompiled forward: tests/test_kernels_gpu.py)."""
     from tidal_compile.hf import TidalForward
 
     model = fresh(tiny_model("llama", layers=4))
@@ -232,9 +235,16 @@ def test_sequence_starts_run_the_prefill_forward(prompt_length):
     prompt, _ = prompts(1, prompt_length, False)
     greedy_decode(forward, model, prompt, 3, 16, cache=TidalCache(model.config, max_cache_len=16))
     assert calls == ["prefill"] + ["compiled"] * 3
-    compile_for_generation(model, budget=8, cudagraphs=True)
-    assert model.forward.prefill.__func__ is type(model).forward
-    assert model.forward.compiled is not model.forward.prefill
+
+
+def test_cuda_graphs_without_a_gpu_are_a_clear_error():
+    model = fresh(tiny_model("llama", layers=4))
+    with pytest.raises(tidal_compile.ConfigError, match="cudagraphs=True needs the model on a CUDA GPU"):
+        compile_for_generation(model, budget=8, cudagraphs=True)
+    compiled = torch.compile(model, backend="tidal", options={"cudagraphs": True})
+    prompt, _ = prompts(1, 4, False)
+    with pytest.raises(Exception, match="cudagraphs=True needs a CUDA GPU"):
+        compiled(prompt)
 
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])

@@ -102,6 +102,7 @@ def test_gpu_generate_with_cuda_graphs_and_correction_equals_eager():
     kwargs = dict(attention_mask=padding.long(), max_new_tokens=12, do_sample=False, cache_implementation="static")
     expected = model.generate(prompt, disable_compile=True, **kwargs)  # transformers compiles static-cache decoding on CUDA
     compile_for_generation(model, budget=64, correction={"interval": 3}, cudagraphs=True)
+    assert model.forward.prefill.__func__ is type(model).forward, "sequences start uncompiled"
     assert torch.equal(model.generate(prompt, **kwargs), expected)
     assert any(g.phase == "decode" and g.count("sparse") > 0 for g in tidal_compile.explain(model))
 

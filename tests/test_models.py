@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import tidal_compile
-from models import greedy_decode, prompts, tiny_model
+from models import VOCAB, greedy_decode, prompts, tiny_model
 from patched_attention import LayerPlan, patched
 
 heads_and_kv = st.sampled_from([(4, 2), (4, 4), (4, 1), (6, 2)])  # GQA, MHA, MQA, G = 3
@@ -99,3 +99,24 @@ def test_topk_oracle_mode_equals_patch():
 def test_sparse_model_equals_patch_inductor():
     """(d) once through the real Inductor compile (slow on CPU)."""
     check_against_patched_model("qwen2", 4, 2, 6, "query_head", 6, 2, True, "inductor")
+
+
+@model_settings
+@given(pads=st.lists(st.integers(0, 10), min_size=2, max_size=3), budget=st.integers(3, 10),
+       granularity=st.sampled_from(["query_head", "kv_head", "layer"]), seed=st.integers(0, 99))
+def test_a_rows_output_does_not_depend_on_the_other_rows(pads, budget, granularity, seed):
+    """Batched decoding with left padding of different lengths per row (budget below the
+    context): changing every other row's tokens and padding leaves row 0's logits as they were."""
+    model = tiny_model("llama", layers=5)
+    length = 16
+    compiled = compile_tidal(model, budget=budget, granularity=granularity, selection_layers=[2], inner_backend="eager")
+
+    def row0_logits(pads, seed):
+        prompt, _ = prompts(len(pads), length, False, seed=seed)
+        prompt[0] = prompts(1, length, False, seed=0)[0][0]  # row 0 is always the same
+        padding = torch.arange(length)[None, :] >= torch.tensor(pads)[:, None]
+        tokens = torch.arange(6).repeat(len(pads), 1) % VOCAB
+        return greedy_decode(compiled, model, prompt, 6, 32, padding, tokens=tokens)[1][:, 0]
+
+    changed = [pads[0]] + [(p + 3) % 11 for p in pads[1:]]
+    torch.testing.assert_close(row0_logits(changed, seed + 1), row0_logits(pads, seed), rtol=1e-5, atol=1e-5)

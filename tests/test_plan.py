@@ -70,3 +70,16 @@ def test_layers_past_num_layers_stay(sites):
     decisions = plan_attention(sites, TidalConfig(selection_layers=(2,)).resolve(4))
     assert [d.kind for d in decisions[4:]] == ["unchanged", "unchanged"]
     assert all("past num_layers=4" in d.reason and d.fallback for d in decisions[4:])
+
+
+def test_indices_are_reused_only_under_the_same_mask():
+    """Layers 3 and 4 attend under a sliding-window mask: layer 3 cannot reuse the full-attention
+    selection layer 2 (dense, with the reason), layer 5 can; with sliding selection layer 3,
+    sliding layer 4 reuses it."""
+    model = ToyDecoder(num_layers=6, sliding=(3, 4))
+    sites = find_attention(capture_graph(model, *model.inputs()).graph)
+    decisions = plan_attention(sites, TidalConfig(selection_layers=(2,)).resolve(6))
+    assert kinds(decisions)[3:] == [(3, "dense", 2), (4, "dense", 2), (5, "sparse", 2)]
+    assert decisions[3].fallback and "another mask" in decisions[3].reason
+    decisions = plan_attention(sites, TidalConfig(selection_layers=(2, 3)).resolve(6))
+    assert kinds(decisions)[2:] == [(2, "dense", None), (3, "selection", None), (4, "sparse", 3), (5, "dense", 3)]

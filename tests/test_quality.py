@@ -18,7 +18,7 @@ LENGTHS, DEPTHS, CASES = [512], [0.0, 0.5, 1.0], 4
 def _answered(spec: str) -> list[bool]:
     """Per case (cells in grid order, cases within): the greedy answer equals the needle's value."""
     cells = evaluate_setting(MODEL, Setting.parse(spec), LENGTHS, DEPTHS, CASES, torch.device("cpu"), torch.float32,
-                             "aot_eager")
+                             "eager")
     language = data.FillerLanguage()
     answered = []
     for cell in cells:

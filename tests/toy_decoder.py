@@ -32,6 +32,13 @@ class ToyAttention(nn.Module):
             k, v = repeat_kv(k_cache, groups), repeat_kv(v_cache, groups)
         elif self.expand == "tile":  # head h reads KV head h % Hkv: not repeat_kv
             k, v = k_cache.repeat(1, groups, 1, 1), v_cache.repeat(1, groups, 1, 1)
+        elif self.expand == "eager":  # attn_implementation="eager": no SDPA call
+            k, v = repeat_kv(k_cache, groups), repeat_kv(v_cache, groups)
+            scores = q @ k.transpose(-1, -2) * self.head_dim ** -0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.softmax(scores, dim=-1) @ v
+            return out.transpose(1, 2).reshape(b, q_len, -1)
         else:
             k, v = k_cache, v_cache
             kwargs["enable_gqa"] = groups > 1
@@ -46,16 +53,24 @@ class ToyLayer(nn.Module):
 
 
 class ToyDecoder(nn.Module):
-    """`layers.<i>.self_attn` like a Hugging Face decoder; the KV caches are inputs."""
+    """`layers.<i>.self_attn` like a Hugging Face decoder; the KV caches are inputs. Layers in
+    `sliding` attend under a mask of their own (the last `window` positions of `mask`), as
+    sliding-window layers of Hugging Face models do."""
 
-    def __init__(self, num_layers=4, heads=4, kv_heads=2, head_dim=8, expand="repeat_kv", **sdpa_kwargs):
+    def __init__(self, num_layers=4, heads=4, kv_heads=2, head_dim=8, expand="repeat_kv", sliding=(), window=4,
+                 **sdpa_kwargs):
         super().__init__()
         self.layers = nn.ModuleList(ToyLayer(ToyAttention(heads, kv_heads, head_dim, expand, **sdpa_kwargs))
                                     for _ in range(num_layers))
+        self.sliding, self.window = set(sliding), window
 
     def forward(self, x, caches, mask=None):
-        for layer, (k_cache, v_cache) in zip(self.layers, caches):
-            x = x + layer.self_attn(x, k_cache, v_cache, mask)
+        sliding_mask = None
+        if self.sliding and mask is not None:
+            recent = torch.arange(mask.shape[-1], device=mask.device) >= mask.shape[-1] - self.window
+            sliding_mask = mask & recent
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, caches)):
+            x = x + layer.self_attn(x, k_cache, v_cache, sliding_mask if i in self.sliding else mask)
         return x
 
     def inputs(self, batch=2, q_len=1, length=12, seed=0, masked=True):

@@ -19,11 +19,18 @@ __version__ = "0.1.0"
 
 
 def compile(model: Any, config: Any = None, **options: Any) -> Any:
-    """`torch.compile(model, backend="tidal", options=...)`, with the options checked now
-    (a bad key raises :class:`ConfigError` here rather than at the first call)."""
+    """`torch.compile(model, backend="tidal", options=...)`, with the options checked now: a bad
+    key raises :class:`ConfigError` here rather than at the first call, and so do layer sets that
+    do not fit the model's depth (from `num_layers`, or a Hugging Face model's config, which then
+    also gives the backend the depth)."""
     if config is not None:
         options = {"config": config, **options}
-    BackendOptions.parse(options)
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(depth, int):
+        options.setdefault("num_layers", depth)
+    parsed = BackendOptions.parse(options)
+    if parsed.num_layers is not None:
+        parsed.config.resolve(parsed.num_layers)
     return torch.compile(model, backend="tidal", options=options)
 
 

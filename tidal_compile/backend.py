@@ -86,6 +86,9 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
     """Dynamo backend: run the tidal passes on `gm`, report, and compile the result.
     `mode` is torch.compile's Inductor mode (e.g. "reduce-overhead"), given without `options`."""
     opts = BackendOptions.parse(options)
+    if opts.cudagraphs and not any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
+        raise ConfigError("cudagraphs=True needs a CUDA GPU: this graph's tensors are not on one (drop the option "
+                          "on the CPU)")
     inductor_patches = _inductor_mode_patches(mode, opts)
     if opts.config.correction.interval:
         warnings.warn("tidal: correction.interval takes effect through tidal_compile.hf.compile_for_generation; "
@@ -96,14 +99,8 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
     record(report)
     if report.layers:
         log.info("%s", report)
-    for layer in report.layers:
-        if layer.fallback:
-            warnings.warn(f"tidal: layer {layer.layer} stays dense: {layer.reason}", TidalFallbackWarning,
-                          stacklevel=2)
-    slow = [layer for layer in report.layers if layer.reference_reason]
-    if slow:
-        warnings.warn(f"tidal: on CUDA, layers {[layer.layer for layer in slow]} run the plain-PyTorch reference, "
-                      f"not the Triton kernels: {slow[0].reference_reason}", TidalFallbackWarning, stacklevel=2)
+    for message in report.warnings():
+        warnings.warn(message, TidalFallbackWarning, stacklevel=2)
     return _inner_compile(opts.inner_backend, inductor_patches)(gm, example_inputs)
 
 

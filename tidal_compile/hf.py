@@ -29,6 +29,7 @@ from transformers import StaticCache
 from tidal_compile import hf_compat
 from tidal_compile.backend import BackendOptions, TidalFallbackWarning
 from tidal_compile.cache import SequenceState, TidalCache
+from tidal_compile.config import ConfigError, ResolvedPlanConfig
 
 
 def _chunk_mask(mask: Optional[Tensor], start: int, steps: int) -> Optional[Tensor]:
@@ -196,10 +197,11 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     call gets a `TidalCache` (Quest's page metadata and the correction bookkeeping travel with
     it); prefill stays dense (uncompiled with `cudagraphs=True`, which captures the decode steps
     in CUDA graphs); transformers' own generate-time compile is turned off so the forward is not
-    compiled twice; KV-cache correction every `correction.interval` tokens. Not yet supported,
-    each with a warning and dense attention: encoder-decoder models (left as they are),
-    sliding-window layers (kept dense), generate calls with a dynamic cache (run uncompiled);
-    beam search runs without correction.
+    compiled twice; KV-cache correction every `correction.interval` tokens. Layer sets that do
+    not fit the model fail here; with sliding-window layers, the sparse layers whose selection
+    layer has another attention type are named here (they stay dense). Not yet supported, each
+    with a warning and dense attention: encoder-decoder models (left as they are), generate
+    calls with a dynamic cache (run uncompiled); beam search runs without correction.
     """
     if config is not None:
         options = {"config": config, **options}
@@ -207,19 +209,18 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     if getattr(model_config, "num_hidden_layers", None) is not None:
         options.setdefault("num_layers", model_config.num_hidden_layers)
     parsed = BackendOptions.parse(options).config
-    if "num_layers" in options:
-        parsed.resolve(options["num_layers"])  # layer sets that do not fit the model fail here, not in generate
     if getattr(model_config, "is_encoder_decoder", False):
         warnings.warn("tidal: encoder-decoder models are not supported yet; generation stays dense",
                       TidalFallbackWarning, stacklevel=2)
         return model
-    sliding = sliding_window_layers(model_config)
-    if sliding:
-        warnings.warn(f"tidal: layers {sliding} use sliding-window attention, which tidal does not support "
-                      "yet; they stay dense", TidalFallbackWarning, stacklevel=2)
-        options["dense_layers"] = sorted(set(parsed.dense_layers) | set(sliding))
-        if parsed.selection_layers != "auto":
-            options["selection_layers"] = [i for i in parsed.selection_layers if i not in sliding]
+    if not callable(getattr(model, "generate", None)):
+        raise TypeError(f"tidal: compile_for_generation needs a decoder-only model with generate(); "
+                        f"{type(model).__name__} has none")
+    if options.get("cudagraphs") and not any(p.is_cuda for p in model.parameters()):
+        raise ConfigError("cudagraphs=True needs the model on a CUDA GPU (model.cuda()); it is not")
+    plan = parsed.resolve(options["num_layers"]) if "num_layers" in options else None  # bad layer sets fail here
+    if plan is not None and parsed.mode == "tidal":
+        _warn_mixed_attention(plan, attention_types(model_config))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.cache_implementation = "static"
@@ -236,11 +237,28 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     return model
 
 
-def sliding_window_layers(model_config: Any) -> list[int]:
-    """Layers a Hugging Face config marks as sliding-window attention."""
+def attention_types(model_config: Any) -> list[str]:
+    """Each layer's attention type from a Hugging Face config ("full_attention", "sliding_attention",
+    ...): its `layer_types`, or every layer sliding when it sets a sliding window without them."""
+    layers = getattr(model_config, "num_hidden_layers", 0) or 0
     layer_types = getattr(model_config, "layer_types", None)
     if layer_types:
-        return [i for i, kind in enumerate(layer_types) if "sliding" in str(kind)]
+        return [str(kind) for kind in layer_types]
     if getattr(model_config, "sliding_window", None) and getattr(model_config, "use_sliding_window", True):
-        return list(range(getattr(model_config, "num_hidden_layers", 0)))
-    return []
+        return ["sliding_attention"] * layers
+    return ["full_attention"] * layers
+
+
+def _warn_mixed_attention(plan: ResolvedPlanConfig, types: list[str]) -> None:
+    """Say before the first call which sparse layers will stay dense because their selection layer
+    attends with another attention type (the pass reuses indices only under the same mask)."""
+    if len(set(types)) < 2:
+        return
+    kept = [layer for layer in range(min(plan.num_layers, len(types)))
+            if layer not in plan.dense_layers and layer not in plan.selection_layers
+            and types[max(s for s in plan.selection_layers if s < layer)] != types[layer]]
+    if kept:
+        warnings.warn(f"tidal: layers {kept} will stay dense: their selection layer (the nearest earlier one of "
+                      f"selection_layers={list(plan.selection_layers)}) uses another attention type (layer types "
+                      f"{sorted(set(types))}), and indices are reused only under the same mask. Add a selection "
+                      "layer of their type before them to make them sparse.", TidalFallbackWarning, stacklevel=3)

@@ -9,7 +9,7 @@ import torch
 
 from tidal_compile.config import TidalConfig
 from tidal_compile.passes import PassResult
-from tidal_compile.passes.plan import KINDS
+from tidal_compile.passes.plan import LayerKind
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class LayerReport:
     layer: Optional[int]
     module_path: Optional[str]
     phase: str  # "decode" or "prefill"
-    kind: str
+    kind: LayerKind
     reason: str
     source_layer: Optional[int] = None
     fallback: bool = False
@@ -42,6 +42,8 @@ class GraphReport:
     family: Optional[str]
     layers: tuple[LayerReport, ...]
     parameter_ids: frozenset[int]
+    eager_attention: tuple[int, ...] = ()
+    """Layers computing attention without scaled_dot_product_attention (not rewritable)."""
 
     @property
     def phase(self) -> str:
@@ -52,7 +54,7 @@ class GraphReport:
         return sum(r.kind == kind for r in self.layers)
 
     def summary(self) -> str:
-        kinds = ", ".join(f"{self.count(k)} {k}" for k in KINDS if self.count(k))
+        kinds = ", ".join(f"{self.count(k)} {k}" for k in LayerKind if self.count(k))
         cfg = self.config
         detail = f"page_size={cfg.page_size}" if cfg.mode == "quest" else f"granularity={cfg.granularity}"
         return (f"tidal graph {self.graph_id} ({self.phase}, {self.family or 'unknown family'}, "
@@ -60,7 +62,33 @@ class GraphReport:
                 f"{detail}): {kinds or 'no attention layers'}")
 
     def __str__(self) -> str:
-        return "\n".join([self.summary(), *map(str, self.layers)])
+        lines = [self.summary(), *map(str, self.layers)]
+        if self.eager_attention:
+            lines.append(f"  layers {list(self.eager_attention)}: {EAGER_ATTENTION}")
+        return "\n".join(lines)
+
+    def warnings(self) -> list[str]:
+        """What the user must hear about this graph: layers kept dense against the config,
+        decode calls left as SDPA, eager attention, and CUDA calls on the PyTorch reference."""
+        messages = []
+        kept = [f"tidal: layer {r.layer} stays dense: {r.reason}" for r in self.layers if r.fallback]
+        kept += [f"tidal: layer {r.layer} decodes with the model's own SDPA: {r.reason}" for r in self.layers
+                 if r.kind == LayerKind.UNCHANGED and r.phase == "decode" and not r.fallback]
+        if kept:
+            messages.append("\n".join(kept))
+        if self.eager_attention:
+            messages.append(f"tidal: layers {list(self.eager_attention)}: {EAGER_ATTENTION}")
+        slow = [r.layer for r in self.layers if r.reference_reason]
+        if slow:
+            reason = next(r.reference_reason for r in self.layers if r.reference_reason)
+            messages.append(f"tidal: on CUDA, layers {slow} run the plain-PyTorch reference, not the Triton "
+                            f"kernels: {reason}")
+        return messages
+
+
+EAGER_ATTENTION = ("attention computed without scaled_dot_product_attention (eager attention), which tidal "
+                   "cannot rewrite, so nothing was: load the model with attn_implementation=\"sdpa\" (or call "
+                   "model.set_attn_implementation(\"sdpa\")) where the model supports it")
 
 
 class Explanation(list):
@@ -85,12 +113,12 @@ def build_report(result: PassResult, config: TidalConfig, example_inputs: Iterab
         LayerReport(layer=d.site.layer, module_path=d.site.module_path,
                     phase="decode" if d.site.is_decode else "prefill", kind=d.kind, reason=d.reason,
                     source_layer=d.source_layer, fallback=d.fallback,
-                    reference_reason=d.site.reference_reason if d.kind != "unchanged" else None)
+                    reference_reason=d.site.reference_reason if d.kind != LayerKind.UNCHANGED else None)
         for d in result.decisions)
     family = next((d.site.family for d in result.decisions if d.site.family), None)
     params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
     num_layers = result.plan.num_layers if result.plan else None
-    return GraphReport(result.graph_id, config, num_layers, family, layers, params)
+    return GraphReport(result.graph_id, config, num_layers, family, layers, params, tuple(result.eager_attention))
 
 
 def record(report: GraphReport) -> None:

@@ -73,18 +73,20 @@ def test_bad_key_through_torch_compile_names_it():
 
 def test_torch_compile_mode_reaches_inductor(monkeypatch):
     """torch.compile(..., backend="tidal", mode=M) (no options) compiles with Inductor's patches for
-    M; the cudagraphs option patches the same; an unknown mode names the problem."""
+    M; the cudagraphs option patches the same (on CUDA graphs only); an unknown mode names the problem."""
     import torch._inductor.compile_fx as compile_fx
 
     seen = []
     monkeypatch.setattr(compile_fx, "compile_fx",
                         lambda gm, inputs, config_patches: seen.append(config_patches) or gm.forward)
     x = torch.randn(2, 4)
-    for kwargs in ({"mode": "reduce-overhead"}, {"options": {"cudagraphs": True}}, {"mode": "max-autotune"}):
+    for kwargs in ({"mode": "reduce-overhead"}, {"mode": "max-autotune"}):
         torch._dynamo.reset()
         torch.compile(torch.nn.Linear(4, 4), backend="tidal", **kwargs)(x)
-    assert seen[0] == seen[1] == {"triton.cudagraphs": True}
-    assert seen[2]["max_autotune"] is True
+    assert seen[0] == {"triton.cudagraphs": True}
+    assert seen[1]["max_autotune"] is True
+    from tidal_compile.backend import _inductor_mode_patches
+    assert _inductor_mode_patches(None, BackendOptions.parse({"cudagraphs": True})) == {"triton.cudagraphs": True}
     torch._dynamo.reset()
     with pytest.raises(Exception, match="torch.compile mode: Unrecognized mode=fast"):
         torch.compile(torch.nn.Linear(4, 4), backend="tidal", mode="fast")(x)
@@ -162,3 +164,20 @@ def test_compile_checks_layer_sets_against_the_model_depth_at_once():
         tidal_compile.compile(model, selection_layers=[2, 5])
     with pytest.raises(ConfigError, match="dense_layers and selection_layers overlap at layer 2"):
         tidal_compile.compile(model, dense_layers=[0, 2], selection_layers=[2])
+
+
+def test_two_compiles_with_different_configs_do_not_mix():
+    """The same model compiled twice in one process (mode full and a sparse tidal config), calls
+    interleaved: each keeps its own graphs and results."""
+    model = ToyDecoder(num_layers=4)
+    torch._dynamo.reset()
+    full = tidal_compile.compile(model, mode="full", inner_backend="eager")
+    sparse = tidal_compile.compile(model, budget=2, selection_layers=[2], inner_backend="eager")
+    inputs = model.inputs(length=12)
+    with torch.no_grad():
+        expected = model(*inputs)
+        for _ in range(2):
+            torch.testing.assert_close(full(*inputs), expected)
+            assert (sparse(*inputs) - expected).abs().max() > 1e-4, "budget 2 of 12 positions changes the output"
+    modes = {g.config.mode for g in tidal_compile.explain(model)}
+    assert modes == {"full", "tidal"}

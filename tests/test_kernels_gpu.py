@@ -213,3 +213,74 @@ def test_gpu_dynamic_compile_equals_eager():
         plain = tidal_compile.compile(model, budget=8, selection_layers=[2], inner_backend="eager")
         expected_tokens, expected = greedy_decode(plain, model, prompt, 6, cache_len, padding, tokens=tokens)
         assert oracle.relative_error(logits, expected) < 1e-3
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+def test_gpu_every_head_dim_runs_the_kernels_and_equals_the_reference(head_dim):
+    """Head dims of the families (64 GPT-NeoX / Phi, 80 Phi-2 style, 96 Phi-3, 128 Llama, 256
+    Gemma): dense, selection (exact top-k on integer data) and sparse equal the reference."""
+    from tidal_compile.ops.library import kernel_fallback
+
+    gen = torch.Generator(device="cuda").manual_seed(head_dim)
+    q, k, v = (torch.randint(-2, 3, shape, generator=gen, device="cuda").to(torch.bfloat16)
+               for shape in ((2, 8, 1, head_dim), (2, 2, 3000, head_dim), (2, 2, 3000, head_dim)))
+    mask = torch.ones(2, 1, 1, 3000, dtype=torch.bool, device="cuda")
+    mask[1, ..., :100] = False
+    assert kernel_fallback(q, v, mask) is None
+    tidal = torch.ops.tidal
+    expected = reference.dense_attention(q, k, v, mask, 0.05)
+    assert oracle.relative_error(tidal.dense_attention(q, k, v, mask, 0.05), expected) < 1e-2
+    for granularity in ("query_head", "kv_head"):
+        out, idx = tidal.selection_attention(q, k, v, mask, 1.0, 256, granularity, 0, 0)
+        _, expected_idx = reference.selection_attention(q, k, v, mask, 1.0, 256, granularity, 0, 0)
+        torch.testing.assert_close(idx, expected_idx, rtol=0, atol=0)
+        sparse = tidal.sparse_attention(q, k, v, idx, 0.05)
+        assert oracle.relative_error(sparse, reference.sparse_attention(q, k, v, idx, 0.05)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_gpu_compiled_model_in_each_dtype_equals_eager(dtype, tolerance):
+    """Budget covering the context, Inductor, each kernel dtype: logits within the dtype's
+    tolerance of the uncompiled model (teacher-forced, so both see the same tokens)."""
+    from models import greedy_decode, prompts, tiny_model
+    from test_models import compile_tidal
+
+    model = tiny_model("llama", layers=4, heads=8, kv_heads=2, dtype=dtype).cuda()
+    prompt, padding = prompts(2, 20, True, device="cuda")
+    tokens, expected = greedy_decode(model, model, prompt, 8, 40, padding)
+    compiled = compile_tidal(model, budget=40, selection_layers=[2])
+    _, logits = greedy_decode(compiled, model, prompt, 8, 40, padding, tokens=tokens)
+    assert oracle.relative_error(logits, expected) < tolerance
+
+
+def test_gpu_a_thousand_decode_steps_with_cuda_graphs():
+    """1,000 decode steps through compile_for_generation(cudagraphs=True), budget covering the
+    context: no graph compiled after the first steps, memory flat after warm-up, and the tokens
+    of the uncompiled model."""
+    import transformers
+
+    import tidal_compile
+    from models import prompts, tiny_model
+    from tidal_compile.hf import compile_for_generation
+
+    torch._dynamo.reset()
+    tidal_compile.clear_reports()
+    model = tiny_model("llama", layers=4, heads=8, kv_heads=2).cuda()
+    prompt, _ = prompts(1, 16, False, device="cuda")
+    kwargs = dict(max_new_tokens=1000, min_new_tokens=1000, do_sample=False)
+    expected = model.generate(prompt, cache_implementation="static", disable_compile=True, **kwargs)
+    compile_for_generation(model, budget=2048, selection_layers=[2], cudagraphs=True)
+    memory, graphs = [], []
+
+    class Probe(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] - 16 in (50, 999):
+                torch.cuda.synchronize()
+                memory.append(torch.cuda.memory_allocated())
+                graphs.append(len(tidal_compile.explain()))
+            return scores
+
+    out = model.generate(prompt, max_cache_len=1100, logits_processor=[Probe()], **kwargs)
+    assert torch.equal(out, expected)
+    assert graphs[0] == graphs[1], f"graphs compiled after step 50: {graphs}"
+    assert memory[1] <= memory[0] * 1.01, f"memory grew from {memory[0]} to {memory[1]} bytes"

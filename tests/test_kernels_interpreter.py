@@ -147,7 +147,7 @@ def test_flash_decode_bounds_large_masked_launches_only(monkeypatch):
     assert len(summaries) == 1, "small, unmasked and logit-writing launches are not bounded by default"
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(p=decode_problems(integer_valued=True, max_len=70), budget=st.integers(1, 24),
        sink=st.integers(0, 2), recent=st.integers(0, 2))
 def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent):

@@ -124,27 +124,24 @@ def _check(site: AttentionSite, node: fx.Node, args: dict[str, Any]) -> Optional
         if key is not None and value is not None:
             site.key, site.value = key, value
             k, v = fx_utils.fake_value(key), fx_utils.fake_value(value)
-    site.num_heads, site.num_kv_heads = q.shape[1], k.shape[1]
+    site.num_heads, site.num_kv_heads = fx_utils.specialized(q.shape[1]), fx_utils.specialized(k.shape[1])
     if args["dropout_p"] not in (0, 0.0):
         return f"dropout_p={args['dropout_p']} (training-time attention)"
     if args["is_causal"] and not fx_utils.known_equal(k.shape[2], 1):
         return "is_causal=True with one query token attends only to position 0; not a decode step"
     if not (q.dtype.is_floating_point and q.dtype == k.dtype == v.dtype):
         return f"q/k/v dtypes {q.dtype}, {k.dtype}, {v.dtype} are not one floating-point dtype"
-    if not isinstance(site.num_heads, int) or not isinstance(site.num_kv_heads, int):
-        return "head counts are symbolic"
     if site.num_heads % site.num_kv_heads != 0:
         return f"{site.num_heads} query heads are not a multiple of {site.num_kv_heads} KV heads"
     mask_problem = _check_mask(args["attn_mask"], q, k)
     if mask_problem:
         return mask_problem
     if site.scale is None:
-        head_dim = q.shape[-1]
-        if not isinstance(head_dim, int):
-            return "head dim is symbolic and no scale is given"
-        site.scale = 1.0 / math.sqrt(head_dim)
-    elif not isinstance(site.scale, (int, float)):
-        return "scale is not a constant"
+        site.scale = 1.0 / math.sqrt(fx_utils.specialized(q.shape[-1]))
+    else:
+        site.scale = fx_utils.specialized(site.scale)
+        if site.scale is None:
+            return "scale is not a number"
     if q.is_cuda:
         site.reference_reason = kernel_fallback(q, v, fx_utils.fake_value(args["attn_mask"]))
     return None

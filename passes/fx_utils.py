@@ -122,6 +122,21 @@ def known_equal(a: Any, b: Any) -> bool:
     return bool(statically_known_true(a == b))
 
 
+def specialized(value: Any) -> Optional[float]:
+    """A number the kernels need as a constant (a head count, the scale), as a plain int / float:
+    a symbolic one (torch.compile(dynamic=True)) is specialised to its traced value, which adds a
+    guard (another value recompiles). None when `value` is no number."""
+    if isinstance(value, fx.Node):
+        value = value.meta.get("val", value.meta.get("example_value"))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, torch.SymInt):
+        return int(value)
+    if isinstance(value, torch.SymFloat):
+        return float(value)
+    return None
+
+
 def same_shape(shape: Any, expected: tuple) -> bool:
     return len(shape) == len(expected) and all(known_equal(a, b) for a, b in zip(shape, expected))
 

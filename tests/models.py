@@ -24,10 +24,11 @@ def tiny_model(family: str = "llama", layers: int = 4, heads: int = 4, kv_heads:
                dtype: torch.dtype = torch.float32, seed: int = 0, **config_overrides) -> torch.nn.Module:
     config_cls, model_cls = FAMILIES[family]
     extra = {"sliding_window": None} if family == "mistral" else {}
+    extra["attn_implementation"] = "sdpa"
     extra.update(config_overrides)
     config = config_cls(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                        head_dim=head_dim, max_position_embeddings=512, attn_implementation="sdpa", **extra)
+                        head_dim=head_dim, max_position_embeddings=512, **extra)
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype).eval()
     # Random init gives near-uniform attention; sharper weights make top-k selection matter.

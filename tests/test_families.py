@@ -67,15 +67,17 @@ def test_budget_covering_the_context_equals_the_model(family):
 
 
 def test_gemma2_attention_without_sdpa_is_named_and_left_alone():
-    """Gemma-2 refuses SDPA (its attention soft-caps the logits): nothing is rewritten, the
-    output is the model's own, and a warning names the layers and the fix."""
-    config = transformers.Gemma2Config(**COMMON, **GQA, head_dim=16, sliding_window=12)
+    """Gemma-2 soft-caps its attention logits, which SDPA cannot (transformers 5.24 refuses SDPA
+    for it): with eager attention nothing is rewritten, the output is the model's own, and
+    warnings name the layers and the fix, before the first call and at compile time."""
+    config = transformers.Gemma2Config(**COMMON, **GQA, head_dim=16, sliding_window=12, attn_implementation="eager")
     torch.manual_seed(0)
     model = transformers.Gemma2ForCausalLM(config).eval()
     prompt, _ = prompts(1, PROMPT, False)
     expected_tokens, expected = greedy_decode(model, model, prompt, 4, CACHE_LEN)
     torch._dynamo.reset()
-    compiled = tidal_compile.compile(model, budget=8, inner_backend="eager")
+    with pytest.warns(tidal_compile.TidalFallbackWarning, match="the model's attention is 'eager'"):
+        compiled = tidal_compile.compile(model, budget=8, inner_backend="eager")
     with pytest.warns(tidal_compile.TidalFallbackWarning, match=r"layers \[0, 1, 2, 3\]: attention computed "
                       "without scaled_dot_product_attention"):
         tokens, logits = greedy_decode(compiled, model, prompt, 4, CACHE_LEN)

@@ -57,3 +57,9 @@ def test_call_arguments_name_positional_arguments_by_signature():
     assert hf_compat.cache_argument({"past_key_values": 1}) == "past_key_values"
     assert hf_compat.cache_argument({"cache": 1}) == "cache"
     assert hf_compat.cache_argument({"cache": None}) is None
+
+
+def test_the_attention_implementation_is_read_from_the_config():
+    assert hf_compat.attention_implementation(tiny_model("llama", layers=1).config) == "sdpa"
+    eager = tiny_model("llama", layers=1, attn_implementation="eager")
+    assert hf_compat.attention_implementation(eager.config) == "eager"

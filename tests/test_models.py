@@ -121,3 +121,22 @@ def test_a_rows_output_does_not_depend_on_the_other_rows(pads, budget, granulari
 
     changed = [pads[0]] + [(p + 3) % 11 for p in pads[1:]]
     torch.testing.assert_close(row0_logits(changed, seed + 1), row0_logits(pads, seed), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_compile_rewrites_and_serves_several_cache_lengths():
+    """torch.compile(dynamic=True): head counts and scale are specialised (guards), the cache
+    length stays symbolic on the CPU, and one decode graph serves two cache lengths, equal to
+    the layer-by-layer TidalDecode patch."""
+    model = tiny_model("llama", layers=4, dtype=torch.float64)
+    torch._dynamo.reset()
+    tidal_compile.clear_reports()
+    compiled = torch.compile(model, backend="tidal", dynamic=True,
+                             options={"budget": 6, "selection_layers": [2], "inner_backend": "eager"})
+    plan = LayerPlan(4, (0, 1), (2,), 6, "query_head")
+    for cache_len in (40, 72):
+        prompt, padding = prompts(2, 24, True)
+        tokens, logits = greedy_decode(compiled, model, prompt, 4, cache_len, padding)
+        with patched(model, plan):
+            _, expected = greedy_decode(model, model, prompt, 4, cache_len, padding, tokens=tokens)
+        torch.testing.assert_close(logits, expected, rtol=1e-7, atol=1e-7)
+    assert [g.count("sparse") for g in tidal_compile.explain(model) if g.phase == "decode"] == [1]

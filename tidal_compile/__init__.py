@@ -31,6 +31,10 @@ def compile(model: Any, config: Any = None, **options: Any) -> Any:
     parsed = BackendOptions.parse(options)
     if parsed.num_layers is not None:
         parsed.config.resolve(parsed.num_layers)
+    if getattr(model, "config", None) is not None:
+        from tidal_compile.hf import warn_about_model
+
+        warn_about_model(model.config)
     return torch.compile(model, backend="tidal", options=options)
 
 

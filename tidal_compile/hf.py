@@ -219,6 +219,7 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     if options.get("cudagraphs") and not any(p.is_cuda for p in model.parameters()):
         raise ConfigError("cudagraphs=True needs the model on a CUDA GPU (model.cuda()); it is not")
     plan = parsed.resolve(options["num_layers"]) if "num_layers" in options else None  # bad layer sets fail here
+    warn_about_model(model_config)
     if plan is not None and parsed.mode == "tidal":
         _warn_mixed_attention(plan, attention_types(model_config))
     generation_config = getattr(model, "generation_config", None)
@@ -235,6 +236,21 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     model.generate = TidalGenerate(model, model.generate, dense_forward, forward, page_size)
     model.forward = forward
     return model
+
+
+def warn_about_model(model_config: Any) -> None:
+    """Say before the first call what tidal cannot do for this model: attention that is not SDPA
+    (nothing to rewrite), and attention logits the model soft-caps (SDPA, so tidal, does not)."""
+    implementation = hf_compat.attention_implementation(model_config)
+    if implementation is not None and implementation != "sdpa":
+        warnings.warn(f"tidal: the model's attention is {implementation!r}, and tidal rewrites only "
+                      "scaled_dot_product_attention: nothing will be rewritten; load the model with "
+                      "attn_implementation=\"sdpa\" where it supports it", TidalFallbackWarning, stacklevel=3)
+    softcap = getattr(model_config, "attn_logit_softcapping", None)
+    if softcap and implementation == "sdpa":
+        warnings.warn(f"tidal: the model soft-caps its attention logits (attn_logit_softcapping={softcap}), which "
+                      "scaled_dot_product_attention, and so tidal's ops, do not: the output differs from the "
+                      "model's eager attention", TidalFallbackWarning, stacklevel=3)
 
 
 def attention_types(model_config: Any) -> list[str]:

@@ -71,6 +71,13 @@ def rewind(cache: Cache, steps: int) -> None:
         layer.cumulative_length.sub_(steps)
 
 
+def attention_implementation(model_config: Any) -> Optional[str]:
+    """The attention implementation a Hugging Face config selects ("sdpa", "eager", ...), if any
+    (the private `_attn_implementation`: transformers has no public reader for it)."""
+    value = getattr(model_config, "_attn_implementation", None)
+    return value if isinstance(value, str) else None
+
+
 def written_end(layer: StaticLayer) -> torch.Tensor:
     """The position after the last one written into an allocated static layer (int64, 0-d)."""
     return torch.as_tensor(layer.get_seq_length())

@@ -69,6 +69,28 @@ def find_attention(graph: fx.Graph) -> list[AttentionSite]:
     return sites
 
 
+_INDEX_COPY = ("index_copy_", "index_copy", torch.index_copy, torch.ops.aten.index_copy.default,
+               torch.ops.aten.index_copy_.default)
+
+
+def cache_overflow(graph: fx.Graph) -> Optional[str]:
+    """Why a KV-cache write of this graph cannot fit (more positions written than the cache
+    holds: a prompt longer than a static cache), or None. Found before anything runs, where the
+    write would otherwise fail inside a compiled kernel."""
+    for node in graph.nodes:
+        if not fx_utils.is_call(node, *_INDEX_COPY) or len(node.args) < 3:
+            continue
+        cache, dim, index = node.args[:3]
+        cache, index = fx_utils.fake_value(cache), fx_utils.fake_value(index)
+        if cache is None or index is None or not isinstance(dim, int) or index.dim() != 1:
+            continue
+        rows, capacity = index.shape[0], cache.shape[dim]
+        if isinstance(rows, int) and isinstance(capacity, int) and rows > capacity:
+            return (f"a KV-cache write of {rows} positions into a cache of {capacity} (a prompt longer than the "
+                    f"static cache): build the cache with max_cache_len >= prompt length + new tokens")
+    return None
+
+
 _SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.ops.aten._softmax.default, torch.ops.aten.softmax.int,
             "softmax")
 

@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch.fx as fx
 
-from tidal_compile.config import ResolvedPlanConfig, TidalConfig
-from tidal_compile.passes.find_attention import AttentionSite, eager_attention_layers, find_attention
+from tidal_compile.config import ConfigError, ResolvedPlanConfig, TidalConfig
+from tidal_compile.passes.find_attention import AttentionSite, cache_overflow, eager_attention_layers, find_attention
 from tidal_compile.passes.plan import LayerDecision, LayerKind, plan_attention
 from tidal_compile.passes.rewrite_attention import rewrite_attention
 
@@ -43,6 +43,9 @@ def model_depth(sites: list[AttentionSite]) -> Optional[int]:
 def run_tidal_passes(gm: fx.GraphModule, config: TidalConfig, num_layers: Optional[int] = None) -> PassResult:
     """Find, plan and rewrite the attention of `gm` in place, and recompile it."""
     graph_id = next(_graph_ids)
+    overflow = cache_overflow(gm.graph)
+    if overflow:
+        raise ConfigError(f"tidal: {overflow}")
     sites = find_attention(gm.graph)
     with_sdpa = {s.layer for s in sites}
     eager = [layer for layer in eager_attention_layers(gm.graph) if layer not in with_sdpa]

@@ -13,6 +13,7 @@ from tidal_compile import ops  # noqa: F401  (registers torch.ops.tidal.*)
 from tidal_compile.backend import BackendOptions, TidalFallbackWarning, tidal_backend
 from tidal_compile.config import ConfigError, CorrectionConfig, TidalConfig
 from tidal_compile.cache import TidalCache
+from tidal_compile.calibration import calibrate
 from tidal_compile.report import clear_reports, explain
 
 __version__ = "0.1.0"
@@ -38,5 +39,5 @@ def compile(model: Any, config: Any = None, **options: Any) -> Any:
     return torch.compile(model, backend="tidal", options=options)
 
 
-__all__ = ["BackendOptions", "ConfigError", "CorrectionConfig", "TidalCache", "TidalConfig", "TidalFallbackWarning",
+__all__ = ["BackendOptions", "ConfigError", "calibrate", "CorrectionConfig", "TidalCache", "TidalConfig", "TidalFallbackWarning",
            "clear_reports", "compile", "explain", "tidal_backend"]

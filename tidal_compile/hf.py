@@ -190,8 +190,16 @@ class TidalGenerate:
         return TidalCache(self.model.config, max_cache_len=self.max_cache_len, page_size=self.page_size)
 
 
+CALIBRATION_OPTIONS = ("calibration_ids", "max_selection_layers", "max_dense_layers", "threshold", "decode_steps",
+                       "tokenizer", "verbose")
+
+
 def compile_for_generation(model: torch.nn.Module, config: Any = None, **options: Any) -> torch.nn.Module:
     """Set `model` up for `model.generate` with tidal decoding, in place; returns it.
+
+    `config` is a YAML path, dict or TidalConfig, or `"calibrate"`: choose the layers from the
+    model's own attention first (`tidal_compile.calibrate`, with `budget` and its options
+    `calibration_ids`, `max_selection_layers`, ...); `explain(model)` then shows the choice.
 
     `model.forward` compiled with backend="tidal" (depth from the model config); each generate
     call gets a `TidalCache` (Quest's page metadata and the correction bookkeeping travel with
@@ -203,6 +211,13 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     with a warning and dense attention: encoder-decoder models (left as they are), generate
     calls with a dynamic cache (run uncompiled); beam search runs without correction.
     """
+    if isinstance(config, str) and config == "calibrate":
+        from tidal_compile.calibration import calibrate
+
+        if "budget" not in options:
+            raise ConfigError("compile_for_generation(model, \"calibrate\") needs budget=K")
+        calibration = {key: options.pop(key) for key in CALIBRATION_OPTIONS if key in options}
+        config = calibrate(model, calibration.pop("calibration_ids", None), budget=options["budget"], **calibration)
     if config is not None:
         options = {"config": config, **options}
     model_config = getattr(model, "config", None)

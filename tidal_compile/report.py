@@ -92,12 +92,16 @@ EAGER_ATTENTION = ("attention computed without scaled_dot_product_attention (eag
 
 
 class Explanation(list):
-    """The graph reports that `explain` found; prints as one table per graph."""
+    """The graph reports that `explain` found; prints as one table per graph, after the model's
+    calibration summary when its config was calibrated."""
+
+    calibration: Optional[str] = None
 
     def __str__(self) -> str:
+        parts = [self.calibration] if self.calibration else []
         if not self:
-            return "tidal: no graph compiled yet (reports appear after the first call of the compiled model)"
-        return "\n\n".join(map(str, self))
+            parts.append("tidal: no graph compiled yet (reports appear after the first call of the compiled model)")
+        return "\n\n".join(parts + [str(report) for report in self])
 
     @property
     def layers(self) -> list[LayerReport]:
@@ -136,8 +140,12 @@ def explain(target: Any = None) -> Explanation:
     `target` may be a model (or the module `torch.compile` returned): only graphs that use its
     parameters are listed. With no target, or a compiled function, every graph is listed.
     """
+    from tidal_compile.calibration import calibration_summary
+
     module = getattr(target, "_orig_mod", target)
     if isinstance(module, torch.nn.Module):
         ids = {id(p) for p in module.parameters()}
-        return Explanation(r for r in _REPORTS if r.parameter_ids & ids)
+        explanation = Explanation(r for r in _REPORTS if r.parameter_ids & ids)
+        explanation.calibration = calibration_summary(module)
+        return explanation
     return Explanation(_REPORTS)

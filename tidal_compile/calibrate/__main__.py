@@ -1,0 +1,3 @@
+from tidal_compile.calibration import main
+
+main()

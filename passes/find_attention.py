@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -73,19 +73,27 @@ _INDEX_COPY = ("index_copy_", "index_copy", torch.index_copy, torch.ops.aten.ind
                torch.ops.aten.index_copy_.default)
 
 
-def cache_overflow(graph: fx.Graph) -> Optional[str]:
-    """Why a KV-cache write of this graph cannot fit (more positions written than the cache
-    holds: a prompt longer than a static cache), or None. Found before anything runs, where the
-    write would otherwise fail inside a compiled kernel."""
+def cache_writes(graph: fx.Graph) -> Iterator[tuple[fx.Node, fx.Node, int]]:
+    """Each KV-cache write (`cache.index_copy_(dim, positions, new)`) with a static cache size:
+    (the write, the positions node, the cache's size along dim)."""
     for node in graph.nodes:
         if not fx_utils.is_call(node, *_INDEX_COPY) or len(node.args) < 3:
             continue
         cache, dim, index = node.args[:3]
-        cache, index = fx_utils.fake_value(cache), fx_utils.fake_value(index)
-        if cache is None or index is None or not isinstance(dim, int) or index.dim() != 1:
+        cache_value, index_value = fx_utils.fake_value(cache), fx_utils.fake_value(index)
+        if cache_value is None or index_value is None or not isinstance(dim, int) or index_value.dim() != 1:
             continue
-        rows, capacity = index.shape[0], cache.shape[dim]
-        if isinstance(rows, int) and isinstance(capacity, int) and rows > capacity:
+        if isinstance(cache_value.shape[dim], int):
+            yield node, index, cache_value.shape[dim]
+
+
+def cache_overflow(graph: fx.Graph) -> Optional[str]:
+    """Why a KV-cache write of this graph cannot fit (more positions written than the cache
+    holds: a prompt longer than a static cache), or None. Found before anything runs, where the
+    write would otherwise fail inside a compiled kernel."""
+    for _, index, capacity in cache_writes(graph):
+        rows = fx_utils.fake_value(index).shape[0]
+        if isinstance(rows, int) and rows > capacity:
             return (f"a KV-cache write of {rows} positions into a cache of {capacity} (a prompt longer than the "
                     f"static cache): build the cache with max_cache_len >= prompt length + new tokens")
     return None

@@ -17,7 +17,7 @@ import torch.fx as fx
 from tidal_compile.config import ConfigError, ResolvedPlanConfig, TidalConfig
 from tidal_compile.passes.find_attention import AttentionSite, cache_overflow, eager_attention_layers, find_attention
 from tidal_compile.passes.plan import LayerDecision, LayerKind, plan_attention
-from tidal_compile.passes.rewrite_attention import rewrite_attention
+from tidal_compile.passes.rewrite_attention import guard_cpu_cache_writes, rewrite_attention
 
 _graph_ids = itertools.count()
 
@@ -57,6 +57,7 @@ def run_tidal_passes(gm: fx.GraphModule, config: TidalConfig, num_layers: Option
     decisions = plan_attention(sites, plan)
     _dump(gm, graph_id, "before")
     counts = rewrite_attention(gm, decisions, config)
+    guard_cpu_cache_writes(gm.graph)
     gm.graph.lint()
     gm.recompile()
     _dump(gm, graph_id, "after")

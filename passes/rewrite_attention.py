@@ -48,7 +48,7 @@ import torch.fx as fx
 import tidal_compile.ops  # noqa: F401  (registers torch.ops.tidal)
 from tidal_compile.config import TidalConfig
 from tidal_compile.passes import fx_utils
-from tidal_compile.passes.find_attention import AttentionSite
+from tidal_compile.passes.find_attention import AttentionSite, cache_writes
 from tidal_compile.passes.plan import LayerDecision, LayerKind
 
 log = logging.getLogger(__name__)
@@ -126,3 +126,19 @@ def _replace_output(node: fx.Node, out: fx.Node) -> list[fx.Node]:
     node.graph.erase_node(node)
     fx_utils.erase_if_unused(*inputs)
     return outputs
+
+
+def guard_cpu_cache_writes(graph: fx.Graph) -> int:
+    """Before each KV-cache write on the CPU, check that its positions fit the cache, so that
+    decoding past the end of a static cache raises a clear error instead of failing inside a
+    compiled kernel (on CUDA the check would be a device assert: `TidalForward` checks on the
+    host instead). Returns how many writes were guarded."""
+    guarded = 0
+    for write, positions, capacity in list(cache_writes(graph)):
+        if fx_utils.fake_value(positions).is_cuda:
+            continue
+        with graph.inserting_before(write):
+            checked = graph.call_function(tidal.checked_cache_positions.default, (positions, capacity))
+        write.replace_input_with(positions, checked)  # the write now waits for the check
+        guarded += 1
+    return guarded

@@ -35,3 +35,14 @@ def test_a_model_without_generate_is_refused_by_compile_for_generation():
 
     with pytest.raises(TypeError, match="needs a decoder-only model with generate"):
         compile_for_generation(torch.nn.Linear(2, 2), budget=4)
+
+
+def test_decoding_past_the_end_of_a_plain_static_cache_is_named_on_the_cpu():
+    """transformers' StaticCache with the bare backend: the write past its end raises tidal's
+    message (a check before the write), not an index error inside an Inductor kernel."""
+    model = tiny_model("llama", layers=2)
+    torch._dynamo.reset()
+    compiled = tidal_compile.compile(model, budget=4, dense_layers=[0], selection_layers=[1])  # Inductor
+    prompt, _ = prompts(1, 6, False)
+    with pytest.raises(Exception, match="a KV-cache write past the end of the static cache \\(8 positions\\)"):
+        greedy_decode(compiled, model, prompt, 4, 8)

@@ -136,6 +136,22 @@ def _check_page_metadata(key: Tensor, page_min: Tensor, page_max: Tensor, page_s
                              f"{list(t.shape)}")
 
 
+@torch.library.custom_op("tidal::checked_cache_positions", mutates_args=())
+def checked_cache_positions(positions: Tensor, capacity: int) -> Tensor:
+    """`positions` (a copy), after checking that a KV-cache write there fits a static cache of
+    `capacity` positions: a clear error instead of an index error inside a compiled kernel."""
+    if positions.numel() and int(positions.max()) >= capacity:
+        raise ValueError(f"tidal: a KV-cache write past the end of the static cache ({capacity} positions) at "
+                         f"position {int(positions.max())}: decoding past its end; build the cache with "
+                         "max_cache_len >= prompt length + new tokens")
+    return positions.clone()
+
+
+@checked_cache_positions.register_fake
+def _(positions, capacity):
+    return torch.empty_like(positions)
+
+
 @torch.library.custom_op("tidal::quest_cache_write", mutates_args=("filled",))
 def quest_cache_write(key: Tensor, page_min: Tensor, page_max: Tensor, filled: Tensor, written_from: Tensor) -> None:
     """A KV-cache layer `key` was written from position `written_from` on: the page metadata of

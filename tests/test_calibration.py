@@ -115,3 +115,19 @@ def test_compile_for_generation_calibrates_then_compiles_and_explains_the_choice
     model.generate(prompts(1, 12, False)[0], max_new_tokens=3, do_sample=False)
     text = str(tidal_compile.explain(model))
     assert text.startswith("calibrated: budget 8") and "tidal graph" in text
+
+
+def test_the_calibrate_command_writes_a_config_that_loads_back(tmp_path, capsys):
+    """`python -m tidal_compile.calibrate MODEL --budget K --out FILE` on a saved model of the
+    project's retrieval vocabulary (built-in data, no tokenizer needed)."""
+    from tidal_compile.calibration import main
+    from test_eval import _tiny_retrieval_model
+
+    model_dir = _tiny_retrieval_model(tmp_path / "model")
+    out = tmp_path / "model.yaml"
+    main([str(model_dir), "--budget", "16", "--out", str(out)])
+    config = TidalConfig.load(str(out))
+    assert config.mode == "tidal" and config.budget == 16
+    text = out.read_text()
+    assert text.startswith("# calibrated: budget 16") and "# layer   0" in text
+    assert "predicted KV bytes read per decode step" in capsys.readouterr().out

@@ -8,7 +8,8 @@
 A setting is `MODE[:BUDGET][@RESELECT][,KEY=INT...]`: `full`, `tidal:128` (selection layers
 auto), `tidal:128@6` (selection layers [2, 6]), `tidal:128@none` (one selection layer, 2),
 `tidal:128@3,recent=8` (and any other integer config key: `sink`, `recent`, `page_size`),
-`quest:128`, `topk_oracle:128`. Every setting sees the same prompts (seeded per cell). A case
+`quest:128`, `topk_oracle:128`, or a YAML config file (`model.yaml`, as `python -m
+tidal_compile.calibrate` writes it). Every setting sees the same prompts (seeded per cell). A case
 is answered when the 5 greedy tokens after the query `KEY k` equal the needle's value.
 """
 
@@ -25,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, StaticCache
 
 from tidal_compile import hf_compat
+from tidal_compile.config import TidalConfig
 from tidal_compile.eval import retrieval_data as data
 from tidal_compile.hf import compile_for_generation
 
@@ -37,8 +39,15 @@ class Setting:
     name: str
     options: Optional[dict[str, Any]]
 
+    def config(self) -> TidalConfig:
+        """The setting's tidal config (its file, with the other options as overrides)."""
+        options = dict(self.options or {})
+        return TidalConfig.load(options.pop("config", None), **options)
+
     @classmethod
     def parse(cls, spec: str) -> "Setting":
+        if spec.endswith((".yaml", ".yml")):  # a config file, e.g. one `python -m tidal_compile.calibrate` wrote
+            return cls(spec, {"config": spec})
         head, *extra = spec.split(",")
         mode, _, rest = head.partition(":")
         budget, _, reselect = rest.partition("@")

@@ -114,7 +114,7 @@ def probing(model: torch.nn.Module, probe: RecallProbe) -> Iterator[None]:
 def measure(model: torch.nn.Module, setting: Setting, length: int, depths: list[float], cases: int,
             steps: int) -> dict[int, float]:
     """Mean recall per non-dense layer over needle prompts at `depths`, `steps` decode steps each."""
-    config = TidalConfig.load(None, **setting.options)
+    config = setting.config()
     probe = RecallProbe(config, model.config.num_hidden_layers)
     language = data.FillerLanguage()
     device = next(model.parameters()).device
@@ -145,7 +145,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     results = {}
     for spec in args.settings:
         setting = Setting.parse(spec)
-        if setting.options is None or setting.options["mode"] == "full":
+        if setting.options is None or setting.config().mode == "full":
             continue  # nothing is sparse
         results[spec] = measure(model, setting, args.length, args.depths, args.cases, args.steps)
         print(f"{spec}: " + ", ".join(f"L{layer} {r:.3f}" for layer, r in results[spec].items()), flush=True)

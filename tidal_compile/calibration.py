@@ -8,9 +8,13 @@ Measure (`measure_coverage`): the model decodes calibration prompts densely (pre
 teacher-forced decode steps), its attention routed through a probe. At every decode step and
 layer `l`, the probe takes the layer's exact attention probabilities and, for every candidate
 selection layer `s <= l` and every variant (granularity, sink / recent windows), the mass of
-`l`'s attention that falls on the `budget` positions `s` would select: the coverage `C[s, l]`
-(`s == l`: the layer's own top-k, what topk_oracle attends to). The trajectory is dense, so the
-table describes the model, not one plan.
+`l`'s attention that falls on the `budget` positions `s` would select. The coverage `C[s, l]`
+is that mass relative to the mass of `l`'s own per-head top-`budget` (what topk_oracle attends
+to): the share of what any `budget` positions could cover that `s`'s choice covers, averaged
+over the worst 10% of decode steps. A layer with broad attention (no `budget` positions hold
+much of it) is judged by what can be covered, and a selection layer must serve the steps where
+a later layer attends sharply (retrieval), not only the average step.
+The trajectory is dense, so the table describes the model, not one plan.
 
 Choose (`choose_plan`): every layer is dense (a full read), selection (a full read whose top-k the
 following sparse layers reuse) or sparse (reads `budget` rows, covers `C[source, l]` of its mass).
@@ -52,8 +56,10 @@ class Variant:
 
 @dataclass
 class Coverage:
-    """Mean coverage per variant: `table[variant][s, l]` is the share of layer l's attention mass
-    on the positions selection layer s picks (s <= l; NaN above the diagonal)."""
+    """Coverage per variant: `table[variant][s, l]` is the attention mass of layer l on the
+    positions selection layer s picks, relative to the mass on l's own per-head top-k without
+    windows, the most any `budget` positions hold (s <= l; NaN below the diagonal). `oracle[l]`
+    is the mean mass l's own top-k holds."""
 
     num_layers: int
     num_heads: int
@@ -62,6 +68,7 @@ class Coverage:
     context: int
     steps: int
     table: dict[Variant, Tensor] = field(default_factory=dict)
+    oracle: Optional[Tensor] = None
 
 
 def variants(budget: int, num_heads: int, num_kv_heads: int) -> list[Variant]:
@@ -70,14 +77,19 @@ def variants(budget: int, num_heads: int, num_kv_heads: int) -> list[Variant]:
     return [Variant(g, sink, recent) for g in grains for sink, recent in WINDOWS if sink + max(recent, 1) <= budget]
 
 
+TAIL = 0.1
+"""Coverage is the mean over the worst `TAIL` share of decode steps: a selection layer must
+serve the steps where a later layer attends sharply (retrieval), not only the average step."""
+
+
 class CoverageProbe:
     """Attention for `transformers.AttentionInterface`: exact (dense) attention that records, at
     decode steps, the coverage of every (selection layer, later layer) pair for every variant."""
 
     def __init__(self, num_layers: int, budget: int, chosen_variants: list[Variant]):
         self.num_layers, self.budget, self.variants = num_layers, budget, chosen_variants
-        self.sums = {v: torch.zeros(num_layers, num_layers, dtype=torch.float64) for v in chosen_variants}
-        self.counts = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+        self.mass: dict[Variant, list[Tensor]] = {v: [] for v in chosen_variants}
+        """Per decode step, [source, layer]: layer's attention mass on source's selection."""
         self.chosen: dict[tuple[Variant, int], Tensor] = {}
 
     def attention(self, module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
@@ -93,20 +105,36 @@ class CoverageProbe:
         logits, valid = reference.attention_logits(query, key, mask, scale)
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         for v in self.variants:
+            if layer == 0:  # a new decode step
+                self.mass[v].append(torch.full((self.num_layers, self.num_layers), float("nan"), dtype=torch.float64))
             rank, rank_valid = reference.selection_ranking(logits, valid, key.shape[1], v.granularity)
             self.chosen[v, layer] = reference.top_positions(rank, rank_valid, self.budget, v.sink, v.recent)
             for source in range(layer + 1):
                 picked = reference.indices_per_query_head(self.chosen[v, source], query.shape[1]).long()
                 mass = torch.gather(probs, 2, picked.clamp(min=0)).masked_fill(picked < 0, 0.0).sum(-1)
-                self.sums[v][source, layer] += float(mass.double().mean())
-        self.counts[: layer + 1, layer] += 1
+                self.mass[v][-1][source, layer] = float(mass.double().mean())
         out = reference.dense_attention(query, key, value, mask, scale)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
+    def _own(self) -> Tensor:
+        """[steps, layers]: each layer's mass on its own per-head top-k, no windows (the most any
+        `budget` positions hold)."""
+        return torch.stack(self.mass[self.variants[0]]).diagonal(dim1=1, dim2=2)
+
     def coverage(self) -> dict[Variant, Tensor]:
-        upper = torch.triu(torch.ones_like(self.counts, dtype=torch.bool))
-        return {v: torch.where(upper & (self.counts > 0), s / self.counts.clamp(min=1), float("nan"))
-                for v, s in self.sums.items()}
+        """Per variant, [source, layer]: the mean over the worst TAIL of steps of the mass on the
+        source's selection relative to the layer's own top-k (see `Coverage`)."""
+        own = self._own().clamp(min=1e-12)
+        table = {}
+        for v, steps in self.mass.items():
+            ratios = (torch.stack(steps) / own[:, None, :]).clamp(max=1.0)  # [steps, source, layer]
+            worst = ratios.sort(dim=0).values[: max(1, math.ceil(TAIL * ratios.shape[0]))]
+            table[v] = worst.mean(0)  # NaN below the diagonal stays NaN
+        return table
+
+    def oracle(self) -> Tensor:
+        """Mean mass of each layer's own top-k."""
+        return self._own().mean(0)
 
 
 @contextlib.contextmanager
@@ -153,7 +181,7 @@ def measure_coverage(model: torch.nn.Module, prompts: Sequence[Tensor], continua
                 if progress is not None:
                     progress(done, total)
     context = round(sum(p.shape[1] for p in prompts) / max(len(prompts), 1))
-    return Coverage(layers, heads, kv_heads, budget, context, total, probe.coverage())
+    return Coverage(layers, heads, kv_heads, budget, context, total, probe.coverage(), probe.oracle())
 
 
 @dataclass(frozen=True)
@@ -245,17 +273,17 @@ def layer_table(plan: Plan, coverage: Coverage) -> list[str]:
     table = coverage.table[plan.variant]
     lines = []
     for layer in range(coverage.num_layers):
-        own = float(table[layer, layer])
+        own = float(coverage.oracle[layer]) if coverage.oracle is not None else float("nan")
         if layer in plan.dense_layers:
-            why = "dense: a full read; no earlier selection layer covers it better than the plan's budget allows"
+            why = "dense: a full read (no earlier selection layer covers it well enough, in the plan's limits)"
         elif layer in plan.selection_layers:
             users = [l for l, s in plan.source.items() if s == layer]
             worst = min((float(table[layer, u]) for u in users), default=float("nan"))
-            why = f"selection: its top-{coverage.budget} covers {worst:.3f} (worst) of layers {users}"
+            why = f"selection: covers {worst:.3f} (worst) of what layers {users} could cover"
         else:
             source = plan.source[layer]
-            why = f"sparse: indices from layer {source} cover {float(table[source, layer]):.3f} of its mass"
-        lines.append(f"layer {layer:3d}  {why}  (own top-{coverage.budget}: {own:.3f})")
+            why = f"sparse: indices from layer {source} cover {float(table[source, layer]):.3f} of what it could cover"
+        lines.append(f"layer {layer:3d}  {why}  (its own top-{coverage.budget} holds {own:.3f} of its mass)")
     return lines
 
 
@@ -265,8 +293,8 @@ def summary(plan: Plan, coverage: Coverage) -> str:
                        plan.variant, 32768)
     head = [f"calibrated: budget {coverage.budget}, {plan.variant}; dense {list(plan.dense_layers)}, "
             f"selection {list(plan.selection_layers)}",
-            f"coverage of the sparse layers: worst {plan.worst:.3f}, mean {plan.mean:.3f} "
-            f"({coverage.steps} decode steps at ~{coverage.context} tokens)",
+            f"coverage of the sparse layers (share of what their own top-{coverage.budget} covers): worst "
+            f"{plan.worst:.3f}, mean {plan.mean:.3f} ({coverage.steps} decode steps at ~{coverage.context} tokens)",
             f"predicted KV bytes read per decode step: {plan.cost:.1%} of full attention at {coverage.context} "
             f"tokens, {at_32k:.1%} at 32768"]
     return "\n".join(head + layer_table(plan, coverage))

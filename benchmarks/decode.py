@@ -5,7 +5,7 @@ the tidal backend's modes, side by side in one process.
 
 Llama-3-8B shapes (hidden 4096, 32 query / 8 KV heads, head dim 128, bf16), `--layers` deep
 (the time per layer is what scales). Each method compiles `model.forward` (Inductor alone, or
-backend="tidal" with a mode), prefills `--context` random tokens into a StaticCache, then
+backend="tidal" with a mode), prefills `--context` random tokens into a TidalCache (a StaticCache, with Quest pages for quest), then
 times `--steps` greedy decode steps with CUDA events after `--warmup` untimed ones. Printed:
 ms per token and the speed-up over Inductor; the bandwidth bound (weights + KV cache read once
 per token at the measured copy bandwidth) is printed beside it. With `--cudagraphs` every method
@@ -20,9 +20,9 @@ import json
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import tidal_compile  # noqa: F401  (registers backend="tidal" and the ops)
+from tidal_compile import TidalCache, hf_compat  # also registers backend="tidal" and the ops
 from attention import copy_bandwidth  # benchmarks/attention.py, beside this script
 
 METHODS = {
@@ -44,13 +44,15 @@ def build(layers: int, context: int, device: str) -> LlamaForCausalLM:
 
 
 @torch.no_grad()
-def decode_ms(model, forward, prompt: torch.Tensor, steps: int, warmup: int, prefill=None) -> float:
+def decode_ms(model, forward, prompt: torch.Tensor, steps: int, warmup: int, prefill=None,
+              page_size: int | None = None) -> float:
     """Prefill `prompt` (through `prefill`, default `forward`), then the mean time of `steps`
-    decode steps (after `warmup`)."""
+    decode steps (after `warmup`). A TidalCache (with Quest pages of `page_size` for mode quest)."""
     batch, context = prompt.shape
-    cache = StaticCache(config=model.config, max_cache_len=context + warmup + steps + 1)
-    out = (prefill or forward)(input_ids=prompt, past_key_values=cache, use_cache=True,
-                  cache_position=torch.arange(context, device=prompt.device))
+    cache = TidalCache(model.config, max_cache_len=context + warmup + steps + 1, page_size=page_size)
+    cache_arg = {hf_compat.forward_cache_name(model.forward): cache}
+    out = (prefill or forward)(input_ids=prompt, use_cache=True, **cache_arg,
+                               cache_position=torch.arange(context, device=prompt.device))
     token = out.logits[:, -1:].argmax(-1)
     timings = []
     for i in range(warmup + steps):
@@ -58,7 +60,7 @@ def decode_ms(model, forward, prompt: torch.Tensor, steps: int, warmup: int, pre
         start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if prompt.is_cuda else (None, None)
         if start is not None:
             start.record()
-        out = forward(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position)
+        out = forward(input_ids=token, use_cache=True, cache_position=position, **cache_arg)
         token = out.logits[:, -1:].argmax(-1)
         if end is not None:
             end.record()
@@ -101,7 +103,8 @@ def main() -> None:
             forward = torch.compile(model.forward, backend="tidal",
                                     options=dict(options, cudagraphs=args.cudagraphs))
         ms = decode_ms(model, forward, prompt, args.steps, args.warmup,
-                       prefill=model.forward if args.cudagraphs else None)
+                       prefill=model.forward if args.cudagraphs else None,
+                       page_size=(options or {}).get("page_size"))
         base = rows[0]["ms"] if rows else ms
         rows.append(dict(method=name, ms=ms, speedup_vs_inductor=base / ms, bound_ms=bound))
         print(f"  {name:12s} {ms:8.3f} ms/token  x{base / ms:5.2f} vs inductor  ({bound / ms:5.1%} of bound)",

@@ -278,8 +278,11 @@ def layer_table(plan: Plan, coverage: Coverage) -> list[str]:
             why = "dense: a full read (no earlier selection layer covers it well enough, in the plan's limits)"
         elif layer in plan.selection_layers:
             users = [l for l, s in plan.source.items() if s == layer]
-            worst = min((float(table[layer, u]) for u in users), default=float("nan"))
-            why = f"selection: covers {worst:.3f} (worst) of what layers {users} could cover"
+            if users:
+                worst = min(float(table[layer, u]) for u in users)
+                why = f"selection: covers {worst:.3f} (worst) of what layers {users} could cover"
+            else:  # a full read all the same; the next layer selects again
+                why = "selection: a full read whose indices no layer reuses (the next full read serves them better)"
         else:
             source = plan.source[layer]
             why = f"sparse: indices from layer {source} cover {float(table[source, layer]):.3f} of what it could cover"
@@ -327,7 +330,8 @@ def split_for_decoding(ids: Iterable[Tensor], steps: int) -> tuple[list[Tensor],
 
 DEFAULT_SEQUENCES, DEFAULT_LENGTH = 4, 1024
 CALIBRATION_SEED = 2**31 - 7  # far from the needle evaluation's seeds (eval/needle.py)
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_FILLER = ("Rivers run down to the sea. Clouds drift over the hills. A train passes the old mill. "
+                  "Birds rest on the wire. ")  # not the passkey evaluation's words (eval/passkey.py)
 PASSKEY_STEPS = 8  # decode steps over the end of a passkey prompt: the question's end and the key
 
 
@@ -423,7 +427,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m tidal_compile.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a path or name as from_pretrained takes it")
+    parser.add_argument("model", help="a path as from_pretrained takes it, or pkg:NAME (an installed package's folder)")
     parser.add_argument("--budget", type=int, required=True)
     parser.add_argument("--out", required=True, help="YAML file to write")
     parser.add_argument("--prompts", help="a text file: calibration prompts separated by blank lines")
@@ -434,10 +438,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--decode-steps", type=int, default=16)
     args = parser.parse_args(argv)
 
+    from tidal_compile.eval.text_models import model_path
+
+    path = model_path(args.model)
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa",
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
                                                  **extra).eval()
-    tokenizer = _tokenizer(args.model, extra)
+    tokenizer = _tokenizer(path, extra)
     ids = None
     if args.prompts:
         if tokenizer is None:

@@ -183,17 +183,3 @@ def test_sparse_rejects_wrong_index_dtype():
     q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     with pytest.raises(ValueError, match="int32"):
         tidal.sparse_attention(q, k, v, torch.zeros(1, 4, 3, dtype=torch.int64), 0.5)
-
-
-@settings(max_examples=40, deadline=None)
-@given(p=decode_problems(max_len=40), sink=st.integers(0, 4), recent=st.integers(0, 4))
-def test_mask_summary_describes_each_sequence(p, sink, recent):
-    b, length = p.query.shape[0], p.key.shape[2]
-    summary = reference.mask_summary(p.mask, b, length, p.query.device, sink, recent)
-    assert summary.dtype == torch.int32 and summary.shape == (5, b)
-    for row in range(b):
-        valid = oracle.valid_positions(p.mask, row, length)
-        kv_len, first, count, sink_end, recent_start = summary[:, row].tolist()
-        assert (kv_len, first, count) == ((valid[-1] + 1, valid[0], len(valid)) if valid else (0, length, 0))
-        assert {j for j in valid if j < sink_end} == set(valid[:sink])
-        assert {j for j in valid if j >= recent_start} == set(valid[-max(recent, 1):])

@@ -94,17 +94,15 @@ def split_work(programs: int, length: int, block_n: int, device: torch.device, w
 
 @dataclass(frozen=True)
 class MaskSummary:
-    """Per sequence, the rows of `packed` (int32 [5, B], `tidal::mask_summary`'s output): valid
-    length (last valid position + 1), first valid position and how many are valid (one run when
-    they fill [kv_start, kv_len)), and where sink / recent start (`reference.mask_summary`)."""
+    """Per sequence (int32 [B]): valid length (last valid position + 1), where sink / recent
+    start, and the first valid position and how many are valid (one run when they fill
+    [kv_start, kv_len))."""
 
-    packed: Tensor
-
-    kv_len = property(lambda self: self.packed[0])
-    kv_start = property(lambda self: self.packed[1])
-    valid_count = property(lambda self: self.packed[2])
-    sink_end = property(lambda self: self.packed[3])
-    recent_start = property(lambda self: self.packed[4])
+    kv_len: Tensor
+    sink_end: Tensor
+    recent_start: Tensor
+    kv_start: Optional[Tensor] = None
+    valid_count: Optional[Tensor] = None
 
 
 SUMMARY_CHUNK = 4096  # positions per program of the one-pass mask summary
@@ -117,17 +115,21 @@ def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device:
     batch, length = int(batch), int(length)  # see `sizes`
     one_pass = sink == 0 and recent <= 1  # no boundary to count: parallel over the row
     # The one pass merges its chunks by atomics: max / add into zeros, min into the length.
-    packed = torch.zeros(5, batch, dtype=torch.int32, device=device)
-    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, batch, length, packed)
+    make = torch.zeros if one_pass else torch.empty
+    kv_len, sink_end, recent_start, valid_count = (make(batch, dtype=torch.int32, device=device) for _ in range(4))
+    kv_start = (torch.full((batch,), length, dtype=torch.int32, device=device) if one_pass
+                else torch.empty(batch, dtype=torch.int32, device=device))
+    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, batch, length, kv_len)
     module = codegen.load("mask_summary.py.jinja", mask_kind=mask_kind)
     if one_pass:
-        packed[1].fill_(length)  # KvStart: merged by atomic min
         wrap_triton(module.mask_valid_length)[(batch, triton.cdiv(length, SUMMARY_CHUNK))](
-            mask, packed, packed.stride(0), *mask_strides, length, MASK_MIN=mask_min, BLOCK=1024, CHUNK=SUMMARY_CHUNK)
+            mask, kv_len, kv_start, valid_count, recent_start, *mask_strides, length,
+            MASK_MIN=mask_min, BLOCK=1024, CHUNK=SUMMARY_CHUNK)
     else:
         wrap_triton(module.mask_summary)[(batch,)](
-            mask, packed, packed.stride(0), *mask_strides, length, sink, recent, MASK_MIN=mask_min, BLOCK=4096)
-    return MaskSummary(packed)
+            mask, kv_len, kv_start, valid_count, sink_end, recent_start, *mask_strides, length, sink, recent,
+            MASK_MIN=mask_min, BLOCK=4096)
+    return MaskSummary(kv_len, sink_end, recent_start, kv_start, valid_count)
 
 
 MAX_HEAD_DIM = 256
@@ -233,7 +235,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     # Skipping all-masked blocks by a branch pays only for dense-only launches of few programs
     # (H100, docs/benchmarks.md); a skipped block would also owe its -inf logits.
     skip = not emit_logits and b * hkv <= FEW_SEQUENCE_HEADS
-    unmasked_run = bound_loop and mask_kind == "bool"
+    unmasked_run = bound_loop and mask_kind == "bool" and summary.valid_count is not None
     kernel = codegen.load("flash_decode.py.jinja", mask_kind=mask_kind, emit_logits=emit_logits,
                           skip_masked_blocks=skip, bound_loop=bound_loop, unmasked_run=unmasked_run
                           ).flash_decode_split
@@ -298,10 +300,10 @@ QUEST_BLOCK_P = 64
 
 
 def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
-                          filled: Tensor, page_size: int, summary: Optional[MaskSummary] = None) -> None:
+                          filled: Tensor, page_size: int) -> None:
     """Summarise the pages from the one holding position `filled` to the valid length, in place."""
     b, hkv, length, d = sizes(key)
-    kv_len = (summary or summarize_mask(attn_mask, b, length, key.device)).kv_len
+    kv_len = summarize_mask(attn_mask, b, length, key.device).kv_len
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, kv_len)
     kernel = codegen.load("quest_metadata.py.jinja", mask_kind=mask_kind).quest_metadata
     wrap_triton(kernel)[(b * hkv, QUEST_METADATA_PROGRAMS)](
@@ -314,14 +316,13 @@ def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Te
 
 
 def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,
-                    page_max: Tensor, scale: float, budget: int, page_size: int,
-                    summary: Optional[MaskSummary] = None) -> Tensor:
+                    page_max: Tensor, scale: float, budget: int, page_size: int) -> Tensor:
     """Quest decode attention: page scores, per-head top pages (the current one forced), then
     attention over the chosen pages' valid positions."""
     b, h, _, d = sizes(query)
     _, hkv, length, _ = sizes(key)
     pages = sizes(page_min)[2]
-    summary = summary or summarize_mask(attn_mask, b, length, query.device)
+    summary = summarize_mask(attn_mask, b, length, query.device)
     scores = torch.empty(b, h, pages, dtype=torch.float32, device=query.device)
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, scores)
     q = query.contiguous()
@@ -334,8 +335,8 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
         BLOCK_P=QUEST_BLOCK_P, MASK_MIN=mask_min)
     valid_pages = (summary.kv_len + page_size - 1) // page_size
     # The page of the current token is the last valid page: forced like the current token.
-    page_summary = MaskSummary(torch.stack([valid_pages, torch.zeros_like(valid_pages), valid_pages,
-                                            torch.zeros_like(valid_pages), valid_pages - 1]))
+    page_summary = MaskSummary(kv_len=valid_pages, sink_end=torch.zeros_like(valid_pages),
+                               recent_start=valid_pages - 1)
     chosen = select_topk(scores, scores, page_summary, budget // page_size, h, rank_by_prob=False)
     return sparse_decode(query, key, value, chosen, scale, attn_mask, page_size)
 

@@ -6,19 +6,14 @@ the graph); on other devices, and for inputs the kernels do not take (float64, p
 masks), it runs the plain-PyTorch reference of :mod:`tidal_compile.ops.reference`. The body is
 traced with fake tensors, which gives the ops their shapes under torch.compile.
 
-    tidal::mask_summary(q, k, mask, sink, recent) -> summary
-    tidal::dense_attention(q, k, v, mask, scale, summary=None) -> out
-    tidal::selection_attention(q, k, v, mask, scale, budget, granularity, sink, recent, summary=None)
-        -> (out, indices)
+    tidal::dense_attention(q, k, v, mask, scale) -> out
+    tidal::selection_attention(q, k, v, mask, scale, budget, granularity, sink, recent) -> (out, indices)
     tidal::sparse_attention(q, k, v, indices, scale) -> out
     tidal::quest_cache_write(k, page_min, page_max, filled!, written_from)
-    tidal::quest_update_metadata(k, mask, page_min!, page_max!, filled!, page_size, summary=None)
-    tidal::quest_attention(q, k, v, mask, page_min, page_max, scale, budget, page_size, summary=None) -> out
+    tidal::quest_update_metadata(k, mask, page_min!, page_max!, filled!, page_size)
+    tidal::quest_attention(q, k, v, mask, page_min, page_max, scale, budget, page_size) -> out
 
 q is `[B, H, 1, D]`, k/v the un-expanded KV cache `[B, Hkv, L, D]`, indices `int32 [B, S, k]`.
-`summary` (int32 [5, B], `reference.mask_summary`) describes `mask` per sequence: the pass
-computes it once per distinct mask and window in a graph and hands it to every op on that mask
-(a graph edge, like the indices); an op without one summarises the mask itself when it needs to.
 """
 
 from __future__ import annotations
@@ -92,40 +87,25 @@ def _check_indices(indices: Tensor, query: Tensor, key: Tensor) -> None:
                          f"or {query.shape[1]} (query heads)")
 
 
-def _given(summary: Optional[Tensor]) -> Optional["kernels.MaskSummary"]:
-    return None if summary is None else kernels.MaskSummary(summary)
-
-
-@torch.library.triton_op("tidal::mask_summary", mutates_args=())
-def mask_summary(query: Tensor, key: Tensor, attn_mask: Optional[Tensor], sink: int, recent: int) -> Tensor:
-    """What the attention ops need to know of a decode mask (shared by heads), per sequence:
-    int32 [5, B] (`reference.mask_summary`), for the batch of `query` and the length of `key`."""
-    if _use_kernels(query, key, attn_mask):
-        return kernels.summarize_mask(attn_mask, query.shape[0], key.shape[2], query.device, sink, recent).packed
-    return reference.mask_summary(attn_mask, query.shape[0], key.shape[2], query.device, sink, recent)
-
-
 @torch.library.triton_op("tidal::dense_attention", mutates_args=())
 def dense_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
-                    scale: float, summary: Optional[Tensor] = None) -> Tensor:
+                    scale: float) -> Tensor:
     """Exact decode attention over the un-expanded KV cache."""
     check_decode_inputs(query, key, value)
     if _use_kernels(query, value, attn_mask):
-        return kernels.flash_decode(query, key, value, attn_mask, scale, summary=_given(summary))[0]
+        return kernels.flash_decode(query, key, value, attn_mask, scale)[0]
     return reference.dense_attention(query, key, value, attn_mask, scale)
 
 
 @torch.library.triton_op("tidal::selection_attention", mutates_args=())
 def selection_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
-                        scale: float, budget: int, granularity: str, sink: int, recent: int,
-                        summary: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Exact decode attention and the top-`budget` positions (int32 [B, S, budget]); `summary`
-    must be of this `sink` and `recent`."""
+                        scale: float, budget: int, granularity: str, sink: int, recent: int
+                        ) -> tuple[Tensor, Tensor]:
+    """Exact decode attention and the top-`budget` positions (int32 [B, S, budget])."""
     check_decode_inputs(query, key, value)
     _check_selection_args(budget, granularity, sink, recent)
     if _use_kernels(query, value, attn_mask):
-        summary = _given(summary) or kernels.summarize_mask(attn_mask, query.shape[0], key.shape[2], query.device,
-                                                             sink, recent)
+        summary = kernels.summarize_mask(attn_mask, query.shape[0], key.shape[2], query.device, sink, recent)
         out, lse, logits = kernels.flash_decode(query, key, value, attn_mask, scale, emit_logits=True,
                                                 summary=summary)
         sets = index_sets(granularity, query.shape[1], key.shape[1])
@@ -188,14 +168,14 @@ def _(key, page_min, page_max, filled, written_from) -> None:
 
 @torch.library.triton_op("tidal::quest_update_metadata", mutates_args=("page_min", "page_max", "filled"))
 def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
-                          filled: Tensor, page_size: int, summary: Optional[Tensor] = None) -> None:
+                          filled: Tensor, page_size: int) -> None:
     """Bring Quest's page metadata (`page_min`/`page_max` [B, Hkv, P, D]) up to date with the
     cache in place: the pages from the one holding position `filled` (int32 [B]: summarised up
     to there; every cache write lowers it to where it wrote) to the valid length, which
     `filled` then becomes."""
     _check_page_metadata(key, page_min, page_max, page_size)
     if _use_kernels(key, key, attn_mask):
-        kernels.quest_update_metadata(key, attn_mask, page_min, page_max, filled, page_size, _given(summary))
+        kernels.quest_update_metadata(key, attn_mask, page_min, page_max, filled, page_size)
         return
     quest_update_metadata_reference(key, attn_mask, page_min, page_max, filled, page_size)
 
@@ -214,8 +194,7 @@ def _(key, attn_mask, page_min, page_max, filled, page_size) -> None:
 
 @torch.library.triton_op("tidal::quest_attention", mutates_args=())
 def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,
-                    page_max: Tensor, scale: float, budget: int, page_size: int,
-                    summary: Optional[Tensor] = None) -> Tensor:
+                    page_max: Tensor, scale: float, budget: int, page_size: int) -> Tensor:
     """Quest decode attention over the `budget // page_size` most critical pages per query head
     (the current token's page always among them), from up-to-date page metadata."""
     check_decode_inputs(query, key, value)
@@ -223,6 +202,5 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
     if budget < page_size:
         raise ValueError(f"budget ({budget}) must hold at least one page of {page_size} positions")
     if _use_kernels(query, value, attn_mask):
-        return kernels.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size,
-                                       _given(summary))
+        return kernels.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size)
     return reference.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size)

@@ -26,10 +26,9 @@ Deterministic for a given model and data.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -137,23 +136,6 @@ class CoverageProbe:
         return self._own().mean(0)
 
 
-@contextlib.contextmanager
-def probing(model: torch.nn.Module, probe: CoverageProbe) -> Iterator[None]:
-    """Route `model`'s attention through `probe` inside the block."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    name = "tidal_calibration_probe"
-    AttentionInterface.register(name, probe.attention)
-    AttentionMaskInterface.register(name, sdpa_mask)
-    previous = hf_compat.attention_implementation(model.config)
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
 @torch.no_grad()
 def measure_coverage(model: torch.nn.Module, prompts: Sequence[Tensor], continuations: Sequence[Tensor], budget: int,
                      progress: Optional[Any] = None) -> Coverage:
@@ -168,7 +150,7 @@ def measure_coverage(model: torch.nn.Module, prompts: Sequence[Tensor], continua
     device = next(model.parameters()).device
     cache_name = hf_compat.forward_cache_name(model.forward)
     total, done = sum(c.shape[1] for c in continuations), 0
-    with probing(model, probe):
+    with hf_compat.attention_routed_through(model, "tidal_calibration_probe", probe.attention):
         for prompt, continuation in zip(prompts, continuations):
             prompt, continuation = prompt.to(device), continuation.to(device)
             cache = StaticCache(config=config, max_cache_len=prompt.shape[1] + continuation.shape[1])

@@ -15,8 +15,9 @@ instead of silently changing what tidal does.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
@@ -76,6 +77,23 @@ def attention_implementation(model_config: Any) -> Optional[str]:
     (the private `_attn_implementation`: transformers has no public reader for it)."""
     value = getattr(model_config, "_attn_implementation", None)
     return value if isinstance(value, str) else None
+
+
+@contextlib.contextmanager
+def attention_routed_through(model: Any, name: str, attention: Callable) -> Iterator[None]:
+    """Inside the block, `model`'s attention layers call `attention` (an `AttentionInterface`
+    function, registered as `name`, with SDPA's mask) instead of their implementation."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    previous = attention_implementation(model.config)
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def written_end(layer: StaticLayer) -> torch.Tensor:

@@ -18,16 +18,14 @@ passes on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from transformers import AttentionInterface, StaticCache
+from transformers import StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tidal_compile import hf_compat
 from tidal_compile.config import TidalConfig
@@ -97,19 +95,6 @@ class RecallProbe:
         return {layer: sum(m) / len(m) for layer, m in sorted(self.mass.items())}
 
 
-@contextlib.contextmanager
-def probing(model: torch.nn.Module, probe: RecallProbe) -> Iterator[None]:
-    """Route `model`'s attention through `probe` while inside the block."""
-    AttentionInterface.register(NAME, probe.attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(NAME)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
 @torch.no_grad()
 def measure(model: torch.nn.Module, setting: Setting, length: int, depths: list[float], cases: int,
             steps: int) -> dict[int, float]:
@@ -118,7 +103,7 @@ def measure(model: torch.nn.Module, setting: Setting, length: int, depths: list[
     probe = RecallProbe(config, model.config.num_hidden_layers)
     language = data.FillerLanguage()
     device = next(model.parameters()).device
-    with probing(model, probe):
+    with hf_compat.attention_routed_through(model, NAME, probe.attention):
         for depth in depths:
             prompt, _ = needle_prompts(length, depth, cases, device, language)
             cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps)

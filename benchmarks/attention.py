@@ -104,8 +104,8 @@ def run_shape(model: str, batch: int, context: int, budgets: list[int], peak: fl
             record("flex_attention", bench(lambda: flex(q, k, v, scale=scale, enable_gqa=True)), kv_bytes)
         except Exception as e:  # report, keep benchmarking the rest
             print(f"  flex_attention failed: {type(e).__name__}: {str(e)[:120]}")
-    record("tidal dense", bench(lambda: tidal.dense_attention(q, k, v, mask, scale)), kv_bytes)
-    record("  dense, no mask", bench(lambda: tidal.dense_attention(q, k, v, None, scale)), kv_bytes)
+    record("tidal dense", bench(lambda: tidal.dense_attention(q, k, v, mask, scale, [])), kv_bytes)
+    record("  dense, no mask", bench(lambda: tidal.dense_attention(q, k, v, None, scale, [])), kv_bytes)
     fixed = kernels.decode_blocks(HEAD_DIM, batch * kv_heads)  # the untuned defaults, for comparison
     record("  dense, default tiles", bench(lambda: kernels.flash_decode(q, k, v, mask, scale, blocks=fixed)), kv_bytes)
     # Where selection's time goes: the attention pass that also writes logits, then the top-k.
@@ -123,16 +123,16 @@ def run_shape(model: str, batch: int, context: int, budgets: list[int], peak: fl
     for budget in budgets:
         for granularity in ("query_head", "kv_head"):
             record(f"tidal selection {granularity}",
-                   bench(lambda: tidal.selection_attention(q, k, v, mask, scale, budget, granularity, 0, 0)),
+                   bench(lambda: tidal.selection_attention(q, k, v, mask, scale, budget, granularity, 0, 0, [])),
                    kv_bytes, budget)
-            _, idx = tidal.selection_attention(q, k, v, mask, scale, budget, granularity, 0, 0)
+            _, idx = tidal.selection_attention(q, k, v, mask, scale, budget, granularity, 0, 0, [])
             rows_read = heads if granularity == "query_head" else kv_heads
             sparse_bytes = 2 * batch * rows_read * min(budget, context) * HEAD_DIM * 2
             record(f"tidal sparse {granularity}", bench(lambda: tidal.sparse_attention(q, k, v, idx, scale)),
                    sparse_bytes, budget)
     for budget in budgets:
         record("topk_oracle layer", bench(lambda: tidal.sparse_attention(
-            q, k, v, tidal.selection_attention(q, k, v, mask, scale, budget, "query_head", 0, 0)[1], scale)),
+            q, k, v, tidal.selection_attention(q, k, v, mask, scale, budget, "query_head", 0, 0, [])[1], scale)),
             kv_bytes, budget)
     run_quest(q, k, v, mask, scale, budgets, record)
     del q, k, v, mask
@@ -148,18 +148,18 @@ def run_quest(q, k, v, mask, scale, budgets, record, page_size: int = 16):
     pages = -(-context // page_size)
     page_min = torch.zeros(batch, kv_heads, pages, HEAD_DIM, dtype=k.dtype, device=k.device)
     page_max, filled = torch.zeros_like(page_min), torch.zeros(batch, dtype=torch.int32, device=k.device)
-    tidal.quest_update_metadata(k, mask, page_min, page_max, filled, page_size)  # "prefill"
+    tidal.quest_update_metadata(k, mask, page_min, page_max, filled, page_size, [])  # "prefill"
 
     def step_update():
         filled.fill_(context - 1)  # as after the decode step's cache write: one position to add
-        tidal.quest_update_metadata(k, mask, page_min, page_max, filled, page_size)
+        tidal.quest_update_metadata(k, mask, page_min, page_max, filled, page_size, [])
 
     meta_bytes = 2 * page_min.numel() * page_min.element_size()
     record("  part: quest metadata step", bench(step_update), 2 * batch * kv_heads * page_size * HEAD_DIM * 2)
     for budget in budgets:
         quest_bytes = 2 * batch * heads * min(budget, context) * HEAD_DIM * 2 + meta_bytes
         record("quest", bench(lambda: tidal.quest_attention(q, k, v, mask, page_min, page_max, scale, budget,
-                                                            page_size)), quest_bytes, budget)
+                                                            page_size, [])), quest_bytes, budget)
 
 
 def main() -> None:

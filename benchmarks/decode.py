@@ -1,118 +1,368 @@
-"""End-to-end decode latency of a real-shape, random-initialised Llama: plain Inductor against
-the tidal backend's modes, side by side in one process.
+"""End-to-end decode latency at full depth: the model as users compile it today (Inductor) against
+the tidal backend's modes, side by side in one process, with where each step's time goes.
 
-    python benchmarks/decode.py --context 32768 --layers 4 [--cudagraphs] --out decode.json
+    python benchmarks/decode.py --quick                                  # < 3 minutes
+    python benchmarks/decode.py --shapes llama3-8b --batches 1 --contexts 131072 --out decode.json
+    python benchmarks/decode.py                                          # every shape, batch, context
 
-Llama-3-8B shapes (hidden 4096, 32 query / 8 KV heads, head dim 128, bf16), `--layers` deep
-(the time per layer is what scales). Each method compiles `model.forward` (Inductor alone, or
-backend="tidal" with a mode), prefills `--context` random tokens into a TidalCache (a StaticCache, with Quest pages for quest), then
-times `--steps` greedy decode steps with CUDA events after `--warmup` untimed ones. Printed:
-ms per token and the speed-up over Inductor; the bandwidth bound (weights + KV cache read once
-per token at the measured copy bandwidth) is printed beside it. With `--cudagraphs` every method
-captures its decode step in CUDA graphs (Inductor `mode="reduce-overhead"`, tidal
-`cudagraphs=True`) and the prompt is prefilled uncompiled, as transformers' generate does.
+Models are random-initialised at the real shapes of Llama-2-7B, Llama-3-8B and Qwen2-7B, every
+layer (bf16, HF SDPA attention). For each shape, batch and context, every method compiles
+`model.forward` with CUDA graphs (Inductor `mode="reduce-overhead"`; tidal `cudagraphs=True`), the
+KV cache (a TidalCache; Quest pages for quest) is filled by hand with random K/V through the
+cache's own `update` (which also moves its length: the static cache writes at, and masks up to,
+its own length), then `--steps` greedy decode steps are timed with CUDA events after `--warmup`
+ones (median), and a few more run under the profiler. The floor is the same model at a 1K context.
+
+Per row: ms per step; speed-up over inductor and over full; attention time (step minus the floor)
+against the time to read the KV bytes the method must read at the measured copy bandwidth;
+kernel time per step from the profiler split into weights (matrix products), attention,
+selection (top-k, Quest page scores) and other kernels; and the step time outside kernels.
+Methods: inductor, full, tidal:K, quest:K, topk_oracle:K (K the budget). Plots:
+`python benchmarks/plot_decode.py results.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import platform
+import statistics
 import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import transformers
+from torch.autograd import DeviceType
+from tqdm import tqdm
 
-from tidal_compile import TidalCache, hf_compat  # also registers backend="tidal" and the ops
+import tidal_compile
+from tidal_compile import TidalCache, TidalConfig, hf_compat
 from attention import copy_bandwidth  # benchmarks/attention.py, beside this script
 
-METHODS = {
-    "inductor": None,
-    "full": {"mode": "full"},
-    "tidal": {"mode": "tidal", "budget": 256},
-    "quest": {"mode": "quest", "budget": 256, "page_size": 16},
-    "topk_oracle": {"mode": "topk_oracle", "budget": 256},
+FLOOR_CONTEXT = 1024
+HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model shape: the config of its family at real size, every layer."""
+
+    family: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    rope_theta: float
+    long_context: int  # the longest context benchmarked
+
+    def config(self, max_positions: int) -> Any:
+        cls = transformers.Qwen2Config if self.family == "qwen2" else transformers.LlamaConfig
+        return cls(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+                   num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                   num_key_value_heads=self.kv_heads, head_dim=HEAD_DIM, rope_theta=self.rope_theta,
+                   max_position_embeddings=max_positions, attn_implementation="sdpa")
+
+    def kv_bytes(self, batch: int, context: int, layers: Optional[int] = None) -> int:
+        """Bytes of K and V (bf16) of `layers` (default all) layers at this batch and context."""
+        return 2 * (self.layers if layers is None else layers) * batch * self.kv_heads * context * HEAD_DIM * 2
+
+
+SHAPES = {
+    "llama2-7b": Shape("llama", 32, 4096, 11008, 32, 32, 32000, 10000.0, 102400),
+    "llama3-8b": Shape("llama", 32, 4096, 14336, 32, 8, 128256, 500000.0, 131072),
+    "qwen2-7b": Shape("qwen2", 28, 3584, 18944, 28, 4, 152064, 1000000.0, 131072),
 }
 
 
-def build(layers: int, context: int, device: str) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                         max_position_embeddings=context + 1024, rope_theta=500000.0)
+@dataclass(frozen=True)
+class Method:
+    """`inductor`, or a tidal mode with its budget (`tidal:256`)."""
+
+    name: str
+
+    @property
+    def mode(self) -> str:
+        return self.name.split(":")[0]
+
+    @property
+    def budget(self) -> int:
+        return int(self.name.split(":")[1]) if ":" in self.name else 256
+
+    def config(self) -> TidalConfig:
+        return TidalConfig.load(mode=self.mode, budget=self.budget)
+
+    def options(self) -> Optional[dict[str, Any]]:
+        """Backend options (None: plain Inductor)."""
+        return None if self.mode == "inductor" else {"config": self.config(), "cudagraphs": True}
+
+    def page_size(self) -> Optional[int]:
+        return TidalConfig().page_size if self.mode == "quest" else None
+
+    def attention_bytes(self, shape: Shape, batch: int, context: int) -> int:
+        """KV-cache bytes one decode step must read (page metadata included for Quest)."""
+        if self.mode in ("inductor", "full", "topk_oracle"):
+            return shape.kv_bytes(batch, context)
+        config = self.config().resolve(shape.layers)
+        full_layers = len(config.dense_layers) + (len(config.selection_layers) if self.mode == "tidal" else 0)
+        sparse_layers = shape.layers - full_layers
+        rows = batch * shape.heads * self.budget  # query_head: each query head reads its own rows
+        sparse = 2 * sparse_layers * rows * HEAD_DIM * 2
+        if self.mode == "quest":
+            pages = -(-context // config.config.page_size)
+            sparse += 2 * sparse_layers * batch * shape.kv_heads * pages * HEAD_DIM * 2
+        return shape.kv_bytes(batch, context, full_layers) + sparse
+
+
+METHODS = ("inductor", "full", "tidal:256", "tidal:2048", "quest:256", "topk_oracle:256")
+QUICK = dict(shapes=["llama3-8b"], batches=[1], contexts=[32768], methods=["inductor", "full", "tidal:256"],
+             floor_methods=["full"])
+
+
+# ------------------------------------------------------------------------------- kernel time
+
+WEIGHT_KERNELS = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "triton_tem", "matmul")
+SELECTION_KERNELS = ("radix_", "rank_by_prob", "quest_scores")
+ATTENTION_KERNELS = ("flash_decode", "sparse_decode", "combine_splits", "mask_", "quest_metadata", "flash",
+                     "fmha", "attention", "efficient")
+
+
+def kernel_category(name: str) -> str:
+    """weights | selection | attention | other, from a GPU kernel's name."""
+    lowered = name.lower()
+    for category, markers in (("weights", WEIGHT_KERNELS), ("selection", SELECTION_KERNELS),
+                              ("attention", ATTENTION_KERNELS)):
+        if any(marker in lowered for marker in markers):
+            return category
+    return "other"
+
+
+def profile_kernels(step: Callable[[], None], steps: int) -> dict[str, Any]:
+    """GPU kernel time per step (ms) by category, and the ten longest kernels, over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+    by_category: dict[str, float] = {"weights": 0.0, "attention": 0.0, "selection": 0.0, "other": 0.0}
+    by_kernel: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        ms = event.time_range.elapsed_us() / 1e3 / steps
+        by_category[kernel_category(event.name)] += ms
+        by_kernel[event.name] = by_kernel.get(event.name, 0.0) + ms
+    top = sorted(by_kernel.items(), key=lambda item: -item[1])[:10]
+    return dict(kernel_ms=sum(by_category.values()), categories=by_category,
+                top_kernels=[dict(name=name[:120], ms=ms) for name, ms in top])
+
+
+# ------------------------------------------------------------------------------- one row
+
+
+@dataclass
+class Row:
+    shape: str
+    batch: int
+    context: int
+    method: str
+    ms: float
+    compile_s: float
+    attention_bytes: int
+    kernel_ms: float
+    categories: dict[str, float]
+    top_kernels: list[dict[str, Any]]
+    floor: bool = False
+    speedup_vs_inductor: Optional[float] = None
+    speedup_vs_full: Optional[float] = None
+    attention_ms: Optional[float] = None
+    read_ms: Optional[float] = None  # attention_bytes at the copy bandwidth
+
+    @property
+    def outside_ms(self) -> float:
+        return self.ms - self.kernel_ms
+
+
+def build_model(shape: Shape, max_positions: int) -> torch.nn.Module:
+    config = shape.config(max_positions)
     torch.manual_seed(0)
-    with torch.device(device):
-        return LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    with torch.device("cuda"):
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+
+
+def filled_cache(model: torch.nn.Module, batch: int, context: int, capacity: int,
+                 page_size: Optional[int]) -> TidalCache:
+    """A TidalCache holding `context` random positions per layer, written through `Cache.update`
+    (so its length, where the next token is written and up to where the mask reaches, is `context`)."""
+    config = model.config
+    cache = TidalCache(config, max_cache_len=capacity, page_size=page_size)
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    for layer in range(config.num_hidden_layers):
+        k, v = (torch.randn(batch, config.num_key_value_heads, context, HEAD_DIM, device="cuda",
+                            dtype=torch.bfloat16, generator=generator) for _ in range(2))
+        cache.update(k, v, layer)
+        del k, v
+    return cache
 
 
 @torch.no_grad()
-def decode_ms(model, forward, prompt: torch.Tensor, steps: int, warmup: int, prefill=None,
-              page_size: int | None = None) -> float:
-    """Prefill `prompt` (through `prefill`, default `forward`), then the mean time of `steps`
-    decode steps (after `warmup`). A TidalCache (with Quest pages of `page_size` for mode quest)."""
-    batch, context = prompt.shape
-    cache = TidalCache(model.config, max_cache_len=context + warmup + steps + 1, page_size=page_size)
-    cache_arg = {hf_compat.forward_cache_name(model.forward): cache}
-    out = (prefill or forward)(input_ids=prompt, use_cache=True, **cache_arg,
-                               cache_position=torch.arange(context, device=prompt.device))
-    token = out.logits[:, -1:].argmax(-1)
-    timings = []
-    for i in range(warmup + steps):
-        position = torch.full((1,), context + i, device=prompt.device)
-        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2)) if prompt.is_cuda else (None, None)
-        if start is not None:
-            start.record()
-        out = forward(input_ids=token, use_cache=True, cache_position=position, **cache_arg)
+def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shape, batch: int, context: int,
+            steps: int, warmup: int, profile_steps: int) -> Row:
+    """Compile `model.forward` for `method`, fill a cache to `context`, time and profile decode steps."""
+    torch._dynamo.reset()
+    options = method.options()
+    forward = (torch.compile(model.forward, mode="reduce-overhead") if options is None
+               else torch.compile(model.forward, backend="tidal", options=options))
+    capacity = context + warmup + steps + profile_steps + 1
+    cache = filled_cache(model, batch, context, capacity, method.page_size())
+    cache_name = hf_compat.forward_cache_name(model.forward)
+    token = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    position = [context]
+
+    def step() -> None:
+        nonlocal token
+        positions = torch.full((batch, 1), position[0], dtype=torch.long, device="cuda")
+        out = forward(input_ids=token, position_ids=positions, use_cache=True, **{cache_name: cache})
         token = out.logits[:, -1:].argmax(-1)
-        if end is not None:
-            end.record()
-            end.synchronize()
-            timings.append(start.elapsed_time(end))
-    return sum(timings[warmup:]) / steps if timings else float("nan")
+        position[0] += 1
+
+    started = time.perf_counter()
+    step()  # compiles
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - started
+    times = []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    kernels = profile_kernels(step, profile_steps)
+    row = Row(shape=shape_name, batch=batch, context=context, method=method.name, ms=statistics.median(times),
+              compile_s=compile_s, attention_bytes=method.attention_bytes(shape, batch, context),
+              floor=context == FLOOR_CONTEXT, **kernels)
+    del forward, cache
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def fits(shape: Shape, batch: int, context: int, methods: list[Method]) -> bool:
+    """Whether weights, the KV cache, Quest pages and Inductor's expanded K/V of one layer fit."""
+    weights = 2 * (shape.layers * (4 * shape.hidden * shape.hidden + 3 * shape.hidden * shape.intermediate)
+                   + 2 * shape.vocab * shape.hidden)
+    expanded = 2 * batch * shape.heads * context * HEAD_DIM * 2 if any(m.mode == "inductor" for m in methods) else 0
+    need = weights + shape.kv_bytes(batch, context) * 1.15 + expanded + (4 << 30)
+    return need < 0.92 * torch.cuda.get_device_properties(0).total_memory
+
+
+def derive(rows: list[Row], bandwidth: float) -> None:
+    """Fill each row's speed-ups, attention time over the floor and read time at `bandwidth`."""
+    def find(row: Row, method: str, context: int) -> Optional[Row]:
+        return next((r for r in rows if (r.shape, r.batch, r.context, r.method) ==
+                     (row.shape, row.batch, context, method)), None)
+
+    for row in rows:
+        inductor, full = find(row, "inductor", row.context), find(row, "full", row.context)
+        row.speedup_vs_inductor = inductor.ms / row.ms if inductor else None
+        row.speedup_vs_full = full.ms / row.ms if full else None
+        floor = find(row, row.method, FLOOR_CONTEXT) or find(row, "full", FLOOR_CONTEXT)
+        if floor is not None and not row.floor:
+            row.attention_ms = row.ms - floor.ms
+        row.read_ms = row.attention_bytes / bandwidth * 1e3
+
+
+def print_row(row: Row, out: Callable[[str], None]) -> None:
+    def ratio(x: Optional[float]) -> str:
+        return f"x{x:5.2f}" if x else "   -  "
+
+    attention = (f"attn {row.attention_ms:6.3f} ms = {row.attention_ms / row.read_ms:4.2f}x read"
+                 if row.attention_ms is not None else "attn    -")
+    c = row.categories
+    out(f"{row.shape:10s} B={row.batch:<2d} L={row.context:<6d} {row.method:16s} {row.ms:7.3f} ms  "
+        f"{ratio(row.speedup_vs_inductor)} vs inductor  {ratio(row.speedup_vs_full)} vs full  {attention}  "
+        f"| kernels {row.kernel_ms:6.3f} (w {c['weights']:.3f} a {c['attention']:.3f} s {c['selection']:.3f} "
+        f"o {c['other']:.3f}) outside {row.outside_ms:6.3f}  [compile {row.compile_s:.0f} s]")
+
+
+def jobs(args: argparse.Namespace) -> list[tuple[str, int, int, Method]]:
+    """(shape, batch, context, method) to run, the floor of each (shape, batch) first; rows that do
+    not fit the GPU are dropped with a note."""
+    planned = []
+    for shape_name in args.shapes:
+        shape = SHAPES[shape_name]
+        for batch in args.batches:
+            contexts = [shape.long_context if c == 0 else c for c in args.contexts]
+            for context in contexts:
+                methods = [Method(m) for m in args.methods]
+                if not fits(shape, batch, context, methods):
+                    print(f"skipped: {shape_name} batch {batch} context {context} does not fit the GPU", flush=True)
+                    continue
+                if not any(j[:3] == (shape_name, batch, FLOOR_CONTEXT) for j in planned):
+                    planned += [(shape_name, batch, FLOOR_CONTEXT, Method(m)) for m in args.floor_methods]
+                planned += [(shape_name, batch, context, m) for m in methods]
+    return planned
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--context", type=int, default=32768)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--cudagraphs", action="store_true", help="decode steps replayed from CUDA graphs")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16])
+    parser.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 0],
+                        help="0: the shape's long context (100K for Llama-2-7B, 128K otherwise)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--floor-methods", nargs="+", default=["inductor", "full"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="Llama-3-8B, batch 1, 32K: inductor, full, tidal:256")
+    parser.add_argument("--out", default=None, help="JSON file for the rows")
     args = parser.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
+    for name in args.methods + args.floor_methods:
+        if Method(name).mode not in ("inductor", *tidal_compile.config.MODES):
+            parser.error(f"unknown method {name!r}; methods: inductor, full, tidal:K, quest:K, topk_oracle:K")
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode.py needs a CUDA GPU")
 
-    model = build(args.layers, args.context, "cuda")
-    prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device="cuda")
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = 2 * args.layers * args.batch * 8 * args.context * 128 * 2
     bandwidth = copy_bandwidth()
-    bound = (weights + kv) / bandwidth * 1e3
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: Llama-3-8B shapes, {args.layers} layers, "
-          f"batch {args.batch}, context {args.context}; bandwidth bound {bound:.3f} ms/token "
-          f"(weights {weights / 1e9:.2f} GB + KV {kv / 1e9:.2f} GB at {bandwidth / 1e12:.2f} TB/s)"
-          f"{'; CUDA graphs' if args.cudagraphs else ''}", flush=True)
-    rows = []
-    for name in args.methods:
-        torch._dynamo.reset()
-        options = METHODS[name]
-        if options is None:
-            forward = torch.compile(model.forward, mode="reduce-overhead" if args.cudagraphs else None)
-        else:
-            forward = torch.compile(model.forward, backend="tidal",
-                                    options=dict(options, cudagraphs=args.cudagraphs))
-        ms = decode_ms(model, forward, prompt, args.steps, args.warmup,
-                       prefill=model.forward if args.cudagraphs else None,
-                       page_size=(options or {}).get("page_size"))
-        base = rows[0]["ms"] if rows else ms
-        rows.append(dict(method=name, ms=ms, speedup_vs_inductor=base / ms, bound_ms=bound))
-        print(f"  {name:12s} {ms:8.3f} ms/token  x{base / ms:5.2f} vs inductor  ({bound / ms:5.1%} of bound)",
-              flush=True)
+    header = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; CUDA graphs, bf16, full depth")
+    print(header, flush=True)
+    rows: list[Row] = []
+    model, built = None, None
+    progress = tqdm(jobs(args), desc="decode rows", unit="row", file=sys.stdout, dynamic_ncols=True)
+    for shape_name, batch, context, method in progress:
+        progress.set_postfix_str(f"{shape_name} B={batch} L={context} {method.name}")
+        shape = SHAPES[shape_name]
+        if built != shape_name:
+            model = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            longest = max(shape.long_context if c == 0 else c for c in args.contexts)
+            model, built = build_model(shape, longest + 4096), shape_name
+        rows.append(measure(model, method, shape_name, shape, batch, context, args.steps, args.warmup,
+                            args.profile_steps))
+        derive(rows, bandwidth)
+        print_row(rows[-1], progress.write)
+    progress.close()
+    print("\nall rows:")
+    for row in rows:
+        print_row(row, print)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, layers=args.layers,
-                           batch=args.batch, context=args.context, cudagraphs=args.cudagraphs, rows=rows),
+            json.dump(dict(header=header, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           transformers=transformers.__version__, python=platform.python_version(),
+                           bandwidth=bandwidth, date=time.strftime("%Y-%m-%d"),
+                           command=" ".join(sys.argv), rows=[dict(asdict(r), outside_ms=r.outside_ms) for r in rows]),
                       f, indent=1)
 
 

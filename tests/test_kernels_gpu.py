@@ -35,9 +35,9 @@ def test_gpu_dense_and_sparse_ops_equal_reference(length, batch, heads, kv_heads
     tidal = torch.ops.tidal
     q, k, v, mask = _real_problem(batch, heads, kv_heads, length, torch.bfloat16)
     expected = reference.dense_attention(q, k, v, mask, 128 ** -0.5)
-    assert oracle.relative_error(tidal.dense_attention(q, k, v, mask, 128 ** -0.5), expected) < 1e-2
+    assert oracle.relative_error(tidal.dense_attention(q, k, v, mask, 128 ** -0.5, []), expected) < 1e-2
     for granularity in ("query_head", "kv_head", "layer"):
-        out, idx = tidal.selection_attention(q, k, v, mask, 128 ** -0.5, 2048, granularity, 0, 0)
+        out, idx = tidal.selection_attention(q, k, v, mask, 128 ** -0.5, 2048, granularity, 0, 0, [])
         assert oracle.relative_error(out, expected) < 1e-2
         sparse = tidal.sparse_attention(q, k, v, idx, 128 ** -0.5)
         assert oracle.relative_error(sparse, reference.sparse_attention(q, k, v, idx, 128 ** -0.5)) < 1e-2
@@ -47,8 +47,8 @@ def test_gpu_dense_and_sparse_ops_equal_reference(length, batch, heads, kv_heads
 @pytest.mark.parametrize("granularity", ["query_head", "kv_head", "layer"])
 def test_gpu_topk_is_exactly_the_reference_set(length, budget, granularity):
     q, k, v, mask = _real_problem(2, 32, 8, length, torch.bfloat16, integer_valued=True)
-    _, idx = torch.ops.tidal.selection_attention(q, k, v, mask, 1.0, budget, granularity, 4, 8)
-    _, expected = reference.selection_attention(q, k, v, mask, 1.0, budget, granularity, 4, 8)
+    _, idx = torch.ops.tidal.selection_attention(q, k, v, mask, 1.0, budget, granularity, 4, 8, [])
+    _, expected = reference.selection_attention(q, k, v, mask, 1.0, budget, granularity, 4, 8, [])
     torch.testing.assert_close(idx, expected, rtol=0, atol=0)
 
 
@@ -72,9 +72,9 @@ def test_gpu_ops_under_reduce_overhead_equal_eager():
     """torch.compile(fn, backend="tidal", mode="reduce-overhead") over the ops: replays equal eager
     (indices exactly)."""
     def attend(q, k, v, mask):
-        out, idx = torch.ops.tidal.selection_attention(q, k, v, mask, 0.1, 256, "kv_head", 0, 4)
+        out, idx = torch.ops.tidal.selection_attention(q, k, v, mask, 0.1, 256, "kv_head", 0, 4, [])
         return out, idx, torch.ops.tidal.sparse_attention(q, k, v, idx, 0.1), \
-            torch.ops.tidal.dense_attention(q, k, v, mask, 0.1)
+            torch.ops.tidal.dense_attention(q, k, v, mask, 0.1, [])
 
     q, k, v, mask = _real_problem(2, 8, 2, 3000, torch.bfloat16)
     expected = attend(q, k, v, mask)
@@ -114,12 +114,12 @@ def test_gpu_quest_ops_equal_reference(length, budget, page_size):
     pages = -(-k.shape[2] // page_size)
     page_min = torch.zeros(2, 8, pages, 128, dtype=torch.bfloat16, device="cuda")
     page_max, filled = torch.zeros_like(page_min), torch.zeros(2, dtype=torch.int32, device="cuda")
-    tidal.quest_update_metadata(k, mask, page_min, page_max, filled, page_size)
+    tidal.quest_update_metadata(k, mask, page_min, page_max, filled, page_size, [])
     expected_min, expected_max = reference.quest_page_metadata(k, mask, page_size)
     used = reference.pages_valid(reference.valid_positions(mask, 2, k.shape[2], k.device), page_size, pages)
     used = used[:, None].expand(-1, 8, -1)
     assert torch.equal(page_min[used], expected_min[used]) and torch.equal(page_max[used], expected_max[used])
-    out = tidal.quest_attention(q, k, v, mask, page_min, page_max, 128 ** -0.5, budget, page_size)
+    out = tidal.quest_attention(q, k, v, mask, page_min, page_max, 128 ** -0.5, budget, page_size, [])
     expected = reference.quest_attention(q, k, v, mask, page_min, page_max, 128 ** -0.5, budget, page_size)
     assert oracle.relative_error(out, expected) < 1e-2
 
@@ -160,8 +160,8 @@ def test_gpu_offsets_past_2_31_elements():
     last = slice(batch - 1, batch)
     tidal = torch.ops.tidal
     expected = reference.dense_attention(q[last], k[last], v[last], mask[last], 1.0)
-    assert oracle.relative_error(tidal.dense_attention(q, k, v, mask, 1.0)[last], expected) < 1e-2
-    out, idx = tidal.selection_attention(q, k, v, mask, 1.0, 256, "query_head", 0, 0)
+    assert oracle.relative_error(tidal.dense_attention(q, k, v, mask, 1.0, [])[last], expected) < 1e-2
+    out, idx = tidal.selection_attention(q, k, v, mask, 1.0, 256, "query_head", 0, 0, [])
     _, expected_idx = reference.selection_attention(q[last], k[last], v[last], mask[last], 1.0, 256, "query_head", 0, 0)
     assert oracle.relative_error(out[last], expected) < 1e-2
     torch.testing.assert_close(idx[last], expected_idx, rtol=0, atol=0)
@@ -229,9 +229,9 @@ def test_gpu_every_head_dim_runs_the_kernels_and_equals_the_reference(head_dim):
     assert kernel_fallback(q, v, mask) is None
     tidal = torch.ops.tidal
     expected = reference.dense_attention(q, k, v, mask, 0.05)
-    assert oracle.relative_error(tidal.dense_attention(q, k, v, mask, 0.05), expected) < 1e-2
+    assert oracle.relative_error(tidal.dense_attention(q, k, v, mask, 0.05, []), expected) < 1e-2
     for granularity in ("query_head", "kv_head"):
-        out, idx = tidal.selection_attention(q, k, v, mask, 1.0, 256, granularity, 0, 0)
+        out, idx = tidal.selection_attention(q, k, v, mask, 1.0, 256, granularity, 0, 0, [])
         _, expected_idx = reference.selection_attention(q, k, v, mask, 1.0, 256, granularity, 0, 0)
         torch.testing.assert_close(idx, expected_idx, rtol=0, atol=0)
         sparse = tidal.sparse_attention(q, k, v, idx, 0.05)

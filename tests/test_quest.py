@@ -172,9 +172,9 @@ def test_quest_ops_reject_bad_metadata_and_page_size():
     q, k = torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 20, 8)
     meta = reference.quest_page_metadata(k, None, 4)
     with pytest.raises(ValueError, match="page_size must be a power of two"):
-        torch.ops.tidal.quest_attention(q, k, k, None, *meta, 1.0, 12, 6)
+        torch.ops.tidal.quest_attention(q, k, k, None, *meta, 1.0, 12, 6, [])
     with pytest.raises(ValueError, match="page_min must be"):
-        torch.ops.tidal.quest_attention(q, k, k, None, meta[0][:, :, :2], meta[1], 1.0, 8, 4)
+        torch.ops.tidal.quest_attention(q, k, k, None, meta[0][:, :, :2], meta[1], 1.0, 8, 4, [])
 
 
 def test_quest_without_a_tidal_cache_stays_dense_and_says_how_to_fix_it():

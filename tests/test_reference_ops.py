@@ -32,14 +32,14 @@ def sdpa(p) -> torch.Tensor:
 @settings(max_examples=60, deadline=None)
 @given(p=decode_problems(dtypes=DTYPES))
 def test_dense_attention_equals_sdpa(p):
-    out = tidal.dense_attention(p.query, p.key, p.value, p.mask, p.scale)
+    out = tidal.dense_attention(p.query, p.key, p.value, p.mask, p.scale, [])
     assert_close(out, sdpa(p), p.query.dtype)
 
 
 @settings(max_examples=60, deadline=None)
 @given(p=decode_problems(dtypes=DTYPES), budget=budgets, granularity=granularities)
 def test_selection_output_is_the_dense_output(p, budget, granularity):
-    out, _ = tidal.selection_attention(p.query, p.key, p.value, p.mask, p.scale, budget, granularity, 0, 0)
+    out, _ = tidal.selection_attention(p.query, p.key, p.value, p.mask, p.scale, budget, granularity, 0, 0, [])
     assert_close(out, oracle.dense(p.query, p.key, p.value, p.mask, p.scale), p.query.dtype)
 
 
@@ -51,7 +51,7 @@ def test_selection_indices_equal_exact_topk(p, budget, sink, recent):
     and layer are not exact, see the next test)."""
     budget = max(budget, sink + max(recent, 1))
     _, idx = tidal.selection_attention(p.query, p.key, p.value, p.mask, p.scale, budget, "query_head",
-                                       sink, recent)
+                                       sink, recent, [])
     expected = oracle.selection_indices(p.query, p.key, p.mask, p.scale, budget, "query_head", sink, recent)
     assert idx.dtype == torch.int32
     torch.testing.assert_close(idx, expected, rtol=0, atol=0)
@@ -64,7 +64,7 @@ def test_selection_indices_are_a_topk_of_float_scores(p, budget, granularity, si
     """Random floats: the chosen set is a top-k of the float64 scores, up to rounding near the cut."""
     budget = max(budget, sink + max(recent, 1))
     _, idx = tidal.selection_attention(p.query, p.key, p.value, p.mask, p.scale, budget, granularity,
-                                       sink, recent)
+                                       sink, recent, [])
     oracle.assert_is_topk(idx, p.query, p.key, p.mask, p.scale, budget, granularity, sink, recent)
 
 
@@ -75,7 +75,7 @@ def test_all_equal_scores_pick_lowest_positions(p, granularity):
     probabilities too): the lowest positions win, plus the current token."""
     key = p.key[:, :, :1].expand_as(p.key).contiguous()
     budget = 3
-    _, idx = tidal.selection_attention(p.query, key, p.value, p.mask, p.scale, budget, granularity, 0, 0)
+    _, idx = tidal.selection_attention(p.query, key, p.value, p.mask, p.scale, budget, granularity, 0, 0, [])
     for b in range(idx.shape[0]):
         valid = oracle.valid_positions(p.mask, b, key.shape[2])
         expected = sorted(set(valid[:budget - 1]) | {valid[-1]})
@@ -122,7 +122,7 @@ def test_sparse_equals_softmax_over_gathered_positions(p, budget, granularity, d
 def test_budget_covering_context_equals_dense(p, granularity, extra):
     """The central property: with k >= L every valid position is selected, so sparse == dense."""
     budget = p.key.shape[2] + extra
-    dense, idx = tidal.selection_attention(p.query, p.key, p.value, p.mask, p.scale, budget, granularity, 0, 0)
+    dense, idx = tidal.selection_attention(p.query, p.key, p.value, p.mask, p.scale, budget, granularity, 0, 0, [])
     out = tidal.sparse_attention(p.query, p.key, p.value, idx, p.scale)
     assert_close(out, dense.double(), p.query.dtype)
 
@@ -135,24 +135,30 @@ def test_float_mask_matches_bool_mask():
     allowed[1, ..., 7:] = False
     additive = torch.zeros(2, 1, 1, 10).masked_fill(~allowed, torch.finfo(torch.float32).min)
     for mask in (additive, additive.masked_fill(~allowed, float("-inf"))):
-        out_f, idx_f = tidal.selection_attention(q, k, v, mask, 0.3, 5, "kv_head", 0, 0)
-        out_b, idx_b = tidal.selection_attention(q, k, v, allowed, 0.3, 5, "kv_head", 0, 0)
+        out_f, idx_f = tidal.selection_attention(q, k, v, mask, 0.3, 5, "kv_head", 0, 0, [])
+        out_b, idx_b = tidal.selection_attention(q, k, v, allowed, 0.3, 5, "kv_head", 0, 0, [])
         torch.testing.assert_close(out_f, out_b)
         assert torch.equal(idx_f, idx_b)
 
 
 @pytest.mark.parametrize("op_args", [
-    ("selection_attention", (0.5, 4, "query_head", 0, 0)),
-    ("selection_attention", (0.5, 3, "kv_head", 1, 1)),
-    ("dense_attention", (0.5,)),
+    ("selection_attention", (0.5, 4, "query_head", 0, 0), (0, 0)),
+    ("selection_attention", (0.5, 3, "kv_head", 1, 1), (1, 1)),
+    ("dense_attention", (0.5,), None),
+    ("dense_attention", (0.5,), (0, 0)),
 ])
 def test_opcheck_registration(op_args):
-    """torch.library.opcheck: schema, fake kernel and autograd registration are consistent."""
-    name, extra = op_args
+    """torch.library.opcheck: schema, fake kernel and autograd registration are consistent, with
+    and without a mask summary (`tidal::mask_summary` of these windows)."""
+    name, extra, window = op_args
     q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
     mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
-    torch.library.opcheck(getattr(tidal, name).default, (q, k, v, mask, *extra),
+    summary = [] if window is None else list(tidal.mask_summary(q, k, mask, *window))
+    torch.library.opcheck(getattr(tidal, name).default, (q, k, v, mask, *extra, summary),
                           test_utils=("test_schema", "test_faketensor"))
+    if window is not None:
+        torch.library.opcheck(tidal.mask_summary.default, (q, k, mask, *window),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_opcheck_sparse():
@@ -176,10 +182,24 @@ def test_bad_inputs_raise_clear_errors(bad, message):
     args.update(bad)
     with pytest.raises(ValueError, match=message):
         tidal.selection_attention(args["query"], args["key"], args["value"], None, 0.5, args["budget"],
-                                  args["granularity"], 0, 0)
+                                  args["granularity"], 0, 0, [])
 
 
 def test_sparse_rejects_wrong_index_dtype():
     q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     with pytest.raises(ValueError, match="int32"):
         tidal.sparse_attention(q, k, v, torch.zeros(1, 4, 3, dtype=torch.int64), 0.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=decode_problems(max_len=40), sink=st.integers(0, 4), recent=st.integers(0, 4))
+def test_mask_summary_describes_each_sequence(p, sink, recent):
+    b, length = p.query.shape[0], p.key.shape[2]
+    summary = tidal.mask_summary(p.query, p.key, p.mask, sink, recent)
+    assert all(t.dtype == torch.int32 and t.shape == (b,) for t in summary)
+    for row in range(b):
+        valid = oracle.valid_positions(p.mask, row, length)
+        kv_len, first, count, sink_end, recent_start = (int(t[row]) for t in summary)
+        assert (kv_len, first, count) == ((valid[-1] + 1, valid[0], len(valid)) if valid else (0, length, 0))
+        assert {j for j in valid if j < sink_end} == set(valid[:sink])
+        assert {j for j in valid if j >= recent_start} == set(valid[-max(recent, 1):])

@@ -45,6 +45,41 @@ def test_decode_graph_after_rewrite():
     assert all(n.args[1].op == "placeholder" for n in selections + sparse)
 
 
+def _summary_node(summary_outputs):
+    """The `tidal::mask_summary` node whose five outputs an op takes."""
+    nodes = {n.args[0] for n in summary_outputs}
+    assert len(summary_outputs) == 5 and len(nodes) == 1
+    return nodes.pop()
+
+
+@pytest.mark.parametrize("sink, recent, expected", [(0, 0, 1), (0, 1, 1), (0, 4, 2), (2, 0, 2)])
+def test_one_mask_summary_per_mask_and_window(sink, recent, expected):
+    """Every tidal op on a mask takes the graph's one summary of it (per window: the selection
+    layers' sink / recent need their own); none is made without a mask or a window."""
+    model = ToyDecoder(num_layers=6)
+    gm, _, _ = rewritten(model, TidalConfig(budget=4, selection_layers=(2, 4), sink=sink, recent=recent))
+    summaries = calls(gm, tidal.mask_summary.default)
+    assert len(summaries) == expected
+    dense = calls(gm, tidal.dense_attention.default)
+    selections = calls(gm, tidal.selection_attention.default)
+    assert {_summary_node(n.args[5]) for n in dense} == {summaries[0]}
+    assert {_summary_node(n.args[9]) for n in selections} == {summaries[-1]}
+    assert summaries[-1].args[3:] == (sink, recent if recent > 1 else 0)
+    gm, _, _ = rewritten(model, TidalConfig(budget=4, selection_layers=(2, 4)), masked=False)
+    assert not calls(gm, tidal.mask_summary.default)
+    assert all(n.args[5] == [] for n in calls(gm, tidal.dense_attention.default))
+
+
+def test_sliding_window_layers_get_the_summary_of_their_own_mask():
+    model = ToyDecoder(num_layers=6, sliding=(1, 3, 5), window=4)
+    gm, _, _ = rewritten(model, TidalConfig(mode="full"))
+    summaries = calls(gm, tidal.mask_summary.default)
+    dense = calls(gm, tidal.dense_attention.default)
+    assert len(summaries) == 2 and len(dense) == 6
+    for node in dense:
+        assert _summary_node(node.args[5]).args[2] is node.args[3], "the summary is of the mask it attends under"
+
+
 def test_prefill_graph_is_untouched():
     model = ToyDecoder()
     gm, result, _ = rewritten(model, TidalConfig(budget=4), q_len=3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -103,6 +103,17 @@ class MaskSummary:
     recent_start: Tensor
     kv_start: Optional[Tensor] = None
     valid_count: Optional[Tensor] = None
+
+    FIELDS = ("kv_len", "kv_start", "valid_count", "sink_end", "recent_start")
+    """The order of `tidal::mask_summary`'s outputs (`reference.mask_summary`)."""
+
+    def as_tensors(self) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    @classmethod
+    def of(cls, tensors: Sequence[Tensor]) -> Optional["MaskSummary"]:
+        """The summary held by `tidal::mask_summary`'s outputs (none given: None)."""
+        return cls(**dict(zip(cls.FIELDS, tensors))) if tensors else None
 
 
 SUMMARY_CHUNK = 4096  # positions per program of the one-pass mask summary
@@ -300,10 +311,10 @@ QUEST_BLOCK_P = 64
 
 
 def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
-                          filled: Tensor, page_size: int) -> None:
+                          filled: Tensor, page_size: int, summary: Optional[MaskSummary] = None) -> None:
     """Summarise the pages from the one holding position `filled` to the valid length, in place."""
     b, hkv, length, d = sizes(key)
-    kv_len = summarize_mask(attn_mask, b, length, key.device).kv_len
+    kv_len = (summary or summarize_mask(attn_mask, b, length, key.device)).kv_len
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, kv_len)
     kernel = codegen.load("quest_metadata.py.jinja", mask_kind=mask_kind).quest_metadata
     wrap_triton(kernel)[(b * hkv, QUEST_METADATA_PROGRAMS)](
@@ -316,13 +327,14 @@ def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Te
 
 
 def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,
-                    page_max: Tensor, scale: float, budget: int, page_size: int) -> Tensor:
+                    page_max: Tensor, scale: float, budget: int, page_size: int,
+                    summary: Optional[MaskSummary] = None) -> Tensor:
     """Quest decode attention: page scores, per-head top pages (the current one forced), then
     attention over the chosen pages' valid positions."""
     b, h, _, d = sizes(query)
     _, hkv, length, _ = sizes(key)
     pages = sizes(page_min)[2]
-    summary = summarize_mask(attn_mask, b, length, query.device)
+    summary = summary or summarize_mask(attn_mask, b, length, query.device)
     scores = torch.empty(b, h, pages, dtype=torch.float32, device=query.device)
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, scores)
     q = query.contiguous()

@@ -6,19 +6,25 @@ the graph); on other devices, and for inputs the kernels do not take (float64, p
 masks), it runs the plain-PyTorch reference of :mod:`tidal_compile.ops.reference`. The body is
 traced with fake tensors, which gives the ops their shapes under torch.compile.
 
-    tidal::dense_attention(q, k, v, mask, scale) -> out
-    tidal::selection_attention(q, k, v, mask, scale, budget, granularity, sink, recent) -> (out, indices)
+    tidal::mask_summary(q, k, mask, sink, recent) -> summary
+    tidal::dense_attention(q, k, v, mask, scale, summary=None) -> out
+    tidal::selection_attention(q, k, v, mask, scale, budget, granularity, sink, recent, summary=None)
+        -> (out, indices)
     tidal::sparse_attention(q, k, v, indices, scale) -> out
     tidal::quest_cache_write(k, page_min, page_max, filled!, written_from)
-    tidal::quest_update_metadata(k, mask, page_min!, page_max!, filled!, page_size)
-    tidal::quest_attention(q, k, v, mask, page_min, page_max, scale, budget, page_size) -> out
+    tidal::quest_update_metadata(k, mask, page_min!, page_max!, filled!, page_size, summary=None)
+    tidal::quest_attention(q, k, v, mask, page_min, page_max, scale, budget, page_size, summary=None) -> out
 
 q is `[B, H, 1, D]`, k/v the un-expanded KV cache `[B, Hkv, L, D]`, indices `int32 [B, S, k]`.
+`summary` is what the kernels need to know of `mask` per sequence: five int32 [B] tensors
+(`reference.mask_summary`; separate tensors, never views of one, as kernel arguments). The pass
+computes it once per distinct mask and window of a graph and hands it to every op on that mask,
+a graph edge like the indices; an op without one summarises the mask itself when it needs to.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -87,25 +93,39 @@ def _check_indices(indices: Tensor, query: Tensor, key: Tensor) -> None:
                          f"or {query.shape[1]} (query heads)")
 
 
+@torch.library.triton_op("tidal::mask_summary", mutates_args=())
+def mask_summary(query: Tensor, key: Tensor, attn_mask: Optional[Tensor], sink: int, recent: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """What the attention ops need to know of a decode mask shared by heads, per sequence of
+    `query`'s batch over `key`'s length (`reference.mask_summary`)."""
+    if _use_kernels(query, key, attn_mask):
+        return kernels.summarize_mask(attn_mask, query.shape[0], key.shape[2], query.device, sink,
+                                      recent).as_tensors()
+    return reference.mask_summary(attn_mask, query.shape[0], key.shape[2], query.device, sink, recent)
+
+
 @torch.library.triton_op("tidal::dense_attention", mutates_args=())
 def dense_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
-                    scale: float) -> Tensor:
+                    scale: float, summary: Sequence[Tensor]) -> Tensor:
     """Exact decode attention over the un-expanded KV cache."""
     check_decode_inputs(query, key, value)
     if _use_kernels(query, value, attn_mask):
-        return kernels.flash_decode(query, key, value, attn_mask, scale)[0]
+        return kernels.flash_decode(query, key, value, attn_mask, scale,
+                                    summary=kernels.MaskSummary.of(summary))[0]
     return reference.dense_attention(query, key, value, attn_mask, scale)
 
 
 @torch.library.triton_op("tidal::selection_attention", mutates_args=())
 def selection_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
-                        scale: float, budget: int, granularity: str, sink: int, recent: int
-                        ) -> tuple[Tensor, Tensor]:
-    """Exact decode attention and the top-`budget` positions (int32 [B, S, budget])."""
+                        scale: float, budget: int, granularity: str, sink: int, recent: int,
+                        summary: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Exact decode attention and the top-`budget` positions (int32 [B, S, budget]); a given
+    `summary` must be of this `sink` and `recent`."""
     check_decode_inputs(query, key, value)
     _check_selection_args(budget, granularity, sink, recent)
     if _use_kernels(query, value, attn_mask):
-        summary = kernels.summarize_mask(attn_mask, query.shape[0], key.shape[2], query.device, sink, recent)
+        summary = kernels.MaskSummary.of(summary) or kernels.summarize_mask(
+            attn_mask, query.shape[0], key.shape[2], query.device, sink, recent)
         out, lse, logits = kernels.flash_decode(query, key, value, attn_mask, scale, emit_logits=True,
                                                 summary=summary)
         sets = index_sets(granularity, query.shape[1], key.shape[1])
@@ -168,14 +188,15 @@ def _(key, page_min, page_max, filled, written_from) -> None:
 
 @torch.library.triton_op("tidal::quest_update_metadata", mutates_args=("page_min", "page_max", "filled"))
 def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
-                          filled: Tensor, page_size: int) -> None:
+                          filled: Tensor, page_size: int, summary: Sequence[Tensor]) -> None:
     """Bring Quest's page metadata (`page_min`/`page_max` [B, Hkv, P, D]) up to date with the
     cache in place: the pages from the one holding position `filled` (int32 [B]: summarised up
     to there; every cache write lowers it to where it wrote) to the valid length, which
     `filled` then becomes."""
     _check_page_metadata(key, page_min, page_max, page_size)
     if _use_kernels(key, key, attn_mask):
-        kernels.quest_update_metadata(key, attn_mask, page_min, page_max, filled, page_size)
+        kernels.quest_update_metadata(key, attn_mask, page_min, page_max, filled, page_size,
+                                      kernels.MaskSummary.of(summary))
         return
     quest_update_metadata_reference(key, attn_mask, page_min, page_max, filled, page_size)
 
@@ -194,7 +215,8 @@ def _(key, attn_mask, page_min, page_max, filled, page_size) -> None:
 
 @torch.library.triton_op("tidal::quest_attention", mutates_args=())
 def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,
-                    page_max: Tensor, scale: float, budget: int, page_size: int) -> Tensor:
+                    page_max: Tensor, scale: float, budget: int, page_size: int,
+                    summary: Sequence[Tensor]) -> Tensor:
     """Quest decode attention over the `budget // page_size` most critical pages per query head
     (the current token's page always among them), from up-to-date page metadata."""
     check_decode_inputs(query, key, value)
@@ -202,5 +224,6 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
     if budget < page_size:
         raise ValueError(f"budget ({budget}) must hold at least one page of {page_size} positions")
     if _use_kernels(query, value, attn_mask):
-        return kernels.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size)
+        return kernels.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size,
+                                       kernels.MaskSummary.of(summary))
     return reference.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size)

@@ -156,6 +156,22 @@ def valid_positions(attn_mask: Optional[Tensor], batch: int, length: int, device
     return mask_to_bias(attn_mask, (batch, 1, length), torch.float32, device)[0][:, 0, :]
 
 
+def mask_summary(attn_mask: Optional[Tensor], batch: int, length: int, device: torch.device, sink: int = 0,
+                 recent: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per sequence, int32 [B] each: valid length (last valid position + 1), first valid position
+    (`length` when none), valid count, SinkEnd and RecentStart: the valid positions before SinkEnd
+    are the first `sink` valid ones, those from RecentStart on the last max(recent, 1) (the
+    kernels may place SinkEnd anywhere that holds true)."""
+    valid = valid_positions(attn_mask, batch, length, device)
+    positions = torch.arange(length, device=device)
+    count = valid.sum(-1)
+    first = torch.where(valid, positions, length).amin(-1) if length else count.new_full((batch,), length)
+    seen = valid.cumsum(-1)  # valid positions up to and including each position
+    sink_end = (seen <= sink).sum(-1)
+    recent_start = (seen <= count[:, None] - max(recent, 1)).sum(-1)
+    return tuple(t.to(torch.int32) for t in (valid_length(valid), first, count, sink_end, recent_start))
+
+
 def valid_length(valid: Tensor) -> Tensor:
     """Last valid position + 1 per sequence, `[B]` int64 (0 when none is valid)."""
     positions = torch.arange(1, valid.shape[-1] + 1, device=valid.device)

@@ -1,0 +1,79 @@
+"""Plots of `benchmarks/decode.py` results (runs anywhere matplotlib does, no GPU).
+
+    python benchmarks/plot_decode.py docs/results/decode-*.json --out-dir docs
+
+Writes `decode_latency.png` (ms per step against context, one line per method, one panel per
+shape and batch) and `decode_breakdown.png` (each row's step split into weights, attention,
+selection, other kernels and time outside kernels, stacked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PARTS = ("weights", "attention", "selection", "other", "outside")
+
+
+def load_rows(paths: list[str]) -> list[dict]:
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += json.load(f)["rows"]
+    return rows
+
+
+def plot_latency(rows: list[dict], path: str) -> None:
+    panels = defaultdict(lambda: defaultdict(dict))  # (shape, batch) -> method -> context -> ms
+    for row in rows:
+        panels[(row["shape"], row["batch"])][row["method"]][row["context"]] = row["ms"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, ((shape, batch), methods) in zip(axes[0], sorted(panels.items())):
+        for method, points in sorted(methods.items()):
+            contexts = sorted(points)
+            ax.plot(contexts, [points[c] for c in contexts], marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{shape}, batch {batch}")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per decode step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_breakdown(rows: list[dict], path: str) -> None:
+    labels = [f"{r['shape']} B{r['batch']} {r['context'] // 1024}K\n{r['method']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 5))
+    bottom = [0.0] * len(rows)
+    for part in PARTS:
+        values = [max(r["outside_ms"], 0.0) if part == "outside" else r["categories"][part] for r in rows]
+        ax.bar(range(len(rows)), values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
+    ax.set_ylabel("ms per decode step")
+    ax.set_title("Where a decode step's time goes (profiler kernel time; outside = step - kernels)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="JSON files written by benchmarks/decode.py --out")
+    parser.add_argument("--out-dir", default="docs")
+    args = parser.parse_args()
+    rows = load_rows(args.results)
+    plot_latency(rows, os.path.join(args.out_dir, "decode_latency.png"))
+    plot_breakdown([r for r in rows if r["context"] > 1024], os.path.join(args.out_dir, "decode_breakdown.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import transformers
+import triton
 from torch.autograd import DeviceType
 from tqdm import tqdm
 
@@ -353,17 +354,21 @@ def main() -> None:
                             args.profile_steps))
         derive(rows, bandwidth)
         print_row(rows[-1], progress.write)
+        if args.out:  # after every row: a long sweep cut short keeps what it measured
+            save(args.out, header, bandwidth, rows)
     progress.close()
     print("\nall rows:")
     for row in rows:
         print_row(row, print)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(header=header, device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           transformers=transformers.__version__, python=platform.python_version(),
-                           bandwidth=bandwidth, date=time.strftime("%Y-%m-%d"),
-                           command=" ".join(sys.argv), rows=[dict(asdict(r), outside_ms=r.outside_ms) for r in rows]),
-                      f, indent=1)
+
+
+def save(path: str, header: str, bandwidth: float, rows: list[Row]) -> None:
+    with open(path, "w") as f:
+        json.dump(dict(header=header, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                       transformers=transformers.__version__, triton=triton.__version__,
+                       python=platform.python_version(), bandwidth=bandwidth, date=time.strftime("%Y-%m-%d"),
+                       command=" ".join(sys.argv), rows=[dict(asdict(r), outside_ms=r.outside_ms) for r in rows]),
+                  f, indent=1)
 
 
 if __name__ == "__main__":

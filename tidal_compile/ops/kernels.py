@@ -187,8 +187,11 @@ def _mask_args(attn_mask: Optional[Tensor], batch: int, length: int, like: Tenso
 
 
 def _combine(part_out: Tensor, part_lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Merge split partials into (out [B, H, 1, D] in `dtype`, lse [B, H] fp32)."""
+    """Merge split partials into (out [B, H, 1, D] in `dtype`, lse [B, H] fp32). One split is
+    already the result (`_partials` gave it the output's dtype): no launch."""
     b, h, splits, d = sizes(part_out)
+    if splits == 1:
+        return part_out, part_lse.view(b, h)
     out = torch.empty(b, h, 1, d, dtype=dtype, device=part_out.device)
     lse = torch.empty(b, h, dtype=torch.float32, device=part_out.device)
     kernel = codegen.load("combine_splits.py.jinja").combine_splits
@@ -202,8 +205,10 @@ def _combine(part_out: Tensor, part_lse: Tensor, dtype: torch.dtype) -> tuple[Te
     return out, lse
 
 
-def _partials(batch: int, heads: int, splits: int, head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    return (torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=device),
+def _partials(batch: int, heads: int, splits: int, head_dim: int, dtype: torch.dtype, device: torch.device
+              ) -> tuple[Tensor, Tensor]:
+    """Per-split outputs (fp32; a single split writes the final output, in `dtype`) and log-sum-exps."""
+    return (torch.empty(batch, heads, splits, head_dim, dtype=torch.float32 if splits > 1 else dtype, device=device),
             torch.empty(batch, heads, splits, dtype=torch.float32, device=device))
 
 
@@ -240,7 +245,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     if bound_loop and summary is None:
         summary = summarize_mask(attn_mask, b, length, query.device)
     q = query.contiguous()
-    part_out, part_lse = _partials(b, h, splits, d, query.device)
+    part_out, part_lse = _partials(b, h, splits, d, query.dtype, query.device)
     logits = torch.empty(b, h, length, dtype=torch.float32, device=query.device) if emit_logits else part_lse
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, part_lse)
     # Skipping all-masked blocks by a branch pays only for dense-only launches of few programs
@@ -285,7 +290,7 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
     splits, split_len = split_work(programs, budget, blocks.block_n, query.device)
     q = query.contiguous()
     idx = indices.contiguous()
-    part_out, part_lse = _partials(b, h, splits, d, query.device)
+    part_out, part_lse = _partials(b, h, splits, d, query.dtype, query.device)
     mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask if page_size else None, b, length, part_lse)
     kernel = codegen.load("sparse_decode.py.jinja", shared=shared, paged=bool(page_size),
                           mask_kind=mask_kind).sparse_decode_split

@@ -121,7 +121,7 @@ class Method:
 
 METHODS = ("inductor", "full", "tidal:256", "tidal:2048", "quest:256", "topk_oracle:256")
 QUICK = dict(shapes=["llama3-8b"], batches=[1], contexts=[32768], methods=["inductor", "full", "tidal:256"],
-             floor_methods=["full"])
+             floor_methods=[], steps=10, warmup=3, profile_steps=2)  # three compiles of ~40-60 s each
 
 
 # ------------------------------------------------------------------------------- kernel time
@@ -319,11 +319,11 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 0],
                         help="0: the shape's long context (100K for Llama-2-7B, 128K otherwise)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--floor-methods", nargs="+", default=["inductor", "full"])
+    parser.add_argument("--floor-methods", nargs="*", default=["inductor", "full"], help="none: no floor rows")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--profile-steps", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="Llama-3-8B, batch 1, 32K: inductor, full, tidal:256")
+    parser.add_argument("--quick", action="store_true", help="Llama-3-8B, batch 1, 32K: inductor, full, tidal:256; no floor, fewer steps")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     args = parser.parse_args()
     if args.quick:

@@ -59,7 +59,7 @@ def plot_breakdown(rows: list[dict], path: str) -> None:
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
     ax.set_ylabel("ms per decode step")
-    ax.set_title("Where a decode step's time goes (profiler kernel time; outside = step - kernels)")
+    ax.set_title("Decode step breakdown (outside = step - kernel time)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -82,8 +82,7 @@ def test_flash_decode_through_the_autotuner_equals_reference(monkeypatch, candid
 def test_autotune_candidates_keep_tile_bytes_and_fit_the_split_alignment():
     from tidal_compile import codegen
 
-    kernel = codegen.load("flash_decode.py.jinja", mask_kind="none", emit_logits=False, skip_masked_blocks=False,
-                          bound_loop=False, unmasked_run=False).flash_decode_split
+    kernel = codegen.load("flash_decode.py.jinja").flash_decode_split
     for head_dim, blocks in ((64, {64, 128}), (128, {64, 128}), (256, {32, 64})):
         configs = kernels._autotuned(kernel, head_dim).configs
         assert {c.kwargs["BLOCK_N"] for c in configs} == blocks
@@ -230,15 +229,13 @@ def test_rendered_source_is_kept_and_keyed_by_parameters(tmp_path, monkeypatch):
     from tidal_compile import codegen
 
     monkeypatch.setenv("TIDAL_KERNEL_CACHE", str(tmp_path))
-    with_logits = codegen.rendered_path("flash_decode.py.jinja", mask_kind="bool", emit_logits=True,
-                                        skip_masked_blocks=False, bound_loop=False, unmasked_run=False)
-    without = codegen.rendered_path("flash_decode.py.jinja", mask_kind="none", emit_logits=False,
-                                    skip_masked_blocks=True, bound_loop=False, unmasked_run=False)
-    assert with_logits != without and with_logits.parent == tmp_path
-    assert "tl.store(Logits" in with_logits.read_text() and "Logits +" not in without.read_text()
-    assert "if tl.max(valid" in without.read_text() and "if tl.max(valid" not in with_logits.read_text()
+    masked = codegen.rendered_path("sparse_decode.py.jinja", shared=True, paged=True, mask_kind="bool")
+    unmasked = codegen.rendered_path("sparse_decode.py.jinja", shared=False, paged=False, mask_kind="none")
+    assert masked != unmasked and masked.parent == tmp_path
+    assert "tl.load(Mask" in masked.read_text() and "tl.load(Mask" not in unmasked.read_text()
+    assert "index_row + j // PAGE" in masked.read_text() and "index_row + j // PAGE" not in unmasked.read_text()
     with pytest.raises(Exception, match="undefined"):
-        codegen.render("flash_decode.py.jinja", mask_kind="bool")
+        codegen.render("sparse_decode.py.jinja", mask_kind="bool")
 
 
 @settings(max_examples=15, deadline=None)

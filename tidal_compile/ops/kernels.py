@@ -67,6 +67,9 @@ def autotune_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("TIDAL_AUTOTUNE", "1") != "0"
 
 
+SWITCHES = ("MASK_KIND", "EMIT_LOGITS", "SKIP_MASKED_BLOCKS", "BOUND_LOOP", "UNMASKED_RUN")
+"""flash_decode's feature switches: part of the autotuning key (each variant is tuned apart)."""
+
 @functools.lru_cache(maxsize=None)
 def _autotuned(kernel: triton.JITFunction, head_dim: int) -> triton.runtime.Autotuner:
     """`kernel` under triton.autotune over TUNE_CANDIDATES (tile bytes kept for other head dims).
@@ -75,7 +78,7 @@ def _autotuned(kernel: triton.JITFunction, head_dim: int) -> triton.runtime.Auto
     shrink = max(1, triton.next_power_of_2(head_dim) // 128)
     configs = [triton.Config({"BLOCK_N": max(16, n // shrink)}, num_warps=w, num_stages=st)
                for n, w, st in TUNE_CANDIDATES]
-    return triton.autotune(configs, key=["length", "split_len", "NUM_KV_HEADS", "GROUP", "HEAD_DIM"])(kernel)
+    return triton.autotune(configs, key=["length", "split_len", "NUM_KV_HEADS", "GROUP", "HEAD_DIM", *SWITCHES])(kernel)
 
 
 DECODE_WAVES = 4  # flash_decode's programs fill the GPU this many times (benchmarks/tune_decode.py)
@@ -176,12 +179,19 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _mask_kind(attn_mask: Optional[Tensor]) -> str:
+    """"none" | "bool" | "additive": the kernels' mask_kind for this mask."""
+    if attn_mask is None:
+        return "none"
+    return "bool" if attn_mask.dtype == torch.bool else "additive"
+
+
 def _mask_args(attn_mask: Optional[Tensor], batch: int, length: int, like: Tensor):
     """(tensor, strides b/n, kind, min value) for the kernels' per-sequence mask argument."""
-    if attn_mask is None:
-        return like, (0, 0), "none", 0.0
+    kind = _mask_kind(attn_mask)
+    if kind == "none":
+        return like, (0, 0), kind, 0.0
     m = attn_mask.expand(batch, 1, 1, length)
-    kind = "bool" if m.dtype == torch.bool else "additive"
     low = 0.0 if kind == "bool" else float(torch.finfo(m.dtype).min)
     return m, (m.stride(0), m.stride(3)), kind, low
 
@@ -215,6 +225,52 @@ def _partials(batch: int, heads: int, splits: int, head_dim: int, dtype: torch.d
 BOUND_MIN_WORK = 1 << 19  # B x Hkv x L from which a masked dense launch computes the mask summary
 
 
+@dataclass(frozen=True)
+class FlashDecodePlan:
+    """How one `flash_decode` launch runs: its grid (B x Hkv programs, `splits` splits of
+    `split_len` positions), its tiles (None: autotuned) and the kernel's feature switches."""
+
+    splits: int
+    split_len: int
+    blocks: Optional[DecodeBlocks]
+    mask_kind: str
+    emit_logits: bool
+    skip_masked_blocks: bool
+    bound_loop: bool
+    unmasked_run: bool
+
+    def switches(self) -> dict[str, object]:
+        """The kernel's tl.constexpr feature switches."""
+        return dict(MASK_KIND=self.mask_kind, EMIT_LOGITS=self.emit_logits,
+                    SKIP_MASKED_BLOCKS=self.skip_masked_blocks, BOUND_LOOP=self.bound_loop,
+                    UNMASKED_RUN=self.unmasked_run)
+
+    def tiles(self) -> dict[str, int]:
+        """Launch keywords fixing the tiles (none when autotuned)."""
+        if self.blocks is None:
+            return {}
+        return dict(BLOCK_N=self.blocks.block_n, num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages)
+
+
+def plan_flash_decode(batch: int, kv_heads: int, length: int, head_dim: int, device: torch.device, mask_kind: str,
+                      emit_logits: bool, summary_given: bool, blocks: Optional[DecodeBlocks] = None,
+                      waves: Optional[int] = None, bound_loop: Optional[bool] = None) -> FlashDecodePlan:
+    """The launch plan of `flash_decode` for these shapes (arguments as there)."""
+    autotune = blocks is None and autotune_enabled(device)
+    fixed = blocks or decode_blocks(head_dim, batch * kv_heads)
+    splits, split_len = split_work(batch * kv_heads, length, SPLIT_ALIGN if autotune else fixed.block_n, device,
+                                   waves or DECODE_WAVES)
+    if bound_loop is None:
+        bound_loop = summary_given or (
+            mask_kind != "none" and not emit_logits and batch * kv_heads * length >= BOUND_MIN_WORK)
+    # Skipping all-masked blocks by a branch pays only for dense-only launches of few programs
+    # (H100, docs/benchmarks.md); a skipped block would also owe its -inf logits.
+    return FlashDecodePlan(splits=splits, split_len=split_len, blocks=None if autotune else fixed,
+                           mask_kind=mask_kind, emit_logits=emit_logits,
+                           skip_masked_blocks=not emit_logits and batch * kv_heads <= FEW_SEQUENCE_HEADS,
+                           bound_loop=bound_loop, unmasked_run=bound_loop and mask_kind == "bool")
+
+
 def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: float,
                  emit_logits: bool = False, blocks: Optional[DecodeBlocks] = None, waves: Optional[int] = None,
                  bound_loop: Optional[bool] = None, summary: Optional[MaskSummary] = None
@@ -233,44 +289,34 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     (docs/benchmarks.md)."""
     b, h, _, d = sizes(query)
     _, hkv, length, _ = sizes(key)
-    group = h // hkv
-    autotune = blocks is None and autotune_enabled(query.device)
-    blocks = blocks or decode_blocks(d, b * hkv)
-    waves = waves or DECODE_WAVES
-    splits, split_len = split_work(b * hkv, length, SPLIT_ALIGN if autotune else blocks.block_n, query.device,
-                                   waves)
-    if bound_loop is None:
-        bound_loop = summary is not None or (
-            attn_mask is not None and not emit_logits and b * hkv * length >= BOUND_MIN_WORK)
-    if bound_loop and summary is None:
+    mask_kind = _mask_kind(attn_mask)
+    plan = plan_flash_decode(b, hkv, length, d, query.device, mask_kind, emit_logits, summary is not None, blocks,
+                             waves, bound_loop)
+    if plan.bound_loop and summary is None:
         summary = summarize_mask(attn_mask, b, length, query.device)
     q = query.contiguous()
-    part_out, part_lse = _partials(b, h, splits, d, query.dtype, query.device)
+    part_out, part_lse = _partials(b, h, plan.splits, d, query.dtype, query.device)
     logits = torch.empty(b, h, length, dtype=torch.float32, device=query.device) if emit_logits else part_lse
-    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, part_lse)
-    # Skipping all-masked blocks by a branch pays only for dense-only launches of few programs
-    # (H100, docs/benchmarks.md); a skipped block would also owe its -inf logits.
-    skip = not emit_logits and b * hkv <= FEW_SEQUENCE_HEADS
-    unmasked_run = bound_loop and mask_kind == "bool" and summary.valid_count is not None
-    kernel = codegen.load("flash_decode.py.jinja", mask_kind=mask_kind, emit_logits=emit_logits,
-                          skip_masked_blocks=skip, bound_loop=bound_loop, unmasked_run=unmasked_run
-                          ).flash_decode_split
-    tiles = {} if autotune else dict(BLOCK_N=blocks.block_n, num_warps=blocks.num_warps,
-                                     num_stages=blocks.num_stages)
-    lengths = ((summary.kv_len, summary.kv_start, summary.valid_count) if unmasked_run
-               else (summary.kv_len if bound_loop else part_lse, part_lse, part_lse))
-    wrap_triton(_autotuned(kernel, d) if autotune else kernel)[(b * hkv, splits)](
-        q, key, value, mask, *lengths, part_out, part_lse, logits,
-        q.stride(0), q.stride(1),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        *mask_strides,
-        part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        logits.stride(0), logits.stride(1) if emit_logits else 0,
-        scale, length, split_len,
-        NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_group_pad(group), HEAD_DIM=d,
-        BLOCK_D=triton.next_power_of_2(d), MASK_MIN=mask_min, DOT_PRECISION=_dot_precision(query.dtype), **tiles)
+    mask, (stride_mb, stride_mn), _, mask_min = _mask_args(attn_mask, b, length, part_lse)
+    kernel = codegen.load("flash_decode.py.jinja").flash_decode_split
+    if plan.unmasked_run:
+        kv_len, kv_start, valid_count = summary.kv_len, summary.kv_start, summary.valid_count
+    else:  # unread placeholders but for the valid length of a bounded loop
+        kv_len, kv_start, valid_count = summary.kv_len if plan.bound_loop else part_lse, part_lse, part_lse
+    wrap_triton(_autotuned(kernel, d) if plan.blocks is None else kernel)[(b * hkv, plan.splits)](
+        Q=q, K=key, V=value, Mask=mask, KvLen=kv_len, KvStart=kv_start, ValidCount=valid_count,
+        PartOut=part_out, PartLse=part_lse, Logits=logits,
+        stride_qb=q.stride(0), stride_qh=q.stride(1),
+        stride_kb=key.stride(0), stride_kh=key.stride(1), stride_kn=key.stride(2),
+        stride_vb=value.stride(0), stride_vh=value.stride(1), stride_vn=value.stride(2),
+        stride_mb=stride_mb, stride_mn=stride_mn,
+        stride_pb=part_out.stride(0), stride_ph=part_out.stride(1), stride_ps=part_out.stride(2),
+        stride_lb=part_lse.stride(0), stride_lh=part_lse.stride(1),
+        stride_xb=logits.stride(0), stride_xh=logits.stride(1) if emit_logits else 0,
+        scale=scale, length=length, split_len=plan.split_len,
+        NUM_KV_HEADS=hkv, GROUP=h // hkv, GROUP_PAD=_group_pad(h // hkv), HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d), MASK_MIN=mask_min, DOT_PRECISION=_dot_precision(query.dtype),
+        **plan.switches(), **plan.tiles())
     out, lse = _combine(part_out, part_lse, query.dtype)
     return out, lse, logits if emit_logits else None
 

@@ -18,6 +18,7 @@ from tidal_compile.config import ConfigError, ResolvedPlanConfig, TidalConfig
 from tidal_compile.passes.find_attention import AttentionSite, cache_overflow, eager_attention_layers, find_attention
 from tidal_compile.passes.plan import LayerDecision, LayerKind, plan_attention
 from tidal_compile.passes.rewrite_attention import guard_cpu_cache_writes, rewrite_attention
+from tidal_compile.passes.sharding import TensorParallel, check_granularity, tensor_parallel
 
 _graph_ids = itertools.count()
 
@@ -32,6 +33,8 @@ class PassResult:
     counts: Counter
     eager_attention: list[int] = field(default_factory=list)
     """Layers computing attention without SDPA (nothing the tidal ops can take over)."""
+    sharding: Optional[TensorParallel] = None
+    """The rank of a tensor-parallel model this graph is (None: not sharded)."""
 
 
 def model_depth(sites: list[AttentionSite]) -> Optional[int]:
@@ -50,10 +53,13 @@ def run_tidal_passes(gm: fx.GraphModule, config: TidalConfig, num_layers: Option
     with_sdpa = {s.layer for s in sites}
     eager = [layer for layer in eager_attention_layers(gm.graph) if layer not in with_sdpa]
     depth = num_layers or model_depth(sites)
+    sharding = tensor_parallel(gm)
     if depth is None or not sites:  # no attention, or none with a layer index: nothing to rewrite
         decisions = [LayerDecision(s, LayerKind.UNCHANGED, f"stays SDPA: {s.unsupported}") for s in sites]
-        return PassResult(graph_id, None, decisions, Counter(), eager)
+        return PassResult(graph_id, None, decisions, Counter(), eager, sharding)
     plan = config.resolve(depth)
+    if sharding and any(s.is_decode for s in sites):
+        check_granularity(config, sharding)
     decisions = plan_attention(sites, plan)
     _dump(gm, graph_id, "before")
     counts = rewrite_attention(gm, decisions, config)
@@ -61,7 +67,7 @@ def run_tidal_passes(gm: fx.GraphModule, config: TidalConfig, num_layers: Option
     gm.graph.lint()
     gm.recompile()
     _dump(gm, graph_id, "after")
-    return PassResult(graph_id, plan, decisions, counts, eager)
+    return PassResult(graph_id, plan, decisions, counts, eager, sharding)
 
 
 def _dump(gm: fx.GraphModule, graph_id: int, stage: str) -> None:

@@ -30,6 +30,7 @@ from tidal_compile import hf_compat
 from tidal_compile.backend import BackendOptions, TidalFallbackWarning
 from tidal_compile.cache import SequenceState, TidalCache
 from tidal_compile.config import ConfigError, ResolvedPlanConfig
+from tidal_compile.passes.sharding import check_granularity, model_tensor_parallel
 
 
 def _chunk_mask(mask: Optional[Tensor], start: int, steps: int) -> Optional[Tensor]:
@@ -234,6 +235,9 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     if options.get("cudagraphs") and not any(p.is_cuda for p in model.parameters()):
         raise ConfigError("cudagraphs=True needs the model on a CUDA GPU (model.cuda()); it is not")
     plan = parsed.resolve(options["num_layers"]) if "num_layers" in options else None  # bad layer sets fail here
+    sharding = model_tensor_parallel(model)
+    if sharding:
+        check_granularity(parsed, sharding)
     warn_about_model(model_config)
     if plan is not None and parsed.mode == "tidal":
         _warn_mixed_attention(plan, attention_types(model_config))

@@ -44,6 +44,8 @@ class GraphReport:
     parameter_ids: frozenset[int]
     eager_attention: tuple[int, ...] = ()
     """Layers computing attention without scaled_dot_product_attention (not rewritable)."""
+    sharding: Optional[str] = None
+    """Which rank of a tensor-parallel model this graph is and which heads its layers hold."""
 
     @property
     def phase(self) -> str:
@@ -62,7 +64,7 @@ class GraphReport:
                 f"{detail}): {kinds or 'no attention layers'}")
 
     def __str__(self) -> str:
-        lines = [self.summary(), *map(str, self.layers)]
+        lines = [self.summary(), *([f"  {self.sharding}"] if self.sharding else []), *map(str, self.layers)]
         if self.eager_attention:
             lines.append(f"  layers {list(self.eager_attention)}: {EAGER_ATTENTION}")
         return "\n".join(lines)
@@ -122,7 +124,18 @@ def build_report(result: PassResult, config: TidalConfig, example_inputs: Iterab
     family = next((d.site.family for d in result.decisions if d.site.family), None)
     params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
     num_layers = result.plan.num_layers if result.plan else None
-    return GraphReport(result.graph_id, config, num_layers, family, layers, params, tuple(result.eager_attention))
+    return GraphReport(result.graph_id, config, num_layers, family, layers, params, tuple(result.eager_attention),
+                       _sharding(result))
+
+
+def _sharding(result: PassResult) -> Optional[str]:
+    tp = result.sharding
+    site = next((d.site for d in result.decisions if d.site.num_heads), None)
+    if tp is None or site is None:
+        return None
+    kv_heads = site.num_kv_heads or site.num_heads
+    return (f"tensor parallel: rank {tp.rank} of {tp.world_size}; every layer here holds query "
+            f"{tp.heads(site.num_heads)} and KV {tp.heads(kv_heads)}")
 
 
 def record(report: GraphReport) -> None:

@@ -130,12 +130,14 @@ def build_report(result: PassResult, config: TidalConfig, example_inputs: Iterab
 
 def _sharding(result: PassResult) -> Optional[str]:
     tp = result.sharding
-    site = next((d.site for d in result.decisions if d.site.num_heads), None)
-    if tp is None or site is None:
+    if tp is None:
         return None
+    rank = f"tensor parallel: rank {tp.rank} of {tp.world_size}"
+    site = next((d.site for d in result.decisions if d.site.num_heads), None)
+    if site is None:  # prefill calls are not looked into
+        return rank
     kv_heads = site.num_kv_heads or site.num_heads
-    return (f"tensor parallel: rank {tp.rank} of {tp.world_size}; every layer here holds query "
-            f"{tp.heads(site.num_heads)} and KV {tp.heads(kv_heads)}")
+    return f"{rank}; every layer here holds query {tp.heads(site.num_heads)} and KV {tp.heads(kv_heads)}"
 
 
 def record(report: GraphReport) -> None:

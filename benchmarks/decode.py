@@ -111,7 +111,7 @@ class Method:
         config = self.config().resolve(shape.layers)
         full_layers = len(config.dense_layers) + (len(config.selection_layers) if self.mode == "tidal" else 0)
         sparse_layers = shape.layers - full_layers
-        rows = batch * shape.heads * self.budget  # query_head: each query head reads its own rows
+        rows = batch * shape.heads * min(self.budget, context)  # query_head: each query head reads its own rows
         sparse = 2 * sparse_layers * rows * HEAD_DIM * 2
         if self.mode == "quest":
             pages = -(-context // config.config.page_size)

@@ -128,15 +128,16 @@ QUICK = dict(shapes=["llama3-8b"], batches=[1], contexts=[32768], methods=["indu
 
 WEIGHT_KERNELS = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "triton_tem", "matmul")
 SELECTION_KERNELS = ("radix_", "rank_by_prob", "quest_scores")
+COMMUNICATION_KERNELS = ("nccl", "allreduce", "all_reduce", "cross_device")
 ATTENTION_KERNELS = ("flash_decode", "sparse_decode", "combine_splits", "mask_", "quest_metadata", "flash",
                      "fmha", "attention", "efficient")
 
 
 def kernel_category(name: str) -> str:
-    """weights | selection | attention | other, from a GPU kernel's name."""
+    """weights | communication | selection | attention | other, from a GPU kernel's name."""
     lowered = name.lower()
-    for category, markers in (("weights", WEIGHT_KERNELS), ("selection", SELECTION_KERNELS),
-                              ("attention", ATTENTION_KERNELS)):
+    for category, markers in (("weights", WEIGHT_KERNELS), ("communication", COMMUNICATION_KERNELS),
+                              ("selection", SELECTION_KERNELS), ("attention", ATTENTION_KERNELS)):
         if any(marker in lowered for marker in markers):
             return category
     return "other"
@@ -149,7 +150,7 @@ def profile_kernels(step: Callable[[], None], steps: int) -> dict[str, Any]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
-    by_category: dict[str, float] = {"weights": 0.0, "attention": 0.0, "selection": 0.0, "other": 0.0}
+    by_category = dict.fromkeys(("weights", "attention", "selection", "communication", "other"), 0.0)
     by_kernel: dict[str, float] = {}
     for event in prof.events():
         if event.device_type != DeviceType.CUDA:
@@ -195,15 +196,16 @@ def build_model(shape: Shape, max_positions: int) -> torch.nn.Module:
         return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
 
 
-def filled_cache(model: torch.nn.Module, batch: int, context: int, capacity: int,
-                 page_size: Optional[int]) -> TidalCache:
-    """A TidalCache holding `context` random positions per layer, written through `Cache.update`
-    (so its length, where the next token is written and up to where the mask reaches, is `context`)."""
+def filled_cache(model: torch.nn.Module, batch: int, context: int, capacity: int, page_size: Optional[int],
+                 kv_heads: int) -> TidalCache:
+    """A TidalCache holding `context` random positions of `kv_heads` heads per layer, written through
+    `Cache.update` (so its length, where the next token is written and up to where the mask
+    reaches, is `context`)."""
     config = model.config
     cache = TidalCache(config, max_cache_len=capacity, page_size=page_size)
     generator = torch.Generator(device="cuda").manual_seed(1)
     for layer in range(config.num_hidden_layers):
-        k, v = (torch.randn(batch, config.num_key_value_heads, context, HEAD_DIM, device="cuda",
+        k, v = (torch.randn(batch, kv_heads, context, HEAD_DIM, device="cuda",
                             dtype=torch.bfloat16, generator=generator) for _ in range(2))
         cache.update(k, v, layer)
         del k, v
@@ -212,14 +214,15 @@ def filled_cache(model: torch.nn.Module, batch: int, context: int, capacity: int
 
 @torch.no_grad()
 def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shape, batch: int, context: int,
-            steps: int, warmup: int, profile_steps: int) -> Row:
-    """Compile `model.forward` for `method`, fill a cache to `context`, time and profile decode steps."""
+            steps: int, warmup: int, profile_steps: int, kv_heads: Optional[int] = None) -> Row:
+    """Compile `model.forward` for `method`, fill a cache to `context`, time and profile decode steps
+    (`kv_heads`: the KV heads a rank holds, under tensor parallelism)."""
     torch._dynamo.reset()
     options = method.options()
     forward = (torch.compile(model.forward, mode="reduce-overhead") if options is None
                else torch.compile(model.forward, backend="tidal", options=options))
     capacity = context + warmup + steps + profile_steps + 1
-    cache = filled_cache(model, batch, context, capacity, method.page_size())
+    cache = filled_cache(model, batch, context, capacity, method.page_size(), kv_heads or shape.kv_heads)
     cache_name = hf_compat.forward_cache_name(model.forward)
     token = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
     position = [context]
@@ -290,7 +293,7 @@ def print_row(row: Row, out: Callable[[str], None]) -> None:
     out(f"{row.shape:10s} B={row.batch:<2d} L={row.context:<6d} {row.method:16s} {row.ms:7.3f} ms  "
         f"{ratio(row.speedup_vs_inductor)} vs inductor  {ratio(row.speedup_vs_full)} vs full  {attention}  "
         f"| kernels {row.kernel_ms:6.3f} (w {c['weights']:.3f} a {c['attention']:.3f} s {c['selection']:.3f} "
-        f"o {c['other']:.3f}) outside {row.outside_ms:6.3f}  [compile {row.compile_s:.0f} s]")
+        f"c {c['communication']:.3f} o {c['other']:.3f}) outside {row.outside_ms:6.3f}  [compile {row.compile_s:.0f} s]")
 
 
 def jobs(args: argparse.Namespace) -> list[tuple[str, int, int, Method]]:

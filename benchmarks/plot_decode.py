@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PARTS = ("weights", "attention", "selection", "other", "outside")
+PARTS = ("weights", "attention", "selection", "communication", "other", "outside")
 
 
 def load_rows(paths: list[str]) -> list[dict]:
@@ -54,7 +54,7 @@ def plot_breakdown(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 5))
     bottom = [0.0] * len(rows)
     for part in PARTS:
-        values = [max(r["outside_ms"], 0.0) if part == "outside" else r["categories"][part] for r in rows]
+        values = [max(r["outside_ms"], 0.0) if part == "outside" else r["categories"].get(part, 0.0) for r in rows]
         ax.bar(range(len(rows)), values, bottom=bottom, label=part)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)

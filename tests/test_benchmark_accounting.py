@@ -1,0 +1,53 @@
+"""benchmarks/decode.py's accounting, which its tables rest on: the KV bytes each method must
+read and the kernel categories of a profile (CPU; the timing itself needs a GPU)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import decode  # noqa: E402
+
+LLAMA3 = decode.SHAPES["llama3-8b"]
+LAYER_BYTES_128K = 2 * 8 * 131072 * 128 * 2  # K and V of one layer, batch 1, bf16
+
+
+def test_dense_methods_read_every_layer_and_tidal_its_full_layers_plus_the_chosen_rows():
+    assert decode.Method("full").attention_bytes(LLAMA3, 1, 131072) == 32 * LAYER_BYTES_128K
+    assert decode.Method("topk_oracle:256").attention_bytes(LLAMA3, 1, 131072) == 32 * LAYER_BYTES_128K
+    # 2 dense + 2 selection layers read everything; 28 sparse layers 256 rows per query head.
+    sparse = 28 * 2 * 32 * 256 * 128 * 2
+    assert decode.Method("tidal:256").attention_bytes(LLAMA3, 1, 131072) == 4 * LAYER_BYTES_128K + sparse
+    # Quest: 2 dense layers, then per layer its pages' min / max and the chosen pages' rows.
+    pages = 2 * 30 * 8 * (131072 // 16) * 128 * 2
+    assert decode.Method("quest:256").attention_bytes(LLAMA3, 1, 131072) == (
+        2 * LAYER_BYTES_128K + 30 * 2 * 32 * 256 * 128 * 2 + pages)
+    # A context shorter than the budget: a sparse layer reads the context, not the budget.
+    assert decode.Method("tidal:2048").attention_bytes(LLAMA3, 1, 1024) == decode.Method("full").attention_bytes(
+        LLAMA3, 1, 1024) - 28 * 2 * 8 * 1024 * 128 * 2 + 28 * 2 * 32 * 1024 * 128 * 2
+
+
+@pytest.mark.parametrize("name, category", [
+    ("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT", "weights"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float>", "weights"),
+    ("triton_tem_fused_mm_0", "weights"),
+    ("flash_decode_split", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16", "attention"),
+    ("radix_histogram", "selection"),
+    ("quest_scores", "selection"),
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "communication"),
+    ("triton_poi_fused_add_mul_rsqrt_0", "other"),
+])
+def test_kernel_categories(name, category):
+    assert decode.kernel_category(name) == category
+
+
+def test_methods_parse_their_budget_and_options():
+    assert decode.Method("inductor").options() is None
+    tidal = decode.Method("tidal:2048")
+    assert (tidal.mode, tidal.budget) == ("tidal", 2048)
+    assert tidal.options()["config"].budget == 2048 and tidal.options()["cudagraphs"] is True
+    assert decode.Method("quest:256").page_size() == 16 and tidal.page_size() is None

@@ -70,6 +70,7 @@ def autotune_enabled(device: torch.device) -> bool:
 SWITCHES = ("MASK_KIND", "EMIT_LOGITS", "SKIP_MASKED_BLOCKS", "BOUND_LOOP", "UNMASKED_RUN")
 """flash_decode's feature switches: part of the autotuning key (each variant is tuned apart)."""
 
+
 @functools.lru_cache(maxsize=None)
 def _autotuned(kernel: triton.JITFunction, head_dim: int) -> triton.runtime.Autotuner:
     """`kernel` under triton.autotune over TUNE_CANDIDATES (tile bytes kept for other head dims).
@@ -240,10 +241,8 @@ class FlashDecodePlan:
     unmasked_run: bool
 
     def switches(self) -> dict[str, object]:
-        """The kernel's tl.constexpr feature switches."""
-        return dict(MASK_KIND=self.mask_kind, EMIT_LOGITS=self.emit_logits,
-                    SKIP_MASKED_BLOCKS=self.skip_masked_blocks, BOUND_LOOP=self.bound_loop,
-                    UNMASKED_RUN=self.unmasked_run)
+        """The kernel's tl.constexpr feature switches (the SWITCHES, from the fields of that name)."""
+        return {name: getattr(self, name.lower()) for name in SWITCHES}
 
     def tiles(self) -> dict[str, int]:
         """Launch keywords fixing the tiles (none when autotuned)."""

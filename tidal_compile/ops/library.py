@@ -7,17 +7,18 @@ masks), it runs the plain-PyTorch reference of :mod:`tidal_compile.ops.reference
 traced with fake tensors, which gives the ops their shapes under torch.compile.
 
     tidal::mask_summary(q, k, mask, sink, recent) -> summary
-    tidal::dense_attention(q, k, v, mask, scale, summary=None) -> out
-    tidal::selection_attention(q, k, v, mask, scale, budget, granularity, sink, recent, summary=None)
+    tidal::dense_attention(q, k, v, mask, scale, summary) -> out
+    tidal::selection_attention(q, k, v, mask, scale, budget, granularity, sink, recent, summary)
         -> (out, indices)
     tidal::sparse_attention(q, k, v, indices, scale) -> out
     tidal::quest_cache_write(k, page_min, page_max, filled!, written_from)
-    tidal::quest_update_metadata(k, mask, page_min!, page_max!, filled!, page_size, summary=None)
-    tidal::quest_attention(q, k, v, mask, page_min, page_max, scale, budget, page_size, summary=None) -> out
+    tidal::quest_update_metadata(k, mask, page_min!, page_max!, filled!, page_size, summary)
+    tidal::quest_attention(q, k, v, mask, page_min, page_max, scale, budget, page_size, summary) -> out
 
 q is `[B, H, 1, D]`, k/v the un-expanded KV cache `[B, Hkv, L, D]`, indices `int32 [B, S, k]`.
-`summary` is what the kernels need to know of `mask` per sequence: five int32 [B] tensors
-(`reference.mask_summary`; separate tensors, never views of one, as kernel arguments). The pass
+`summary` is what the kernels need to know of `mask` per sequence: the five int32 [B] tensors of
+`tidal::mask_summary` (separate tensors, never views of one, as kernel arguments), or `[]` (a
+list argument: custom ops take no default for it). The pass
 computes it once per distinct mask and window of a graph and hands it to every op on that mask,
 a graph edge like the indices; an op without one summarises the mask itself when it needs to.
 """

@@ -17,13 +17,16 @@ Per row: ms per step; speed-up over inductor and over full; attention time (step
 against the time to read the KV bytes the method must read at the measured copy bandwidth;
 kernel time per step from the profiler split into weights (matrix products), attention,
 selection (top-k, Quest page scores) and other kernels; and the step time outside kernels.
-Methods: inductor, full, tidal:K, quest:K, topk_oracle:K (K the budget). Plots:
+Methods: inductor, inductor+where (Inductor with tidal's boolean-mask-as-`where` pass, which keeps
+tensor-parallel graphs capturable in CUDA graphs: benchmarks/decode_tp.py), full, tidal:K, quest:K,
+topk_oracle:K (K the budget). Each row counts the graphs Inductor did not capture. Plots:
 `python benchmarks/plot_decode.py results.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -36,11 +39,13 @@ from typing import Any, Callable, Optional
 import torch
 import transformers
 import triton
+from torch._dynamo.utils import counters
 from torch.autograd import DeviceType
 from tqdm import tqdm
 
 import tidal_compile
 from tidal_compile import TidalCache, TidalConfig, hf_compat
+from tidal_compile.passes.masked_fill import MaskedFillAsWhere
 from attention import copy_bandwidth  # benchmarks/attention.py, beside this script
 
 FLOOR_CONTEXT = 1024
@@ -82,7 +87,7 @@ SHAPES = {
 
 @dataclass(frozen=True)
 class Method:
-    """`inductor`, or a tidal mode with its budget (`tidal:256`)."""
+    """A baseline (`inductor`, `inductor+where`), or a tidal mode with its budget (`tidal:256`)."""
 
     name: str
 
@@ -99,14 +104,24 @@ class Method:
 
     def options(self) -> Optional[dict[str, Any]]:
         """Backend options (None: plain Inductor)."""
-        return None if self.mode == "inductor" else {"config": self.config(), "cudagraphs": True}
+        return None if self.is_baseline else {"config": self.config(), "cudagraphs": True}
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.mode in BASELINES
+
+    def compiling(self) -> contextlib.AbstractContextManager:
+        """The Inductor settings a baseline compiles under."""
+        if self.mode == "inductor+where":
+            return torch._inductor.config.patch(post_grad_custom_pre_pass=MaskedFillAsWhere())
+        return contextlib.nullcontext()
 
     def page_size(self) -> Optional[int]:
         return TidalConfig().page_size if self.mode == "quest" else None
 
     def attention_bytes(self, shape: Shape, batch: int, context: int) -> int:
         """KV-cache bytes one decode step must read (page metadata included for Quest)."""
-        if self.mode in ("inductor", "full", "topk_oracle"):
+        if self.is_baseline or self.mode in ("full", "topk_oracle"):
             return shape.kv_bytes(batch, context)
         config = self.config().resolve(shape.layers)
         full_layers = len(config.dense_layers) + (len(config.selection_layers) if self.mode == "tidal" else 0)
@@ -119,6 +134,7 @@ class Method:
         return shape.kv_bytes(batch, context, full_layers) + sparse
 
 
+BASELINES = ("inductor", "inductor+where")
 METHODS = ("inductor", "full", "tidal:256", "tidal:2048", "quest:256", "topk_oracle:256")
 QUICK = dict(shapes=["llama3-8b"], batches=[1], contexts=[32768], methods=["inductor", "full", "tidal:256"],
              floor_methods=[], steps=10, warmup=3, profile_steps=2)  # three compiles of ~40-60 s each
@@ -178,6 +194,7 @@ class Row:
     kernel_ms: float
     categories: dict[str, float]
     top_kernels: list[dict[str, Any]]
+    cudagraph_skips: int = 0  # graphs Inductor ran without CUDA graphs
     floor: bool = False
     speedup_vs_inductor: Optional[float] = None
     speedup_vs_full: Optional[float] = None
@@ -234,8 +251,10 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
         token = out.logits[:, -1:].argmax(-1)
         position[0] += 1
 
+    skips_before = counters["inductor"]["cudagraph_skips"]
     started = time.perf_counter()
-    step()  # compiles
+    with method.compiling():
+        step()  # compiles
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - started
     times = []
@@ -250,7 +269,8 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
     kernels = profile_kernels(step, profile_steps)
     row = Row(shape=shape_name, batch=batch, context=context, method=method.name, ms=statistics.median(times),
               compile_s=compile_s, attention_bytes=method.attention_bytes(shape, batch, context),
-              floor=context == FLOOR_CONTEXT, **kernels)
+              floor=context == FLOOR_CONTEXT, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips_before,
+              **kernels)
     del forward, cache
     torch._dynamo.reset()
     gc.collect()
@@ -262,7 +282,7 @@ def fits(shape: Shape, batch: int, context: int, methods: list[Method]) -> bool:
     """Whether weights, the KV cache, Quest pages and Inductor's expanded K/V of one layer fit."""
     weights = 2 * (shape.layers * (4 * shape.hidden * shape.hidden + 3 * shape.hidden * shape.intermediate)
                    + 2 * shape.vocab * shape.hidden)
-    expanded = 2 * batch * shape.heads * context * HEAD_DIM * 2 if any(m.mode == "inductor" for m in methods) else 0
+    expanded = 2 * batch * shape.heads * context * HEAD_DIM * 2 if any(m.is_baseline for m in methods) else 0
     need = weights + shape.kv_bytes(batch, context) * 1.15 + expanded + (4 << 30)
     return need < 0.92 * torch.cuda.get_device_properties(0).total_memory
 
@@ -293,7 +313,8 @@ def print_row(row: Row, out: Callable[[str], None]) -> None:
     out(f"{row.shape:10s} B={row.batch:<2d} L={row.context:<6d} {row.method:16s} {row.ms:7.3f} ms  "
         f"{ratio(row.speedup_vs_inductor)} vs inductor  {ratio(row.speedup_vs_full)} vs full  {attention}  "
         f"| kernels {row.kernel_ms:6.3f} (w {c['weights']:.3f} a {c['attention']:.3f} s {c['selection']:.3f} "
-        f"c {c['communication']:.3f} o {c['other']:.3f}) outside {row.outside_ms:6.3f}  [compile {row.compile_s:.0f} s]")
+        f"c {c['communication']:.3f} o {c['other']:.3f}) outside {row.outside_ms:6.3f}  [compile {row.compile_s:.0f} s]"
+        + (f"  NO CUDA GRAPHS in {row.cudagraph_skips} graph(s)" if row.cudagraph_skips else ""))
 
 
 def jobs(args: argparse.Namespace) -> list[tuple[str, int, int, Method]]:
@@ -332,8 +353,9 @@ def main() -> None:
     if args.quick:
         vars(args).update(QUICK)
     for name in args.methods + args.floor_methods:
-        if Method(name).mode not in ("inductor", *tidal_compile.config.MODES):
-            parser.error(f"unknown method {name!r}; methods: inductor, full, tidal:K, quest:K, topk_oracle:K")
+        if Method(name).mode not in (*BASELINES, *tidal_compile.config.MODES):
+            parser.error(f"unknown method {name!r}; methods: {', '.join(BASELINES)}, full, tidal:K, quest:K, "
+                         f"topk_oracle:K")
     if not torch.cuda.is_available():
         sys.exit("benchmarks/decode.py needs a CUDA GPU")
 

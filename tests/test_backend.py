@@ -10,6 +10,7 @@ import torch
 
 import tidal_compile
 from tidal_compile import BackendOptions, ConfigError, TidalConfig
+from tidal_compile.passes.masked_fill import MaskedFillAsWhere
 from toy_decoder import ToyDecoder
 
 
@@ -83,10 +84,12 @@ def test_torch_compile_mode_reaches_inductor(monkeypatch):
     for kwargs in ({"mode": "reduce-overhead"}, {"mode": "max-autotune"}):
         torch._dynamo.reset()
         torch.compile(torch.nn.Linear(4, 4), backend="tidal", **kwargs)(x)
-    assert seen[0] == {"triton.cudagraphs": True}
+    assert seen[0].pop("triton.cudagraphs") is True
+    assert isinstance(seen[0].pop("post_grad_custom_pre_pass"), MaskedFillAsWhere) and not seen[0]
     assert seen[1]["max_autotune"] is True
     from tidal_compile.backend import _inductor_mode_patches
-    assert _inductor_mode_patches(None, BackendOptions.parse({"cudagraphs": True})) == {"triton.cudagraphs": True}
+    patches = _inductor_mode_patches(None, BackendOptions.parse({"cudagraphs": True}))
+    assert patches.keys() == {"triton.cudagraphs", "post_grad_custom_pre_pass"} and patches["triton.cudagraphs"]
     torch._dynamo.reset()
     with pytest.raises(Exception, match="torch.compile mode: Unrecognized mode=fast"):
         torch.compile(torch.nn.Linear(4, 4), backend="tidal", mode="fast")(x)

@@ -31,6 +31,7 @@ import torch.fx as fx
 
 from tidal_compile.config import ConfigError, TidalConfig
 from tidal_compile.passes import run_tidal_passes
+from tidal_compile.passes.masked_fill import MaskedFillAsWhere
 from tidal_compile.report import build_report, record
 
 log = logging.getLogger("tidal_compile")
@@ -105,8 +106,9 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
 
 
 def _inductor_mode_patches(mode: Optional[str], opts: BackendOptions) -> dict[str, Any]:
-    """Inductor config patches for torch.compile's `mode` and the `cudagraphs` option."""
-    from torch._inductor import list_mode_options
+    """Inductor config patches for torch.compile's `mode` and the `cudagraphs` option, and the
+    post-grad pass that writes boolean-mask stores as `where` (capturable in CUDA graphs)."""
+    from torch._inductor import config as inductor_config, list_mode_options
 
     try:
         patches = dict(list_mode_options(mode)) if mode else {}
@@ -114,6 +116,7 @@ def _inductor_mode_patches(mode: Optional[str], opts: BackendOptions) -> dict[st
         raise ConfigError(f"torch.compile mode: {e}") from None
     if opts.cudagraphs:
         patches["triton.cudagraphs"] = True
+    patches["post_grad_custom_pre_pass"] = MaskedFillAsWhere(then=inductor_config.post_grad_custom_pre_pass)
     return patches
 
 

@@ -159,13 +159,17 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def profile_kernels(step: Callable[[], None], steps: int) -> dict[str, Any]:
-    """GPU kernel time per step (ms) by category, and the ten longest kernels, over `steps` steps."""
+def profile_kernels(step: Callable[[], None], steps: int, trace: Optional[str] = None) -> dict[str, Any]:
+    """GPU kernel time per step (ms) by category, and the ten longest kernels, over `steps` steps;
+    with `trace`, host activity too, written there as a Chrome trace (`.json.gz`: compressed)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
+    if trace:
+        prof.export_chrome_trace(trace)
     by_category = dict.fromkeys(("weights", "attention", "selection", "communication", "other"), 0.0)
     by_kernel: dict[str, float] = {}
     for event in prof.events():
@@ -231,9 +235,11 @@ def filled_cache(model: torch.nn.Module, batch: int, context: int, capacity: int
 
 @torch.no_grad()
 def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shape, batch: int, context: int,
-            steps: int, warmup: int, profile_steps: int, kv_heads: Optional[int] = None) -> Row:
+            steps: int, warmup: int, profile_steps: int, kv_heads: Optional[int] = None,
+            trace: Optional[str] = None) -> Row:
     """Compile `model.forward` for `method`, fill a cache to `context`, time and profile decode steps
-    (`kv_heads`: the KV heads a rank holds, under tensor parallelism)."""
+    (`kv_heads`: the KV heads a rank holds, under tensor parallelism; `trace`: a Chrome trace file of
+    the profiled steps)."""
     torch._dynamo.reset()
     options = method.options()
     forward = (torch.compile(model.forward, mode="reduce-overhead") if options is None
@@ -266,7 +272,7 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
         end.synchronize()
         if i >= warmup:
             times.append(start.elapsed_time(end))
-    kernels = profile_kernels(step, profile_steps)
+    kernels = profile_kernels(step, profile_steps, trace)
     row = Row(shape=shape_name, batch=batch, context=context, method=method.name, ms=statistics.median(times),
               compile_s=compile_s, attention_bytes=method.attention_bytes(shape, batch, context),
               floor=context == FLOOR_CONTEXT, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips_before,

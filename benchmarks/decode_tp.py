@@ -25,6 +25,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,14 @@ def sharded_model(shape: Shape, max_positions: int, scratch: Path) -> torch.nn.M
                                                              attn_implementation="sdpa").eval()
 
 
+def trace_path(folder: Optional[str], method: Method) -> Optional[str]:
+    """Where this rank writes its trace of `method`, if traces are asked for."""
+    if folder is None:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return str(Path(folder) / f"{method.name.replace(':', '_').replace('+', '_')}-rank{dist.get_rank()}.json.gz")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama3-8b", choices=list(TP_SHAPES))
@@ -64,6 +73,7 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--scratch", default="/tmp/tidal-decode-tp", help="where rank 0 writes the model")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--trace", default=None, help="folder for a Chrome trace (host and GPU) of each method and rank")
     args = parser.parse_args()
     if "LOCAL_RANK" not in os.environ or not torch.cuda.is_available():
         sys.exit("benchmarks/decode_tp.py runs under torchrun with one CUDA GPU per rank")
@@ -86,7 +96,7 @@ def main() -> None:
     rows = []
     for method in map(Method, args.methods):
         row = measure(model, method, name, shape, args.batch, args.context, args.steps, args.warmup,
-                      args.profile_steps, kv_heads=shape.kv_heads // world)
+                      args.profile_steps, kv_heads=shape.kv_heads // world, trace=trace_path(args.trace, method))
         row.attention_bytes //= world  # a rank reads its heads' share
         rows.append(row)
         derive(rows, bandwidth)

@@ -236,10 +236,11 @@ def filled_cache(model: torch.nn.Module, batch: int, context: int, capacity: int
 @torch.no_grad()
 def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shape, batch: int, context: int,
             steps: int, warmup: int, profile_steps: int, kv_heads: Optional[int] = None,
-            trace: Optional[str] = None) -> Row:
+            trace: Optional[str] = None, skip_guard_eval: bool = False) -> Row:
     """Compile `model.forward` for `method`, fill a cache to `context`, time and profile decode steps
     (`kv_heads`: the KV heads a rank holds, under tensor parallelism; `trace`: a Chrome trace file of
-    the profiled steps)."""
+    the profiled steps; `skip_guard_eval`: time the steps after the compile with Dynamo's guards
+    off, `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, to measure what guards cost)."""
     torch._dynamo.reset()
     options = method.options()
     forward = (torch.compile(model.forward, mode="reduce-overhead") if options is None
@@ -264,15 +265,17 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - started
     times = []
-    for i in range(warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    kernels = profile_kernels(step, profile_steps, trace)
+    stance = torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guard_eval else contextlib.nullcontext()
+    with stance:
+        for i in range(warmup + steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            if i >= warmup:
+                times.append(start.elapsed_time(end))
+        kernels = profile_kernels(step, profile_steps, trace)
     row = Row(shape=shape_name, batch=batch, context=context, method=method.name, ms=statistics.median(times),
               compile_s=compile_s, attention_bytes=method.attention_bytes(shape, batch, context),
               floor=context == FLOOR_CONTEXT, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips_before,

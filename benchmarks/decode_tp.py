@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--scratch", default="/tmp/tidal-decode-tp", help="where rank 0 writes the model")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--skip-guard-eval", action="store_true",
+                        help="time with Dynamo's guards off (unsafe; measures what guard evaluation costs a step)")
     parser.add_argument("--trace", default=None, help="folder for a Chrome trace (host and GPU) of each method and rank")
     args = parser.parse_args()
     if "LOCAL_RANK" not in os.environ or not torch.cuda.is_available():
@@ -96,7 +98,8 @@ def main() -> None:
     rows = []
     for method in map(Method, args.methods):
         row = measure(model, method, name, shape, args.batch, args.context, args.steps, args.warmup,
-                      args.profile_steps, kv_heads=shape.kv_heads // world, trace=trace_path(args.trace, method))
+                      args.profile_steps, kv_heads=shape.kv_heads // world, trace=trace_path(args.trace, method),
+                      skip_guard_eval=args.skip_guard_eval)
         row.attention_bytes //= world  # a rank reads its heads' share
         rows.append(row)
         derive(rows, bandwidth)

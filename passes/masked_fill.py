@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from tidal_compile.passes.fx_utils import fake_value
 
@@ -52,7 +53,10 @@ def _where_of(node: fx.Node) -> Optional[tuple[fx.Node, Any, bool]]:
     mask, x_val, mask_val, value_val = indices[0], fake_value(x), fake_value(indices[0]), fake_value(value)
     if x_val is None or mask_val is None or value_val is None or mask_val.dtype != torch.bool:
         return None
-    if tuple(mask_val.shape) != tuple(x_val.shape[:mask_val.dim()]) or value_val.numel() != 1:
+    leading = x_val.shape[:mask_val.dim()]
+    if len(leading) != mask_val.dim() or not all(statically_known_true(m == n) for m, n in zip(mask_val.shape, leading)):
+        return None
+    if not statically_known_true(value_val.numel() == 1):
         return None
     scalar = _scalar_constant(value)
     if scalar is not None:
@@ -90,11 +94,11 @@ def rewrite_masked_index_put(graph: fx.Graph) -> int:
         x = node.args[0]
         x_val, mask_val = fake_value(x), fake_value(mask)
         with graph.inserting_before(node):
-            if mask_val.dim() < x_val.dim():
-                mask = _call(graph, aten.view.default, mask, [*mask_val.shape] + [1] * (x_val.dim() - mask_val.dim()))
+            for _ in range(x_val.dim() - mask_val.dim()):  # the mask's trailing size-1 dimensions
+                mask = _call(graph, aten.unsqueeze.default, mask, -1)
             if value_is_node:
                 value = _call(graph, torch.ops.prims.convert_element_type.default, value, x_val.dtype)
-                where = _call(graph, aten.where.self, mask, _call(graph, aten.view.default, value, []), x)
+                where = _call(graph, aten.where.self, mask, _call(graph, aten.squeeze.default, value), x)
             else:
                 where = _call(graph, aten.where.ScalarSelf, mask, _python_number(value, x_val.dtype), x)
         node.replace_all_uses_with(where)

@@ -59,6 +59,21 @@ def test_masked_writes_become_where_with_the_same_values(shape, data, dtype, con
         torch.testing.assert_close(ours, eager, rtol=0, atol=0)
 
 
+def test_symbolic_shapes_are_rewritten_too():
+    def writes(x, mask):
+        y = x.clone()
+        y[mask] = 0.0
+        return y
+
+    x, mask = torch.randn(3, 5, 4), torch.rand(3, 5) > 0.5
+    gm = make_fx(torch.func.functionalize(writes), tracing_mode="symbolic")(x, mask)
+    assert rewrite_masked_index_put(gm.graph) == 1
+    gm.recompile()
+    assert index_puts(gm) == 0
+    x, mask = torch.randn(2, 7, 4), torch.rand(2, 7) > 0.5  # other sizes through the same graph
+    torch.testing.assert_close(gm(x, mask), writes(x, mask), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("write", [
     lambda y, m, i: y.index_put_((i,), torch.tensor(1.0)),  # integer index: no host sync, nothing to do
     lambda y, m, i: y.index_put_((m,), torch.tensor(1.0), accumulate=True),  # accumulates

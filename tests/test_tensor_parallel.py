@@ -1,7 +1,8 @@
 """Tensor parallelism on the CPU: two processes (gloo) shard a small Llama with transformers'
 `tp_plan="auto"`, and greedy generation with each tidal setting gives the tokens of one process
 alone: budget >= length the dense tokens, budget < length those of the single-process tidal run
-(query_head, kv_head and Quest select per rank, with no communication). Granularity `layer`
+(query_head, kv_head and Quest select per rank, with no communication; KV-cache correction
+recomputes each rank's heads). Granularity `layer`
 is rejected with a clear error."""
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def test_two_ranks_generate_the_tokens_of_one_process(tmp_path):
     assert tokens["dense"] == expected["dense"]
     assert tokens["tidal:64"] == expected["dense"], "budget >= length: dense attention's tokens"
     assert expected["tidal:8"] != expected["dense"], "the small budget must change the tokens, or this proves nothing"
-    for name in ("tidal:8", "tidal:8:kv_head", "quest:16"):
+    for name in ("tidal:8", "tidal:8:kv_head", "tidal:8:correction", "quest:16"):
         assert tokens[name] == expected[name], name
+    assert sharded["corrections"]["tidal:8:correction"] == alone["corrections"]["tidal:8:correction"] >= 2
+    assert sharded["corrections"]["tidal:8"] == 0
     assert "tensor parallel: rank 0 of 2; every layer here holds query heads 0-1 of 4 and KV head 0 of 2" \
         in sharded["report"]
     assert "1 sparse" in sharded["report"]

@@ -23,6 +23,7 @@ SETTINGS: dict[str, Any] = {
     "tidal:64": dict(budget=64),  # >= every length: equal to dense attention
     "tidal:8": dict(budget=8),
     "tidal:8:kv_head": dict(budget=8, granularity="kv_head"),
+    "tidal:8:correction": dict(budget=8, correction={"interval": 2}),  # each rank recomputes its heads' K/V
     "quest:16": dict(mode="quest", budget=16, page_size=4),
 }
 NEW_TOKENS = 6
@@ -40,15 +41,19 @@ def load(model_dir: str) -> torch.nn.Module:
 
 
 def generate_all(model_dir: str) -> dict[str, Any]:
-    """Tokens per setting, the report of one sparse setting, and the error of granularity `layer`."""
-    tokens, report = {}, None
+    """Tokens and KV-cache corrections run per setting, the report of one sparse setting, and the
+    error of granularity `layer`."""
+    tokens, corrections, report = {}, {}, None
     for name, options in SETTINGS.items():
         torch._dynamo.reset()
         tidal_compile.report.clear_reports()
         model = load(model_dir)
         if options is not None:
             compile_for_generation(model, inner_backend="eager", **options)
-        tokens[name] = model.generate(prompt(), max_new_tokens=NEW_TOKENS, do_sample=False)[:, -NEW_TOKENS:].tolist()
+        out = model.generate(prompt(), max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
+        tokens[name] = out.sequences[:, -NEW_TOKENS:].tolist()
+        sequence = getattr(out.past_key_values, "sequence", None)  # a TidalCache's bookkeeping
+        corrections[name] = sequence.corrections if sequence is not None else None
         if name == "tidal:8":
             report = str(tidal_compile.explain(model))
     try:
@@ -56,7 +61,7 @@ def generate_all(model_dir: str) -> dict[str, Any]:
         layer_error = None
     except ConfigError as e:
         layer_error = str(e)
-    return dict(tokens=tokens, report=report, layer_error=layer_error)
+    return dict(tokens=tokens, corrections=corrections, report=report, layer_error=layer_error)
 
 
 if __name__ == "__main__":

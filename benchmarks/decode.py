@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -105,6 +106,11 @@ class Method:
     def options(self) -> Optional[dict[str, Any]]:
         """Backend options (None: plain Inductor)."""
         return None if self.is_baseline else {"config": self.config(), "cudagraphs": True}
+
+    @property
+    def file_name(self) -> str:
+        """The method's name as a file name (`tidal_256`)."""
+        return self.name.replace(":", "_").replace("+", "_")
 
     @property
     def is_baseline(self) -> bool:
@@ -358,6 +364,7 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="Llama-3-8B, batch 1, 32K: inductor, full, tidal:256; no floor, fewer steps")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
+    parser.add_argument("--trace", default=None, help="folder for a Chrome trace (host and GPU) of each row's profiled steps")
     args = parser.parse_args()
     if args.quick:
         vars(args).update(QUICK)
@@ -384,8 +391,12 @@ def main() -> None:
             torch.cuda.empty_cache()
             longest = max(shape.long_context if c == 0 else c for c in args.contexts)
             model, built = build_model(shape, longest + 4096), shape_name
+        trace = None
+        if args.trace:
+            Path(args.trace).mkdir(parents=True, exist_ok=True)
+            trace = str(Path(args.trace) / f"{shape_name}-b{batch}-{context}-{method.file_name}.json.gz")
         rows.append(measure(model, method, shape_name, shape, batch, context, args.steps, args.warmup,
-                            args.profile_steps))
+                            args.profile_steps, trace=trace))
         derive(rows, bandwidth)
         print_row(rows[-1], progress.write)
         if args.out:  # after every row: a long sweep cut short keeps what it measured

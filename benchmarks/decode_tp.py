@@ -58,7 +58,7 @@ def trace_path(folder: Optional[str], method: Method) -> Optional[str]:
     if folder is None:
         return None
     Path(folder).mkdir(parents=True, exist_ok=True)
-    return str(Path(folder) / f"{method.name.replace(':', '_').replace('+', '_')}-rank{dist.get_rank()}.json.gz")
+    return str(Path(folder) / f"{method.file_name}-rank{dist.get_rank()}.json.gz")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import decode  # noqa: E402
@@ -51,3 +52,16 @@ def test_methods_parse_their_budget_and_options():
     assert (tidal.mode, tidal.budget) == ("tidal", 2048)
     assert tidal.options()["config"].budget == 2048 and tidal.options()["cudagraphs"] is True
     assert decode.Method("quest:256").page_size() == 16 and tidal.page_size() is None
+
+
+def test_baselines_compile_plain_inductor_and_read_every_layer():
+    for name in ("inductor", "inductor+where"):
+        method = decode.Method(name)
+        assert method.is_baseline and method.options() is None
+        assert method.attention_bytes(LLAMA3, 1, 131072) == 32 * LAYER_BYTES_128K
+    with decode.Method("inductor+where").compiling():
+        pre_pass = torch._inductor.config.post_grad_custom_pre_pass
+        assert type(pre_pass).__name__ == "MaskedFillAsWhere"
+    assert torch._inductor.config.post_grad_custom_pre_pass is None
+    assert decode.Method("tidal:256").file_name == "tidal_256"
+    assert decode.Method("inductor+where").file_name == "inductor_where"

@@ -12,7 +12,7 @@ same result, no host sync, capturable.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -70,7 +70,9 @@ def _python_number(value: Any, dtype: torch.dtype) -> Any:
     """`value` as the Python number `index_put` would store into a tensor of `dtype`."""
     if dtype == torch.bool:
         return bool(value)
-    return float(value) if dtype.is_floating_point or dtype.is_complex else int(value)
+    if dtype.is_complex:
+        return complex(value)
+    return float(value) if dtype.is_floating_point else int(value)  # int() truncates, as the store does
 
 
 def _call(graph: fx.Graph, target: Any, *args: Any) -> fx.Node:
@@ -113,7 +115,7 @@ class MaskedFillAsWhere(CustomGraphPass):
     """The pass as Inductor's `post_grad_custom_pre_pass` (running `then`, a pass already
     configured there, afterwards)."""
 
-    def __init__(self, then: Optional[CustomGraphPass] = None) -> None:
+    def __init__(self, then: Optional[Callable[[fx.Graph], None]] = None) -> None:
         self.then = then
 
     def __call__(self, graph: fx.Graph) -> None:
@@ -122,4 +124,8 @@ class MaskedFillAsWhere(CustomGraphPass):
             self.then(graph)
 
     def uuid(self) -> Any:
-        return (get_hash_for_files((__file__,)), self.then.uuid() if self.then is not None else None)
+        """This file's hash and `then`'s uuid; None (no caching, as Inductor does) when `then` has none."""
+        if self.then is None:
+            return get_hash_for_files((__file__,))
+        then = self.then.uuid() if isinstance(self.then, CustomGraphPass) else None
+        return None if then is None else (get_hash_for_files((__file__,)), then)

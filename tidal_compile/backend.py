@@ -12,6 +12,8 @@ graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug
 backend never writes into `options`; per-sequence state (Quest's page metadata) lives in the
 KV cache (:class:`tidal_compile.TidalCache`).
 `torch.compile(model, backend="tidal", mode=...)` (no options) passes an Inductor mode through.
+Inductor runs `passes/masked_fill` as its post-grad pre-pass: boolean-mask writes become `where`,
+so a tensor-parallel model's graphs (transformers' sharded embedding) stay capturable in CUDA graphs.
 CUDA graphs need a Hugging Face static cache allocated outside the compiled region (prefill run
 uncompiled, as transformers' generate does; `hf.compile_for_generation` does it): a cache whose
 lazy allocation is compiled into a captured graph crashes the replay (segfault, plain Inductor

@@ -41,6 +41,7 @@ import torch
 import transformers
 import triton
 from torch._dynamo.utils import counters
+from torch._inductor import list_mode_options
 from torch.autograd import DeviceType
 from tqdm import tqdm
 
@@ -141,6 +142,8 @@ class Method:
 
 
 BASELINES = ("inductor", "inductor+where")
+GUARD_FILTERS = {"nn-modules": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+"""`--guard-filter` choices: Dynamo guards dropped (torch's own unsafe filters)."""
 METHODS = ("inductor", "full", "tidal:256", "tidal:2048", "quest:256", "topk_oracle:256")
 QUICK = dict(shapes=["llama3-8b"], batches=[1], contexts=[32768], methods=["inductor", "full", "tidal:256"],
              floor_methods=[], steps=10, warmup=3, profile_steps=2)  # three compiles of ~40-60 s each
@@ -242,15 +245,21 @@ def filled_cache(model: torch.nn.Module, batch: int, context: int, capacity: int
 @torch.no_grad()
 def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shape, batch: int, context: int,
             steps: int, warmup: int, profile_steps: int, kv_heads: Optional[int] = None,
-            trace: Optional[str] = None, skip_guard_eval: bool = False) -> Row:
+            trace: Optional[str] = None, skip_guard_eval: bool = False, guard_filter: Optional[str] = None) -> Row:
     """Compile `model.forward` for `method`, fill a cache to `context`, time and profile decode steps
     (`kv_heads`: the KV heads a rank holds, under tensor parallelism; `trace`: a Chrome trace file of
     the profiled steps; `skip_guard_eval`: time the steps after the compile with Dynamo's guards
-    off, `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, to measure what guards cost)."""
+    off, `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, to measure what guards cost;
+    `guard_filter`: a key of GUARD_FILTERS, the guards Dynamo keeps)."""
     torch._dynamo.reset()
     options = method.options()
-    forward = (torch.compile(model.forward, mode="reduce-overhead") if options is None
-               else torch.compile(model.forward, backend="tidal", options=options))
+    guards = {"guard_filter_fn": GUARD_FILTERS[guard_filter]} if guard_filter else {}
+    if options is not None:
+        forward = torch.compile(model.forward, backend="tidal", options={**options, **guards})
+    elif guards:  # the options of mode="reduce-overhead", which torch.compile takes no options beside
+        forward = torch.compile(model.forward, options={**list_mode_options("reduce-overhead"), **guards})
+    else:
+        forward = torch.compile(model.forward, mode="reduce-overhead")
     capacity = context + warmup + steps + profile_steps + 1
     cache = filled_cache(model, batch, context, capacity, method.page_size(), kv_heads or shape.kv_heads)
     cache_name = hf_compat.forward_cache_name(model.forward)
@@ -365,6 +374,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Llama-3-8B, batch 1, 32K: inductor, full, tidal:256; no floor, fewer steps")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     parser.add_argument("--trace", default=None, help="folder for a Chrome trace (host and GPU) of each row's profiled steps")
+    parser.add_argument("--guard-filter", choices=list(GUARD_FILTERS), default=None,
+                        help="compile every method with this Dynamo guard filter (unsafe; measures the guards' cost)")
     args = parser.parse_args()
     if args.quick:
         vars(args).update(QUICK)
@@ -396,7 +407,7 @@ def main() -> None:
             Path(args.trace).mkdir(parents=True, exist_ok=True)
             trace = str(Path(args.trace) / f"{shape_name}-b{batch}-{context}-{method.file_name}.json.gz")
         rows.append(measure(model, method, shape_name, shape, batch, context, args.steps, args.warmup,
-                            args.profile_steps, trace=trace))
+                            args.profile_steps, trace=trace, guard_filter=args.guard_filter))
         derive(rows, bandwidth)
         print_row(rows[-1], progress.write)
         if args.out:  # after every row: a long sweep cut short keeps what it measured

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import transformers
 
 from attention import copy_bandwidth  # benchmarks/, beside this script
-from decode import SHAPES, Method, Shape, derive, measure, print_row, save
+from decode import GUARD_FILTERS, SHAPES, Method, Shape, derive, measure, print_row, save
 
 TP_SHAPES = {**SHAPES, "llama3-70b": Shape("llama", 80, 8192, 28672, 64, 8, 128256, 500000.0, 131072)}
 
@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--skip-guard-eval", action="store_true",
                         help="time with Dynamo's guards off (unsafe; measures what guard evaluation costs a step)")
+    parser.add_argument("--guard-filter", choices=list(GUARD_FILTERS), default=None,
+                        help="compile every method with this Dynamo guard filter (unsafe; measures the guards' cost)")
     parser.add_argument("--trace", default=None, help="folder for a Chrome trace (host and GPU) of each method and rank")
     args = parser.parse_args()
     if "LOCAL_RANK" not in os.environ or not torch.cuda.is_available():
@@ -99,7 +101,7 @@ def main() -> None:
     for method in map(Method, args.methods):
         row = measure(model, method, name, shape, args.batch, args.context, args.steps, args.warmup,
                       args.profile_steps, kv_heads=shape.kv_heads // world, trace=trace_path(args.trace, method),
-                      skip_guard_eval=args.skip_guard_eval)
+                      skip_guard_eval=args.skip_guard_eval, guard_filter=args.guard_filter)
         row.attention_bytes //= world  # a rank reads its heads' share
         rows.append(row)
         derive(rows, bandwidth)

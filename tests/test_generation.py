@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transformers import StaticCache
 
 import tidal_compile
-from tidal_compile import TidalCache, TidalFallbackWarning
+from tidal_compile import ConfigError, TidalCache, TidalFallbackWarning
 from tidal_compile.hf import compile_for_generation
 from models import CACHE, greedy_decode, prompts, tiny_model
 
@@ -99,6 +99,25 @@ def test_generate_through_compile_for_generation(interval):
     decode = [g for g in tidal_compile.explain(model) if g.phase == "decode"]
     assert len(decode) == 1, "one decode graph serves every step (no recompile per token)"
     assert decode[0].count("sparse") > 0
+
+
+def test_a_guard_filter_reaches_dynamo_and_keeps_the_tokens():
+    """compile_for_generation passes guard_filter_fn to torch.compile: Dynamo calls it with the
+    decode graph's guards, and dropping the module guards changes no token."""
+    model = fresh(tiny_model("llama", layers=4))
+    prompt, _ = prompts(1, 10, False)
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    seen = []
+
+    def skip_module_guards(entries):
+        seen.append(len(entries))
+        return torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+
+    compile_for_generation(model, budget=64, guard_filter_fn=skip_module_guards, **FAST)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+    assert seen and min(seen) > 0
+    with pytest.raises(ConfigError, match="guard_filter_fn must be a function"):
+        compile_for_generation(fresh(tiny_model("llama", layers=4)), budget=64, guard_filter_fn="nn_modules")
 
 
 def test_generate_with_transformers_compile_config():

@@ -211,6 +211,9 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     layer has another attention type are named here (they stay dense). Not yet supported, each
     with a warning and dense attention: encoder-decoder models (left as they are), generate
     calls with a dynamic cache (run uncompiled); beam search runs without correction.
+    `guard_filter_fn` goes to torch.compile as it is (which of Dynamo's guards to keep, e.g.
+    `torch.compiler.skip_guard_on_all_nn_modules_unsafe`: fewer guards to evaluate each step, at
+    the price torch's docs name).
     """
     if isinstance(config, str) and config == "calibrate":
         from tidal_compile.calibration import calibrate
@@ -219,6 +222,9 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
             raise ConfigError("compile_for_generation(model, \"calibrate\") needs budget=K")
         calibration = {key: options.pop(key) for key in CALIBRATION_OPTIONS if key in options}
         config = calibrate(model, calibration.pop("calibration_ids", None), budget=options["budget"], **calibration)
+    guard_filter = options.pop("guard_filter_fn", None)
+    if guard_filter is not None and not callable(guard_filter):
+        raise ConfigError(f"guard_filter_fn must be a function of Dynamo's guard entries, got {guard_filter!r}")
     if config is not None:
         options = {"config": config, **options}
     model_config = getattr(model, "config", None)
@@ -246,7 +252,10 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
         generation_config.cache_implementation = "static"
         generation_config.disable_compile = True
     # Correction happens here, around the compiled forward; the backend itself never corrects.
-    compiled = torch.compile(model.forward, backend="tidal", options={**options, "correction": {"interval": 0}})
+    compile_options = {**options, "correction": {"interval": 0}}
+    if guard_filter is not None:
+        compile_options["guard_filter_fn"] = guard_filter  # torch.compile takes it out before the backend
+    compiled = torch.compile(model.forward, backend="tidal", options=compile_options)
     dense_forward = model.forward
     forward = TidalForward(compiled, parsed.correction.interval,
                            prefill=dense_forward if options.get("cudagraphs") else None,

@@ -127,7 +127,7 @@ def toy_oracle(model: ToyDecoder, x, caches, mask, dense, selection, budget, gra
     return x
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(layers=st.integers(4, 7), budget=st.integers(1, 8), batch=st.integers(1, 3), masked=st.booleans(),
        granularity=st.sampled_from(["query_head", "kv_head", "layer"]))
 def test_sparse_toy_decoder_equals_per_layer_oracle(layers, budget, batch, masked, granularity):

@@ -256,10 +256,8 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
     guards = {"guard_filter_fn": GUARD_FILTERS[guard_filter]} if guard_filter else {}
     if options is not None:
         forward = torch.compile(model.forward, backend="tidal", options={**options, **guards})
-    elif guards:  # the options of mode="reduce-overhead", which torch.compile takes no options beside
+    else:  # mode="reduce-overhead" as its options (torch.compile takes no options beside a mode)
         forward = torch.compile(model.forward, options={**list_mode_options("reduce-overhead"), **guards})
-    else:
-        forward = torch.compile(model.forward, mode="reduce-overhead")
     capacity = context + warmup + steps + profile_steps + 1
     cache = filled_cache(model, batch, context, capacity, method.page_size(), kv_heads or shape.kv_heads)
     cache_name = hf_compat.forward_cache_name(model.forward)
@@ -341,6 +339,21 @@ def print_row(row: Row, out: Callable[[str], None]) -> None:
         + (f"  NO CUDA GRAPHS in {row.cudagraph_skips} graph(s)" if row.cudagraph_skips else ""))
 
 
+def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `measure` both decode benchmarks take."""
+    parser.add_argument("--trace", default=None, help="folder for a Chrome trace (host and GPU) of each row's profiled steps")
+    parser.add_argument("--guard-filter", choices=list(GUARD_FILTERS), default=None,
+                        help="compile every method with this Dynamo guard filter (unsafe; measures the guards' cost)")
+
+
+def trace_file(folder: Optional[str], stem: str) -> Optional[str]:
+    """Where a row's Chrome trace goes (`folder/stem.json.gz`), if traces are asked for."""
+    if folder is None:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return str(Path(folder) / f"{stem}.json.gz")
+
+
 def jobs(args: argparse.Namespace) -> list[tuple[str, int, int, Method]]:
     """(shape, batch, context, method) to run, the floor of each (shape, batch) first; rows that do
     not fit the GPU are dropped with a note."""
@@ -373,9 +386,7 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="Llama-3-8B, batch 1, 32K: inductor, full, tidal:256; no floor, fewer steps")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
-    parser.add_argument("--trace", default=None, help="folder for a Chrome trace (host and GPU) of each row's profiled steps")
-    parser.add_argument("--guard-filter", choices=list(GUARD_FILTERS), default=None,
-                        help="compile every method with this Dynamo guard filter (unsafe; measures the guards' cost)")
+    add_measure_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         vars(args).update(QUICK)
@@ -402,10 +413,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             longest = max(shape.long_context if c == 0 else c for c in args.contexts)
             model, built = build_model(shape, longest + 4096), shape_name
-        trace = None
-        if args.trace:
-            Path(args.trace).mkdir(parents=True, exist_ok=True)
-            trace = str(Path(args.trace) / f"{shape_name}-b{batch}-{context}-{method.file_name}.json.gz")
+        trace = trace_file(args.trace, f"{shape_name}-b{batch}-{context}-{method.file_name}")
         rows.append(measure(model, method, shape_name, shape, batch, context, args.steps, args.warmup,
                             args.profile_steps, trace=trace, guard_filter=args.guard_filter))
         derive(rows, bandwidth)

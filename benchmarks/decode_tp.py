@@ -25,14 +25,13 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 import transformers
 
 from attention import copy_bandwidth  # benchmarks/, beside this script
-from decode import GUARD_FILTERS, SHAPES, Method, Shape, derive, measure, print_row, save
+from decode import SHAPES, Method, Shape, add_measure_arguments, derive, measure, print_row, save, trace_file
 
 TP_SHAPES = {**SHAPES, "llama3-70b": Shape("llama", 80, 8192, 28672, 64, 8, 128256, 500000.0, 131072)}
 
@@ -53,14 +52,6 @@ def sharded_model(shape: Shape, max_positions: int, scratch: Path) -> torch.nn.M
                                                              attn_implementation="sdpa").eval()
 
 
-def trace_path(folder: Optional[str], method: Method) -> Optional[str]:
-    """Where this rank writes its trace of `method`, if traces are asked for."""
-    if folder is None:
-        return None
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return str(Path(folder) / f"{method.file_name}-rank{dist.get_rank()}.json.gz")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama3-8b", choices=list(TP_SHAPES))
@@ -75,9 +66,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--skip-guard-eval", action="store_true",
                         help="time with Dynamo's guards off (unsafe; measures what guard evaluation costs a step)")
-    parser.add_argument("--guard-filter", choices=list(GUARD_FILTERS), default=None,
-                        help="compile every method with this Dynamo guard filter (unsafe; measures the guards' cost)")
-    parser.add_argument("--trace", default=None, help="folder for a Chrome trace (host and GPU) of each method and rank")
+    add_measure_arguments(parser)
     args = parser.parse_args()
     if "LOCAL_RANK" not in os.environ or not torch.cuda.is_available():
         sys.exit("benchmarks/decode_tp.py runs under torchrun with one CUDA GPU per rank")
@@ -100,7 +89,7 @@ def main() -> None:
     rows = []
     for method in map(Method, args.methods):
         row = measure(model, method, name, shape, args.batch, args.context, args.steps, args.warmup,
-                      args.profile_steps, kv_heads=shape.kv_heads // world, trace=trace_path(args.trace, method),
+                      args.profile_steps, kv_heads=shape.kv_heads // world, trace=trace_file(args.trace, f"{method.file_name}-rank{dist.get_rank()}"),
                       skip_guard_eval=args.skip_guard_eval, guard_filter=args.guard_filter)
         row.attention_bytes //= world  # a rank reads its heads' share
         rows.append(row)

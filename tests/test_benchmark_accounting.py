@@ -65,3 +65,9 @@ def test_baselines_compile_plain_inductor_and_read_every_layer():
     assert torch._inductor.config.post_grad_custom_pre_pass is None
     assert decode.Method("tidal:256").file_name == "tidal_256"
     assert decode.Method("inductor+where").file_name == "inductor_where"
+
+
+def test_trace_files_go_into_the_asked_folder(tmp_path):
+    assert decode.trace_file(None, "tidal_256") is None
+    path = decode.trace_file(str(tmp_path / "traces"), "tidal_256-rank0")
+    assert path == str(tmp_path / "traces" / "tidal_256-rank0.json.gz") and (tmp_path / "traces").is_dir()

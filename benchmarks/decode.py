@@ -152,7 +152,7 @@ QUICK = dict(shapes=["llama3-8b"], batches=[1], contexts=[32768], methods=["indu
 # ------------------------------------------------------------------------------- kernel time
 
 WEIGHT_KERNELS = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "triton_tem", "matmul")
-SELECTION_KERNELS = ("radix_", "rank_by_prob", "quest_scores")
+SELECTION_KERNELS = ("radix_", "quest_scores")
 COMMUNICATION_KERNELS = ("nccl", "allreduce", "all_reduce", "cross_device")
 ATTENTION_KERNELS = ("flash_decode", "sparse_decode", "combine_splits", "mask_", "quest_metadata", "flash",
                      "fmha", "attention", "efficient")

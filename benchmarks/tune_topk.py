@@ -1,42 +1,69 @@
-"""Sweep the radix top-k's chunk and block lengths (positions per program / per step).
+"""The top-k's time against torch.topk, and a sweep of its launch plan (group length, select
+block and warps), side by side on flash_decode's logits.
 
-    python benchmarks/tune_topk.py
+    python benchmarks/tune_topk.py                 # every shape, budget 256 and 2048
+    python benchmarks/tune_topk.py --no-sweep      # the default plan against torch.topk only
 
-Per shape and granularity (k = 2048, logits of one flash-decoding pass over random K), prints
-each (chunk, block)'s time, CUDA-graph replays (median); "!" marks a result that differs from
-the default's (it never should). The best rows feed `kernels.topk_chunk`.
+Per shape, budget and granularity: the default plan's time and `torch.topk`'s on the same ranks
+(the logits for query_head, the summed probabilities for kv_head, computed outside its time),
+CUDA-graph replays (median), then each swept plan's time; "!" marks a plan whose indices differ
+from the default's (it never should). The best rows feed `kernels.topk_group` / SELECT_*.
 """
 
 from __future__ import annotations
+
+import argparse
+import itertools
 
 import torch
 from triton.testing import do_bench_cudagraph
 
 from tidal_compile.ops import kernels
 
-SHAPES = [(1, 32, 8, 32768), (1, 32, 8, 131072), (8, 32, 8, 32768), (1, 32, 32, 32768), (8, 32, 32, 131072)]
-CHUNK_BLOCK = [(4096, 1024), (2048, 1024), (1024, 1024), (1024, 512), (2048, 512), (512, 512), (8192, 1024)]
-BUDGET = 2048
+SHAPES = [(1, 32, 8, 131072), (1, 32, 8, 32768), (8, 32, 8, 32768), (1, 32, 32, 102400)]
+BUDGETS = (256, 2048)
+GROUPS = (4, 8, 16, 32, 64)
+SELECT = ((1024, 8), (2048, 8), (1024, 4))  # (select_block, select_warps)
+
+
+def us(fn) -> float:
+    return do_bench_cudagraph(fn, rep=30) * 1000
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-sweep", action="store_true")
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for batch, heads, kv_heads, length in SHAPES:
         q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, kv_heads, length, 128, device="cuda", dtype=torch.bfloat16)
         mask = torch.ones(batch, 1, 1, length, device="cuda", dtype=torch.bool)
         _, lse, logits = kernels.flash_decode(q, k, k, mask, 128 ** -0.5, emit_logits=True)
         summary = kernels.summarize_mask(mask, batch, length, q.device)
-        for granularity, sets in (("query_head", heads), ("kv_head", kv_heads)):
+        for budget, (granularity, sets) in itertools.product(BUDGETS, (("query_head", heads), ("kv_head", kv_heads))):
             by_prob = granularity != "query_head"
-            default = kernels.select_topk(logits, lse, summary, BUDGET, sets, by_prob)
-            cells = []
-            for chunk, block in CHUNK_BLOCK:
-                def topk():
-                    return kernels.select_topk(logits, lse, summary, BUDGET, sets, by_prob, chunk=chunk, block=block)
+            rank = (torch.exp(logits - lse[..., None]).view(batch, sets, -1, length).sum(2) if by_prob else logits)
+            default_plan = kernels.plan_topk(batch * sets, length, budget, q.device)
+            default = kernels.select_topk(logits, lse, summary, budget, sets, by_prob)
+            ours = us(lambda: kernels.select_topk(logits, lse, summary, budget, sets, by_prob))
+            torch_topk = us(lambda: torch.topk(rank, budget, dim=-1))
+            line = (f"B={batch} H={heads} Hkv={kv_heads} L={length} k={budget} {granularity}: ours {ours:.1f} us "
+                    f"(group {default_plan.group}), torch.topk {torch_topk:.1f} us, x{torch_topk / ours:.2f}")
+            if not args.no_sweep:
+                cells = []
+                for group, (select_block, warps) in itertools.product(GROUPS, SELECT):
+                    plan = kernels.plan_topk(batch * sets, length, budget, q.device, group=group,
+                                             select_block=select_block, select_warps=warps)
 
-                same = torch.equal(topk(), default)
-                cells.append(f"{chunk}/{block}:{do_bench_cudagraph(topk, rep=30) * 1000:.0f}us{'' if same else '!'}")
-            print(f"B={batch} H={heads} Hkv={kv_heads} L={length} {granularity}: " + "  ".join(cells), flush=True)
+                    def topk():
+                        return kernels.select_topk(logits, lse, summary, budget, sets, by_prob, plan)
+
+                    same = torch.equal(topk(), default)
+                    time = us(topk)
+                    cells.append((time, f"{group}/{select_block}/{warps}:{time:.0f}{'' if same else '!'}"))
+                line += "; group/block/warps: " + " ".join(c for _, c in cells) + f"; best {min(cells)[1]}"
+            print(line, flush=True)
         del q, k, logits
         torch.cuda.empty_cache()
 

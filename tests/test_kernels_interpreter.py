@@ -22,9 +22,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="kernels run on the CPU only in Triton's interpreter (set by conftest)")
 
 
-def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=16):
+def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=16, group=4):
     """Selection through the kernels as the op runs them (the attention loop bounded by the valid
-    length, logits past it poisoned here); small top-k chunks so that rows span several programs."""
+    length, logits past it poisoned here); small top-k chunks so that rows span several programs,
+    and groups of `group` positions (1: one selection over the positions)."""
     b, h = p.query.shape[:2]
     summary = kernels.summarize_mask(p.mask, b, p.key.shape[2], p.query.device, sink, recent)
     out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=True,
@@ -32,11 +33,12 @@ def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=1
     for row, valid_length in enumerate(summary.kv_len.tolist()):  # unwritten: the top-k must not read it
         logits[row, :, valid_length:] = float("inf")
     sets = index_sets(granularity, h, p.num_kv_heads)
-    return out, kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head",
-                                    chunk=chunk, block=block)
+    plan = kernels.plan_topk(b * sets, p.key.shape[2], budget, p.query.device, chunk=chunk, block=block, group=group)
+    return out, kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head", plan)
 
 
 small = dict(dtypes=(torch.float32, torch.float16), max_len=70)
+groups = st.sampled_from([1, 2, 4, 16])  # top-k group lengths (1: a single selection over the positions)
 
 
 @settings(max_examples=12, deadline=None)
@@ -148,34 +150,34 @@ def test_flash_decode_bounds_large_masked_launches_only(monkeypatch):
 
 @settings(max_examples=8, deadline=None)
 @given(p=decode_problems(integer_valued=True, max_len=70), budget=st.integers(1, 24),
-       sink=st.integers(0, 2), recent=st.integers(0, 2))
-def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent):
+       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups)
+def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent, group):
     """Integer inputs make logits exact, so ties are real: the kernel must break them like the
     reference (lower position first) and return the same sorted indices."""
     budget = max(budget, sink + max(recent, 1))
-    _, idx = kernel_selection(p, budget, "query_head", sink, recent)
+    _, idx = kernel_selection(p, budget, "query_head", sink, recent, group=group)
     expected = oracle.selection_indices(p.query, p.key, p.mask, p.scale, budget, "query_head", sink, recent)
     torch.testing.assert_close(idx, expected, rtol=0, atol=0)
 
 
 @settings(max_examples=12, deadline=None)
 @given(p=decode_problems(max_len=70), budget=st.integers(1, 24), granularity=granularities,
-       sink=st.integers(0, 2), recent=st.integers(0, 2))
-def test_radix_topk_is_a_topk_of_float_scores(p, budget, granularity, sink, recent):
+       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups)
+def test_radix_topk_is_a_topk_of_float_scores(p, budget, granularity, sink, recent, group):
     budget = max(budget, sink + max(recent, 1))
-    _, idx = kernel_selection(p, budget, granularity, sink, recent)
+    _, idx = kernel_selection(p, budget, granularity, sink, recent, group=group)
     oracle.assert_is_topk(idx, p.query, p.key, p.mask, p.scale, budget, granularity, sink, recent, rel_tol=1e-4)
 
 
 @settings(max_examples=6, deadline=None)
-@given(p=decode_problems(integer_valued=True, max_len=70), granularity=granularities)
-def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity):
+@given(p=decode_problems(integer_valued=True, max_len=70), granularity=granularities, group=groups)
+def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group):
     """Identical keys tie every position in every head (and in the summed kv_head / layer
     scores): the kernels pick the lowest valid positions plus the current token."""
     key = p.key[:, :, :1].expand_as(p.key).contiguous()
     tied = type("P", (), dict(query=p.query, key=key, value=p.value, mask=p.mask, scale=p.scale,
                               num_kv_heads=p.num_kv_heads))
-    _, idx = kernel_selection(tied, 3, granularity)
+    _, idx = kernel_selection(tied, 3, granularity, group=group)
     for b in range(idx.shape[0]):
         valid = oracle.valid_positions(p.mask, b, key.shape[2])
         expected = sorted(set(valid[:2]) | {valid[-1]})
@@ -183,7 +185,8 @@ def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity):
 
 
 def test_radix_topk_on_a_row_longer_than_a_block():
-    """Production chunk sizes: several blocks per chunk, all three radix passes (kv_len > budget)."""
+    """Production chunk sizes and the default group: several blocks per chunk, all radix levels
+    (kv_len > budget)."""
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randint(-3, 4, (1, 4, 1, 16), generator=gen).float(), torch.randint(-3, 4, (1, 2, 700, 16), generator=gen).float()
     p = type("P", (), dict(query=q, key=k, value=k, mask=None, scale=1.0, num_kv_heads=2))
@@ -192,6 +195,16 @@ def test_radix_topk_on_a_row_longer_than_a_block():
     for granularity in ("kv_head", "layer"):
         _, idx = kernel_selection(p, 37, granularity, chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK)
         oracle.assert_is_topk(idx, q, k, None, 1.0, 37, granularity, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("length, budget", [(131072, 256), (131072, 2048), (32768, 256), (8192, 16), (70, 24), (5, 9)])
+def test_topk_group_balances_groups_and_candidates(length, budget):
+    """radix_select reads length / group group keys, then budget x group candidates: the group
+    is the power of two (at most TOPK_MAX_GROUP) that keeps their sum within 1.5x of the least."""
+    group = kernels.topk_group(length, budget)
+    powers = [1 << i for i in range(kernels.TOPK_MAX_GROUP.bit_length())]
+    assert group in powers
+    assert length / group + budget * group <= 1.5 * min(length / g + budget * g for g in powers)
 
 
 def test_topk_chunk_picks_the_swept_best_on_an_h100(monkeypatch):

@@ -8,6 +8,7 @@ graph. They run wherever Triton does: CUDA, or the CPU under `TRITON_INTERPRET=1
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -404,53 +405,84 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
 
 
 TOPK_BLOCK = 1024
-TOPK_CHUNK = 4096  # the longest chunk of a row one top-k program takes
+TOPK_CHUNK = 4096  # the longest chunk of a row one radix_group_max program takes
 TOPK_PROGRAMS_PER_SM = 8  # chunks shrink (to TOPK_BLOCK) until rows x chunks reaches this per SM
-RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_topk.py.jinja)
+TOPK_MAX_GROUP = 64
+SELECT_BLOCK = 1024  # keys per step of radix_select's loops
+SELECT_WARPS = 8
 
 
 def topk_chunk(rows: int, length: int, device: torch.device) -> int:
-    """Positions per top-k program: a power of two in [TOPK_BLOCK, TOPK_CHUNK] giving about
-    TOPK_PROGRAMS_PER_SM programs per SM (benchmarks/tune_topk.py on an H100: the histogram
-    passes are latency-bound, so few long rows want short chunks)."""
+    """Positions per radix_group_max program: a power of two in [TOPK_BLOCK, TOPK_CHUNK] giving
+    about TOPK_PROGRAMS_PER_SM programs per SM (benchmarks/tune_topk.py on an H100: the passes
+    over the logits are latency-bound, so few long rows want short chunks)."""
     wanted = triton.cdiv(rows * length, TOPK_PROGRAMS_PER_SM * _sm_count(device))
     return max(TOPK_BLOCK, min(TOPK_CHUNK, triton.next_power_of_2(wanted)))
 
 
+def topk_group(length: int, budget: int) -> int:
+    """Positions per group of the two-step selection: radix_select reads length / group group
+    keys, then budget x group candidates; a power of two near sqrt(length / budget) balances them."""
+    balanced = (length / max(budget, 1)) ** 0.5
+    return max(1, min(TOPK_MAX_GROUP, 1 << round(math.log2(max(balanced, 1.0)))))
+
+
+@dataclass(frozen=True)
+class TopkPlan:
+    """How one `select_topk` runs: radix_group_max over chunks of `chunk` positions per row in
+    steps of `block`, then one radix_select program per row (`select_warps` warps, steps of
+    `select_block` keys) over groups of `group` positions."""
+
+    group: int
+    chunk: int
+    block: int = TOPK_BLOCK
+    select_block: int = SELECT_BLOCK
+    select_warps: int = SELECT_WARPS
+
+    def chunks(self, length: int) -> int:
+        return triton.cdiv(length, self.chunk)
+
+
+def plan_topk(rows: int, length: int, budget: int, device: torch.device, chunk: Optional[int] = None,
+              block: int = TOPK_BLOCK, group: Optional[int] = None, **select: int) -> TopkPlan:
+    """The launch plan of `select_topk` (defaults: `topk_chunk`, TOPK_BLOCK, `topk_group` (at
+    most the block), SELECT_BLOCK (at most the block) and SELECT_WARPS)."""
+    select.setdefault("select_block", min(SELECT_BLOCK, block))
+    return TopkPlan(group=min(group or topk_group(length, budget), block),
+                    chunk=chunk or topk_chunk(rows, length, device), block=block, **select)
+
+
 def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
-                rank_by_prob: bool, chunk: Optional[int] = None, block: int = TOPK_BLOCK) -> Tensor:
-    """The top-`budget` positions per index set from flash_decode's logits (int32 [B, S, k]).
+                rank_by_prob: bool, plan: Optional[TopkPlan] = None) -> Tensor:
+    """The top-`budget` positions per index set from flash_decode's logits (int32 [B, S, k],
+    ascending, -1 past the valid positions).
 
     A set ranks by its head's logit (query_head) or, with `rank_by_prob`, by the sum over its
-    H / S heads of softmax probabilities (kv_head, layer). Each row is cut into chunks of
-    `chunk` positions (a multiple of `block`; default `topk_chunk`), one program each."""
+    H / S heads of softmax probabilities (kv_head, layer). Two launches (radix_topk.py.jinja):
+    the largest key of each group of positions, then per row the top groups and the top
+    positions among them. `plan` defaults to `plan_topk`."""
     b, h, length = sizes(logits)
     rows = b * sets
-    chunk = chunk or topk_chunk(rows, length, logits.device)
-    chunks = triton.cdiv(length, chunk)
+    plan = plan or plan_topk(rows, length, budget, logits.device)
     module = codegen.load("radix_topk.py.jinja")
-    rank = logits
-    if rank_by_prob:
-        heads_per_set = h // sets
-        rank = torch.empty(b, sets, length, dtype=torch.float32, device=logits.device)
-        wrap_triton(module.rank_by_prob)[(rows, chunks)](
-            logits, lse, summary.kv_len, rank, logits.stride(0), logits.stride(1), rank.stride(0), rank.stride(1),
-            NUM_SETS=sets, NUM_HEADS=h, HEADS_PER_SET=heads_per_set,
-            HEADS_PAD=triton.next_power_of_2(heads_per_set),
-            BLOCK=max(16, block // triton.next_power_of_2(heads_per_set)), CHUNK=chunk)
-    hist = torch.zeros(rows, RADIX_LEVELS, 256, dtype=torch.int32, device=logits.device)
-    chunks_pad = triton.next_power_of_2(chunks)
-    counts = torch.empty(rows, chunks_pad, 2, dtype=torch.int32, device=logits.device)
-    out = torch.empty(b, sets, budget, dtype=torch.int32, device=logits.device)
-    row_args = (rank, hist, summary.kv_len, summary.sink_end, summary.recent_start)
-    for level in range(RADIX_LEVELS):
-        wrap_triton(module.radix_histogram)[(rows, chunks)](
-            *row_args, rank.stride(0), rank.stride(1), budget,
-            LEVEL=level, NUM_SETS=sets, BLOCK=block, CHUNK=chunk)
-    wrap_triton(module.radix_count)[(rows, chunks)](
-        *row_args, counts, rank.stride(0), rank.stride(1), budget,
-        NUM_SETS=sets, BLOCK=block, CHUNK=chunk, CHUNKS_PAD=chunks_pad)
-    wrap_triton(module.radix_emit)[(rows, chunks)](
-        *row_args, counts, out, rank.stride(0), rank.stride(1), out.stride(0), out.stride(1), budget,
-        NUM_SETS=sets, BLOCK=block, CHUNK=chunk, CHUNKS_PAD=chunks_pad)
+    device = logits.device
+    group_slots = triton.cdiv(length, plan.group)
+    group_max = torch.empty(rows, group_slots, dtype=torch.int64, device=device)
+    rank = (torch.empty(rows, group_slots * plan.group, dtype=torch.float32, device=device) if rank_by_prob
+            else group_max)
+    heads_per_set = h // sets
+    constants = dict(NUM_SETS=sets, NUM_HEADS=h, HEADS_PER_SET=heads_per_set,
+                     HEADS_PAD=triton.next_power_of_2(heads_per_set), BY_PROB=rank_by_prob, GROUP=plan.group)
+    row_args = dict(Logits=logits, Lse=lse, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
+                    RecentStart=summary.recent_start, Rank=rank, GroupMax=group_max,
+                    stride_xb=logits.stride(0), stride_xh=logits.stride(1), stride_gr=group_max.stride(0))
+    block = max(plan.group, plan.block // triton.next_power_of_2(heads_per_set)) if rank_by_prob else plan.block
+    wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
+        **row_args, **constants, BLOCK=block, CHUNK=plan.chunk)
+    out = torch.empty(b, sets, budget, dtype=torch.int32, device=device)
+    groups = torch.empty(rows, budget, dtype=torch.int32, device=device)
+    candidates = torch.empty(rows, budget * plan.group if plan.group > 1 else 1, dtype=torch.int64, device=device)
+    wrap_triton(module.radix_select)[(rows,)](
+        **row_args, Groups=groups, Candidates=candidates, Out=out, stride_ob=out.stride(0), stride_os=out.stride(1),
+        budget=budget, **constants, BLOCK=plan.select_block, num_warps=plan.select_warps)
     return out

@@ -1,13 +1,15 @@
-"""The top-k's time against torch.topk, and a sweep of its launch plan (group length, select
-block and warps), side by side on flash_decode's logits.
+"""The top-k's two plans (grouped, chunked) against torch.topk, and a sweep of the grouped
+plan (group length, select block and warps), side by side on flash_decode's logits.
 
     python benchmarks/tune_topk.py                 # every shape, budget 256 and 2048
-    python benchmarks/tune_topk.py --no-sweep      # the default plan against torch.topk only
+    python benchmarks/tune_topk.py --no-sweep      # the two plans and torch.topk only
 
-Per shape, budget and granularity: the default plan's time and `torch.topk`'s on the same ranks
-(the logits for query_head, the summed probabilities for kv_head, computed outside its time),
-CUDA-graph replays (median), then each swept plan's time; "!" marks a plan whose indices differ
-from the default's (it never should). The best rows feed `kernels.topk_group` / SELECT_*.
+Per shape, budget and granularity: the grouped and the chunked plan's time (the one
+`kernels.plan_topk` picks marked *) and `torch.topk`'s on the same ranks (the logits for
+query_head, the summed probabilities for kv_head, computed outside its time), CUDA-graph replays
+(median), then each swept grouped plan's time; "!" marks a plan whose indices differ from the
+default's (it never should). The results feed `kernels.topk_grouped_is_faster`, `topk_group`
+and SELECT_*.
 """
 
 from __future__ import annotations
@@ -44,16 +46,23 @@ def main() -> None:
         for budget, (granularity, sets) in itertools.product(BUDGETS, (("query_head", heads), ("kv_head", kv_heads))):
             by_prob = granularity != "query_head"
             rank = (torch.exp(logits - lse[..., None]).view(batch, sets, -1, length).sum(2) if by_prob else logits)
-            default_plan = kernels.plan_topk(batch * sets, length, budget, q.device)
             default = kernels.select_topk(logits, lse, summary, budget, sets, by_prob)
-            ours = us(lambda: kernels.select_topk(logits, lse, summary, budget, sets, by_prob))
+            times = {}
+            for grouped in (True, False):
+                plan = kernels.plan_topk(batch * sets, length, budget, q.device, grouped=grouped)
+                assert torch.equal(kernels.select_topk(logits, lse, summary, budget, sets, by_prob, plan), default)
+                times[grouped] = us(lambda: kernels.select_topk(logits, lse, summary, budget, sets, by_prob, plan))
+            picked = kernels.plan_topk(batch * sets, length, budget, q.device)
             torch_topk = us(lambda: torch.topk(rank, budget, dim=-1))
-            line = (f"B={batch} H={heads} Hkv={kv_heads} L={length} k={budget} {granularity}: ours {ours:.1f} us "
-                    f"(group {default_plan.group}), torch.topk {torch_topk:.1f} us, x{torch_topk / ours:.2f}")
+            ours = times[picked.grouped]
+            line = (f"B={batch} H={heads} Hkv={kv_heads} L={length} k={budget} {granularity}: grouped (group "
+                    f"{picked.group}) {times[True]:.1f}{'*' if picked.grouped else ''} us, chunked "
+                    f"{times[False]:.1f}{'' if picked.grouped else '*'} us, torch.topk {torch_topk:.1f} us, "
+                    f"torch.topk / ours x{torch_topk / ours:.2f}")
             if not args.no_sweep:
                 cells = []
                 for group, (select_block, warps) in itertools.product(GROUPS, SELECT):
-                    plan = kernels.plan_topk(batch * sets, length, budget, q.device, group=group,
+                    plan = kernels.plan_topk(batch * sets, length, budget, q.device, grouped=True, group=group,
                                              select_block=select_block, select_warps=warps)
 
                     def topk():

@@ -55,8 +55,9 @@ def test_gpu_topk_is_exactly_the_reference_set(length, budget, granularity):
 @pytest.mark.parametrize("group", [1, 4, 64])
 @pytest.mark.parametrize("granularity", ["query_head", "kv_head"])
 def test_gpu_topk_is_exact_at_every_group_length(group, granularity):
-    """The two-step top-k with groups of 1 (one selection over the positions), few and many
-    positions: the reference's indices, ties (integer scores) included."""
+    """The grouped top-k with groups of 1 (one selection over the positions), few and many
+    positions: the reference's indices, ties (integer scores) included (the chunked plan: the
+    test above, at 33000 positions and budget 2048)."""
     from tidal_compile.ops import index_sets, kernels
 
     q, k, v, mask = _real_problem(2, 32, 8, 131072, torch.bfloat16, integer_valued=True, seed=1)
@@ -64,7 +65,7 @@ def test_gpu_topk_is_exact_at_every_group_length(group, granularity):
     summary = kernels.summarize_mask(mask, 2, length, q.device, 4, 8)
     _, lse, logits = kernels.flash_decode(q, k, v, mask, 1.0, emit_logits=True, summary=summary)
     sets = index_sets(granularity, 32, 8)
-    plan = kernels.plan_topk(2 * sets, length, 256, q.device, group=group)
+    plan = kernels.plan_topk(2 * sets, length, 256, q.device, grouped=True, group=group)
     idx = kernels.select_topk(logits, lse, summary, 256, sets, granularity != "query_head", plan)
     _, expected = reference.selection_attention(q, k, v, mask, 1.0, 256, granularity, 4, 8)
     torch.testing.assert_close(idx, expected, rtol=0, atol=0)

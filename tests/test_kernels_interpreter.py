@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=16, group=4):
     """Selection through the kernels as the op runs them (the attention loop bounded by the valid
-    length, logits past it poisoned here); small top-k chunks so that rows span several programs,
-    and groups of `group` positions (1: one selection over the positions)."""
+    length, logits past it poisoned here); small top-k chunks so that rows span several programs.
+    `group`: the grouped top-k with groups of that many positions (1: one selection over the
+    positions), or None: the chunked top-k."""
     b, h = p.query.shape[:2]
     summary = kernels.summarize_mask(p.mask, b, p.key.shape[2], p.query.device, sink, recent)
     out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=True,
@@ -33,12 +34,13 @@ def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=1
     for row, valid_length in enumerate(summary.kv_len.tolist()):  # unwritten: the top-k must not read it
         logits[row, :, valid_length:] = float("inf")
     sets = index_sets(granularity, h, p.num_kv_heads)
-    plan = kernels.plan_topk(b * sets, p.key.shape[2], budget, p.query.device, chunk=chunk, block=block, group=group)
+    plan = kernels.plan_topk(b * sets, p.key.shape[2], budget, p.query.device, grouped=group is not None,
+                             chunk=chunk, block=block, group=group)
     return out, kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head", plan)
 
 
 small = dict(dtypes=(torch.float32, torch.float16), max_len=70)
-groups = st.sampled_from([1, 2, 4, 16])  # top-k group lengths (1: a single selection over the positions)
+groups = st.sampled_from([None, 1, 2, 4, 16])  # top-k plans: chunked, or grouped by that many positions
 
 
 @settings(max_examples=12, deadline=None)
@@ -185,16 +187,18 @@ def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group):
 
 
 def test_radix_topk_on_a_row_longer_than_a_block():
-    """Production chunk sizes and the default group: several blocks per chunk, all radix levels
-    (kv_len > budget)."""
+    """Production chunk sizes, both top-k plans (the default group): several blocks per chunk,
+    all radix levels (kv_len > budget)."""
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randint(-3, 4, (1, 4, 1, 16), generator=gen).float(), torch.randint(-3, 4, (1, 2, 700, 16), generator=gen).float()
     p = type("P", (), dict(query=q, key=k, value=k, mask=None, scale=1.0, num_kv_heads=2))
-    _, idx = kernel_selection(p, 37, "query_head", chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK)
-    torch.testing.assert_close(idx, oracle.selection_indices(q, k, None, 1.0, 37, "query_head"), rtol=0, atol=0)
-    for granularity in ("kv_head", "layer"):
-        _, idx = kernel_selection(p, 37, granularity, chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK)
-        oracle.assert_is_topk(idx, q, k, None, 1.0, 37, granularity, rel_tol=1e-4)
+    for group in (None, kernels.topk_group(700, 37)):
+        _, idx = kernel_selection(p, 37, "query_head", chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK, group=group)
+        torch.testing.assert_close(idx, oracle.selection_indices(q, k, None, 1.0, 37, "query_head"), rtol=0, atol=0)
+        for granularity in ("kv_head", "layer"):
+            _, idx = kernel_selection(p, 37, granularity, chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK,
+                                      group=group)
+            oracle.assert_is_topk(idx, q, k, None, 1.0, 37, granularity, rel_tol=1e-4)
 
 
 @pytest.mark.parametrize("length, budget", [(131072, 256), (131072, 2048), (32768, 256), (8192, 16), (70, 24), (5, 9)])
@@ -205,6 +209,18 @@ def test_topk_group_balances_groups_and_candidates(length, budget):
     powers = [1 << i for i in range(kernels.TOPK_MAX_GROUP.bit_length())]
     assert group in powers
     assert length / group + budget * group <= 1.5 * min(length / g + budget * g for g in powers)
+
+
+def test_topk_plan_picks_the_faster_of_the_h200_sweep(monkeypatch):
+    """At the shapes benchmarks/tune_topk.py swept on an H200 (132 SMs), the default plan is the
+    faster one measured (docs/results/tune-topk-h200-2026-11-30.log)."""
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    grouped_faster = {(32, 131072, 256): True, (8, 131072, 256): False, (32, 131072, 2048): False,
+                      (8, 131072, 2048): False, (256, 32768, 256): True, (64, 32768, 256): True,
+                      (256, 32768, 2048): True, (64, 32768, 2048): False, (32, 32768, 2048): False,
+                      (8, 32768, 2048): False}
+    assert {shape: kernels.plan_topk(*shape, cuda).grouped for shape in grouped_faster} == grouped_faster
 
 
 def test_topk_chunk_picks_the_swept_best_on_an_h100(monkeypatch):

@@ -405,15 +405,16 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
 
 
 TOPK_BLOCK = 1024
-TOPK_CHUNK = 4096  # the longest chunk of a row one radix_group_max program takes
+TOPK_CHUNK = 4096  # the longest chunk of a row one top-k program takes
 TOPK_PROGRAMS_PER_SM = 8  # chunks shrink (to TOPK_BLOCK) until rows x chunks reaches this per SM
 TOPK_MAX_GROUP = 64
-SELECT_BLOCK = 1024  # keys per step of radix_select's loops
+SELECT_BLOCK = 2048  # keys per step of radix_select's loops (benchmarks/tune_topk.py on an H200)
 SELECT_WARPS = 8
+RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
 
 
 def topk_chunk(rows: int, length: int, device: torch.device) -> int:
-    """Positions per radix_group_max program: a power of two in [TOPK_BLOCK, TOPK_CHUNK] giving
+    """Positions per top-k program over a row: a power of two in [TOPK_BLOCK, TOPK_CHUNK] giving
     about TOPK_PROGRAMS_PER_SM programs per SM (benchmarks/tune_topk.py on an H100: the passes
     over the logits are latency-bound, so few long rows want short chunks)."""
     wanted = triton.cdiv(rows * length, TOPK_PROGRAMS_PER_SM * _sm_count(device))
@@ -421,20 +422,32 @@ def topk_chunk(rows: int, length: int, device: torch.device) -> int:
 
 
 def topk_group(length: int, budget: int) -> int:
-    """Positions per group of the two-step selection: radix_select reads length / group group
-    keys, then budget x group candidates; a power of two near sqrt(length / budget) balances them."""
+    """Positions per group of the grouped top-k: radix_select reads length / group group keys,
+    then budget x group candidates; a power of two near sqrt(length / budget) balances them."""
     balanced = (length / max(budget, 1)) ** 0.5
     return max(1, min(TOPK_MAX_GROUP, 1 << round(math.log2(max(balanced, 1.0)))))
 
 
+def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.device) -> bool:
+    """Whether the grouped top-k (one program per row: time grows with sqrt(length x budget)
+    per wave of rows) beats the chunked one (the whole GPU on every pass: time grows with rows x
+    length), by a cost model in microseconds fitted to benchmarks/tune_topk.py on an H200
+    (docs/results/tune-topk-h200-2026-11-30.log): it picks the faster at all ten swept shapes."""
+    grouped = 20 + 0.01 * (length * budget) ** 0.5 * max(1.0, rows / _sm_count(device))
+    chunked = 35 + 30 * rows * length / 2 ** 20
+    return grouped < chunked
+
+
 @dataclass(frozen=True)
 class TopkPlan:
-    """How one `select_topk` runs: radix_group_max over chunks of `chunk` positions per row in
-    steps of `block`, then one radix_select program per row (`select_warps` warps, steps of
-    `select_block` keys) over groups of `group` positions."""
+    """How one `select_topk` runs. Grouped (radix_topk.py.jinja): radix_group_max over chunks of
+    `chunk` positions per row in steps of `block`, then one radix_select program per row
+    (`select_warps` warps, steps of `select_block` keys) over groups of `group` positions.
+    Chunked (radix_topk_chunked.py.jinja): every pass on (rows, chunks of `chunk`) programs."""
 
-    group: int
+    grouped: bool
     chunk: int
+    group: int = 1
     block: int = TOPK_BLOCK
     select_block: int = SELECT_BLOCK
     select_warps: int = SELECT_WARPS
@@ -443,46 +456,88 @@ class TopkPlan:
         return triton.cdiv(length, self.chunk)
 
 
-def plan_topk(rows: int, length: int, budget: int, device: torch.device, chunk: Optional[int] = None,
-              block: int = TOPK_BLOCK, group: Optional[int] = None, **select: int) -> TopkPlan:
-    """The launch plan of `select_topk` (defaults: `topk_chunk`, TOPK_BLOCK, `topk_group` (at
-    most the block), SELECT_BLOCK (at most the block) and SELECT_WARPS)."""
+def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped: Optional[bool] = None,
+              chunk: Optional[int] = None, block: int = TOPK_BLOCK, group: Optional[int] = None,
+              **select: int) -> TopkPlan:
+    """The launch plan of `select_topk` (defaults: `topk_grouped_is_faster`, `topk_chunk`,
+    TOPK_BLOCK, `topk_group` (at most the block), SELECT_BLOCK (at most the block), SELECT_WARPS)."""
+    if grouped is None:
+        grouped = topk_grouped_is_faster(rows, length, budget, device)
     select.setdefault("select_block", min(SELECT_BLOCK, block))
-    return TopkPlan(group=min(group or topk_group(length, budget), block),
-                    chunk=chunk or topk_chunk(rows, length, device), block=block, **select)
+    return TopkPlan(grouped=grouped, chunk=chunk or topk_chunk(rows, length, device),
+                    group=min(group or topk_group(length, budget), block), block=block, **select)
 
 
 def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
                 rank_by_prob: bool, plan: Optional[TopkPlan] = None) -> Tensor:
     """The top-`budget` positions per index set from flash_decode's logits (int32 [B, S, k],
-    ascending, -1 past the valid positions).
+    ascending, -1 past the valid positions), by a radix select (no sort); `plan` defaults to
+    `plan_topk`.
 
     A set ranks by its head's logit (query_head) or, with `rank_by_prob`, by the sum over its
-    H / S heads of softmax probabilities (kv_head, layer). Two launches (radix_topk.py.jinja):
-    the largest key of each group of positions, then per row the top groups and the top
-    positions among them. `plan` defaults to `plan_topk`."""
+    H / S heads of softmax probabilities (kv_head, layer)."""
     b, h, length = sizes(logits)
-    rows = b * sets
-    plan = plan or plan_topk(rows, length, budget, logits.device)
+    plan = plan or plan_topk(b * sets, length, budget, logits.device)
+    heads_per_set = h // sets
+    sets_args = dict(NUM_SETS=sets, NUM_HEADS=h, HEADS_PER_SET=heads_per_set,
+                     HEADS_PAD=triton.next_power_of_2(heads_per_set))
+    # Blocks of ranks by probability load every head of the set: fewer positions per block.
+    block = max(plan.group, plan.block // triton.next_power_of_2(heads_per_set)) if rank_by_prob else plan.block
+    out = torch.empty(b, sets, budget, dtype=torch.int32, device=logits.device)
+    launch = _select_grouped if plan.grouped else _select_chunked
+    launch(logits, lse, summary, budget, rank_by_prob, plan, sets_args, block, out)
+    return out
+
+
+def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, rank_by_prob: bool,
+                    plan: TopkPlan, sets_args: dict[str, int], block: int, out: Tensor) -> None:
+    """Two launches (radix_topk.py.jinja): the largest key of each group of positions, then per
+    row the top groups and the top positions among them."""
+    rows, length, device = out.shape[0] * out.shape[1], logits.shape[2], logits.device
     module = codegen.load("radix_topk.py.jinja")
-    device = logits.device
     group_slots = triton.cdiv(length, plan.group)
     group_max = torch.empty(rows, group_slots, dtype=torch.int64, device=device)
     rank = (torch.empty(rows, group_slots * plan.group, dtype=torch.float32, device=device) if rank_by_prob
             else group_max)
-    heads_per_set = h // sets
-    constants = dict(NUM_SETS=sets, NUM_HEADS=h, HEADS_PER_SET=heads_per_set,
-                     HEADS_PAD=triton.next_power_of_2(heads_per_set), BY_PROB=rank_by_prob, GROUP=plan.group)
     row_args = dict(Logits=logits, Lse=lse, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
                     RecentStart=summary.recent_start, Rank=rank, GroupMax=group_max,
                     stride_xb=logits.stride(0), stride_xh=logits.stride(1), stride_gr=group_max.stride(0))
-    block = max(plan.group, plan.block // triton.next_power_of_2(heads_per_set)) if rank_by_prob else plan.block
+    constants = dict(**sets_args, BY_PROB=rank_by_prob, GROUP=plan.group)
     wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
         **row_args, **constants, BLOCK=block, CHUNK=plan.chunk)
-    out = torch.empty(b, sets, budget, dtype=torch.int32, device=device)
     groups = torch.empty(rows, budget, dtype=torch.int32, device=device)
     candidates = torch.empty(rows, budget * plan.group if plan.group > 1 else 1, dtype=torch.int64, device=device)
     wrap_triton(module.radix_select)[(rows,)](
         **row_args, Groups=groups, Candidates=candidates, Out=out, stride_ob=out.stride(0), stride_os=out.stride(1),
         budget=budget, **constants, BLOCK=plan.select_block, num_warps=plan.select_warps)
-    return out
+
+
+def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, rank_by_prob: bool,
+                    plan: TopkPlan, sets_args: dict[str, int], block: int, out: Tensor) -> None:
+    """Seven launches or fewer (radix_topk_chunked.py.jinja), each on (rows, chunks) programs:
+    ranks by probability, four digit histograms, the per-chunk counts, the emit."""
+    b, sets, _ = sizes(out)
+    rows, length, device = b * sets, logits.shape[2], logits.device
+    chunks = plan.chunks(length)
+    module = codegen.load("radix_topk_chunked.py.jinja")
+    rank = logits
+    if rank_by_prob:
+        rank = torch.empty(b, sets, length, dtype=torch.float32, device=device)
+        wrap_triton(module.rank_by_prob)[(rows, chunks)](
+            logits, lse, summary.kv_len, rank, logits.stride(0), logits.stride(1), rank.stride(0), rank.stride(1),
+            **sets_args, BLOCK=block, CHUNK=plan.chunk)
+    hist = torch.zeros(rows, RADIX_LEVELS, 256, dtype=torch.int32, device=device)
+    chunks_pad = triton.next_power_of_2(chunks)
+    counts = torch.empty(rows, chunks_pad, 2, dtype=torch.int32, device=device)
+    row_args = (rank, hist, summary.kv_len, summary.sink_end, summary.recent_start)
+    for level in range(RADIX_LEVELS):
+        wrap_triton(module.radix_histogram)[(rows, chunks)](
+            *row_args, rank.stride(0), rank.stride(1), budget,
+            LEVEL=level, NUM_SETS=sets, BLOCK=plan.block, CHUNK=plan.chunk)
+    wrap_triton(module.radix_count)[(rows, chunks)](
+        *row_args, counts, rank.stride(0), rank.stride(1), budget,
+        NUM_SETS=sets, BLOCK=plan.block, CHUNK=plan.chunk, CHUNKS_PAD=chunks_pad)
+    wrap_triton(module.radix_emit)[(rows, chunks)](
+        *row_args, counts, out, rank.stride(0), rank.stride(1), out.stride(0), out.stride(1), budget,
+        NUM_SETS=sets, BLOCK=plan.block, CHUNK=plan.chunk, CHUNKS_PAD=chunks_pad)
+

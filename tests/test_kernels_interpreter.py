@@ -254,17 +254,15 @@ def test_additive_mask_matches_bool_mask():
     torch.testing.assert_close(out_b, reference.dense_attention(q, k, v, allowed, 0.25), rtol=1e-5, atol=1e-5)
 
 
-def test_rendered_source_is_kept_and_keyed_by_parameters(tmp_path, monkeypatch):
+def test_rendered_source_is_kept_with_its_includes_and_keyed_by_its_text(tmp_path, monkeypatch):
     from tidal_compile import codegen
 
     monkeypatch.setenv("TIDAL_KERNEL_CACHE", str(tmp_path))
-    masked = codegen.rendered_path("sparse_decode.py.jinja", shared=True, paged=True, mask_kind="bool")
-    unmasked = codegen.rendered_path("sparse_decode.py.jinja", shared=False, paged=False, mask_kind="none")
-    assert masked != unmasked and masked.parent == tmp_path
-    assert "tl.load(Mask" in masked.read_text() and "tl.load(Mask" not in unmasked.read_text()
-    assert "index_row + j // PAGE" in masked.read_text() and "index_row + j // PAGE" not in unmasked.read_text()
-    with pytest.raises(Exception, match="undefined"):
-        codegen.render("sparse_decode.py.jinja", mask_kind="bool")
+    sparse = codegen.rendered_path("sparse_decode.py.jinja")
+    assert sparse.parent == tmp_path and sparse == codegen.rendered_path("sparse_decode.py.jinja")
+    text = sparse.read_text()
+    assert "def online_softmax_step" in text and "def _valid" in text and "{%" not in text
+    assert codegen.rendered_path("radix_topk.py.jinja") != codegen.rendered_path("radix_topk_chunked.py.jinja")
 
 
 @settings(max_examples=15, deadline=None)

@@ -1,9 +1,11 @@
-"""Render Triton kernel templates (`templates/*.py.jinja`) into importable modules, once.
+"""Render Triton kernel templates (`templates/*.py.jinja`, shared helpers `{% include %}`d) into
+importable modules, once.
 
 A rendered module is written to the kernel cache folder (`$TIDAL_KERNEL_CACHE`, default
-`~/.cache/tidal_compile/kernels`) under a name that hashes the template source and its
-parameters, so editing either gives a new module; `triton.jit` needs a real source file, and
-the file is there to read when debugging (`rendered_path(...)`).
+`~/.cache/tidal_compile/kernels`) under a name that hashes its rendered source, so editing a
+template or an included helper gives a new module; `triton.jit` needs a real source file, and
+the file is there to read when debugging (`rendered_path(...)`). Kernel variants are
+`tl.constexpr` switches chosen by the launchers' launch plans, not template parameters.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import jinja2
 
@@ -31,14 +32,15 @@ def cache_dir() -> Path:
     return folder
 
 
-def render(template: str, **params: Any) -> str:
-    """The Triton source of `template` with `params` (StrictUndefined: a missing one is an error)."""
-    return _ENV.get_template(template).render(**params)
+def render(template: str) -> str:
+    """The Triton source of `template`, its includes inlined (StrictUndefined: a template that
+    uses a variable fails to render: kernel variants are tl.constexpr switches instead)."""
+    return _ENV.get_template(template).render()
 
 
-def rendered_path(template: str, **params: Any) -> Path:
-    """Where the rendered module for these parameters lives (written if missing)."""
-    source = render(template, **params)
+def rendered_path(template: str) -> Path:
+    """Where the rendered module lives (written if missing)."""
+    source = render(template)
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     path = cache_dir() / f"{template.split('.')[0]}_{digest}.py"
     if not path.exists() or path.read_text() != source:
@@ -49,16 +51,16 @@ def rendered_path(template: str, **params: Any) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _load(template: str, frozen_params: tuple, interpret: str) -> ModuleType:
-    path = rendered_path(template, **dict(frozen_params))
+def _load(template: str, interpret: str) -> ModuleType:
+    path = rendered_path(template)
     spec = importlib.util.spec_from_file_location(f"tidal_kernels.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def load(template: str, **params: Any) -> ModuleType:
-    """Render (once per process and parameter set) and import a kernel module.
+def load(template: str) -> ModuleType:
+    """Render (once per process) and import a kernel module.
 
     Modules loaded under `TRITON_INTERPRET=1` hold interpreted kernels and are cached apart."""
-    return _load(template, tuple(sorted(params.items())), os.environ.get("TRITON_INTERPRET", "0"))
+    return _load(template, os.environ.get("TRITON_INTERPRET", "0"))

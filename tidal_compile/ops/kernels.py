@@ -135,16 +135,15 @@ def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device:
     kv_len, sink_end, recent_start, valid_count = (make(batch, dtype=torch.int32, device=device) for _ in range(4))
     kv_start = (torch.full((batch,), length, dtype=torch.int32, device=device) if one_pass
                 else torch.empty(batch, dtype=torch.int32, device=device))
-    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, batch, length, kv_len)
-    module = codegen.load("mask_summary.py.jinja", mask_kind=mask_kind)
+    mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask, batch, length, kv_len)
+    module = codegen.load("mask_summary.py.jinja")
+    args = dict(Mask=mask, KvLen=kv_len, KvStart=kv_start, ValidCount=valid_count, RecentStart=recent_start,
+                stride_mb=stride_mb, stride_mn=stride_mn, length=length, MASK_KIND=mask_kind, MASK_MIN=mask_min)
     if one_pass:
         wrap_triton(module.mask_valid_length)[(batch, triton.cdiv(length, SUMMARY_CHUNK))](
-            mask, kv_len, kv_start, valid_count, recent_start, *mask_strides, length,
-            MASK_MIN=mask_min, BLOCK=1024, CHUNK=SUMMARY_CHUNK)
+            **args, BLOCK=1024, CHUNK=SUMMARY_CHUNK)
     else:
-        wrap_triton(module.mask_summary)[(batch,)](
-            mask, kv_len, kv_start, valid_count, sink_end, recent_start, *mask_strides, length, sink, recent,
-            MASK_MIN=mask_min, BLOCK=4096)
+        wrap_triton(module.mask_summary)[(batch,)](**args, SinkEnd=sink_end, sink=sink, recent=recent, BLOCK=4096)
     return MaskSummary(kv_len, sink_end, recent_start, kv_start, valid_count)
 
 
@@ -208,10 +207,9 @@ def _combine(part_out: Tensor, part_lse: Tensor, dtype: torch.dtype) -> tuple[Te
     lse = torch.empty(b, h, dtype=torch.float32, device=part_out.device)
     kernel = codegen.load("combine_splits.py.jinja").combine_splits
     wrap_triton(kernel)[(b * h,)](
-        part_out, part_lse, out, lse,
-        part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1),
+        PartOut=part_out, PartLse=part_lse, Out=out, Lse=lse,
+        stride_pb=part_out.stride(0), stride_ph=part_out.stride(1), stride_ps=part_out.stride(2),
+        stride_lb=part_lse.stride(0), stride_lh=part_lse.stride(1), stride_ob=out.stride(0), stride_oh=out.stride(1),
         NUM_HEADS=h, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d))
     return out, lse
@@ -321,6 +319,36 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     return out, lse, logits if emit_logits else None
 
 
+@dataclass(frozen=True)
+class SparseDecodePlan:
+    """How one `sparse_decode` launch runs: `programs` programs (B x Hkv when `shared`: one index
+    row for the GROUP query heads of a KV head; else B x H) times `splits` splits of `split_len`
+    index slots, its tiles, and the kernel's feature switches (`paged`: indices are Quest pages;
+    `mask_kind` of the mask paged slots are checked against)."""
+
+    programs: int
+    splits: int
+    split_len: int
+    blocks: DecodeBlocks
+    shared: bool
+    paged: bool
+    mask_kind: str
+
+    def switches(self) -> dict[str, object]:
+        return dict(SHARED=self.shared, PAGED=self.paged, MASK_KIND=self.mask_kind)
+
+
+def plan_sparse_decode(batch: int, heads: int, kv_heads: int, sets: int, slots: int, head_dim: int,
+                       device: torch.device, paged: bool, mask_kind: str) -> SparseDecodePlan:
+    """The launch plan of `sparse_decode` for `slots` index slots per set (pages x page size)."""
+    shared = sets != heads or heads == kv_heads
+    blocks = decode_blocks(head_dim, batch * kv_heads)
+    programs = batch * kv_heads if shared else batch * heads
+    splits, split_len = split_work(programs, slots, blocks.block_n, device)
+    return SparseDecodePlan(programs=programs, splits=splits, split_len=split_len, blocks=blocks, shared=shared,
+                            paged=paged, mask_kind=mask_kind if paged else "none")
+
+
 def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float,
                   attn_mask: Optional[Tensor] = None, page_size: int = 0) -> Tensor:
     """Attention over the positions in `indices` (int32 [B, S, k], -1 ignored). With `page_size`,
@@ -328,32 +356,27 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
     b, h, _, d = sizes(query)
     _, hkv, length, _ = sizes(key)
     _, sets, budget = sizes(indices)
-    budget *= max(page_size, 1)
-    group = h // hkv
-    shared = sets != h or group == 1
-    blocks = decode_blocks(d, b * hkv)
-    programs = b * hkv if shared else b * h
-    splits, split_len = split_work(programs, budget, blocks.block_n, query.device)
+    slots = budget * max(page_size, 1)
+    plan = plan_sparse_decode(b, h, hkv, sets, slots, d, query.device, bool(page_size), _mask_kind(attn_mask))
     q = query.contiguous()
     idx = indices.contiguous()
-    part_out, part_lse = _partials(b, h, splits, d, query.dtype, query.device)
-    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask if page_size else None, b, length, part_lse)
-    kernel = codegen.load("sparse_decode.py.jinja", shared=shared, paged=bool(page_size),
-                          mask_kind=mask_kind).sparse_decode_split
-    wrap_triton(kernel)[(programs, splits)](
-        q, key, value, idx, mask, part_out, part_lse,
-        q.stride(0), q.stride(1),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        idx.stride(0), idx.stride(1),
-        *mask_strides,
-        part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        scale, split_len, budget, length,
-        NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_group_pad(group if shared else 1), HEAD_DIM=d,
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=blocks.block_n, SETS=sets, PAGE=max(page_size, 1),
-        MASK_MIN=mask_min, DOT_PRECISION=_dot_precision(query.dtype), num_warps=blocks.num_warps,
-        num_stages=blocks.num_stages)
+    part_out, part_lse = _partials(b, h, plan.splits, d, query.dtype, query.device)
+    mask, (stride_mb, stride_mn), _, mask_min = _mask_args(attn_mask if plan.paged else None, b, length, part_lse)
+    kernel = codegen.load("sparse_decode.py.jinja").sparse_decode_split
+    group = h // hkv
+    wrap_triton(kernel)[(plan.programs, plan.splits)](
+        Q=q, K=key, V=value, Indices=idx, Mask=mask, PartOut=part_out, PartLse=part_lse,
+        stride_qb=q.stride(0), stride_qh=q.stride(1),
+        stride_kb=key.stride(0), stride_kh=key.stride(1), stride_kn=key.stride(2),
+        stride_vb=value.stride(0), stride_vh=value.stride(1), stride_vn=value.stride(2),
+        stride_ib=idx.stride(0), stride_is=idx.stride(1), stride_mb=stride_mb, stride_mn=stride_mn,
+        stride_pb=part_out.stride(0), stride_ph=part_out.stride(1), stride_ps=part_out.stride(2),
+        stride_lb=part_lse.stride(0), stride_lh=part_lse.stride(1),
+        scale=scale, split_len=plan.split_len, budget=slots, length=length,
+        NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_group_pad(group if plan.shared else 1), HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_N=plan.blocks.block_n, SETS=sets, PAGE=max(page_size, 1),
+        MASK_MIN=mask_min, DOT_PRECISION=_dot_precision(query.dtype), **plan.switches(),
+        num_warps=plan.blocks.num_warps, num_stages=plan.blocks.num_stages)
     return _combine(part_out, part_lse, query.dtype)[0]
 
 
@@ -366,14 +389,14 @@ def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Te
     """Summarise the pages from the one holding position `filled` to the valid length, in place."""
     b, hkv, length, d = sizes(key)
     kv_len = (summary or summarize_mask(attn_mask, b, length, key.device)).kv_len
-    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, kv_len)
-    kernel = codegen.load("quest_metadata.py.jinja", mask_kind=mask_kind).quest_metadata
+    mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask, b, length, kv_len)
+    kernel = codegen.load("quest_metadata.py.jinja").quest_metadata
     wrap_triton(kernel)[(b * hkv, QUEST_METADATA_PROGRAMS)](
-        key, mask, page_min, page_max, filled, kv_len,
-        key.stride(0), key.stride(1), key.stride(2), *mask_strides,
-        page_min.stride(0), page_min.stride(1), page_min.stride(2), length,
-        NUM_KV_HEADS=hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        NPROG=QUEST_METADATA_PROGRAMS, MASK_MIN=mask_min)
+        K=key, Mask=mask, PageMin=page_min, PageMax=page_max, Filled=filled, KvLen=kv_len,
+        stride_kb=key.stride(0), stride_kh=key.stride(1), stride_kn=key.stride(2), stride_mb=stride_mb,
+        stride_mn=stride_mn, stride_pb=page_min.stride(0), stride_ph=page_min.stride(1), stride_pp=page_min.stride(2),
+        length=length, NUM_KV_HEADS=hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        NPROG=QUEST_METADATA_PROGRAMS, MASK_KIND=mask_kind, MASK_MIN=mask_min)
     filled.copy_(kv_len)
 
 
@@ -387,15 +410,15 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
     pages = sizes(page_min)[2]
     summary = summary or summarize_mask(attn_mask, b, length, query.device)
     scores = torch.empty(b, h, pages, dtype=torch.float32, device=query.device)
-    mask, mask_strides, mask_kind, mask_min = _mask_args(attn_mask, b, length, scores)
+    mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask, b, length, scores)
     q = query.contiguous()
-    kernel = codegen.load("quest_scores.py.jinja", mask_kind=mask_kind).quest_scores
+    kernel = codegen.load("quest_scores.py.jinja").quest_scores
     wrap_triton(kernel)[(b * h, triton.cdiv(pages, QUEST_BLOCK_P))](
-        q, page_min, page_max, mask, summary.kv_len, scores,
-        q.stride(0), q.stride(1), page_min.stride(0), page_min.stride(1), page_min.stride(2),
-        *mask_strides, scores.stride(0), scores.stride(1), length, pages,
-        NUM_HEADS=h, GROUP=h // hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_P=QUEST_BLOCK_P, MASK_MIN=mask_min)
+        Q=q, PageMin=page_min, PageMax=page_max, Mask=mask, KvLen=summary.kv_len, Scores=scores,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_pb=page_min.stride(0), stride_ph=page_min.stride(1),
+        stride_pp=page_min.stride(2), stride_mb=stride_mb, stride_mn=stride_mn, stride_sb=scores.stride(0),
+        stride_sh=scores.stride(1), length=length, pages=pages, NUM_HEADS=h, GROUP=h // hkv, PAGE=page_size,
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=QUEST_BLOCK_P, MASK_KIND=mask_kind, MASK_MIN=mask_min)
     valid_pages = (summary.kv_len + page_size - 1) // page_size
     # The page of the current token is the last valid page: forced like the current token.
     page_summary = MaskSummary(kv_len=valid_pages, sink_end=torch.zeros_like(valid_pages),
@@ -524,20 +547,18 @@ def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     if rank_by_prob:
         rank = torch.empty(b, sets, length, dtype=torch.float32, device=device)
         wrap_triton(module.rank_by_prob)[(rows, chunks)](
-            logits, lse, summary.kv_len, rank, logits.stride(0), logits.stride(1), rank.stride(0), rank.stride(1),
+            Logits=logits, Lse=lse, KvLen=summary.kv_len, Rank=rank, stride_xb=logits.stride(0),
+            stride_xh=logits.stride(1), stride_rb=rank.stride(0), stride_rs=rank.stride(1),
             **sets_args, BLOCK=block, CHUNK=plan.chunk)
     hist = torch.zeros(rows, RADIX_LEVELS, 256, dtype=torch.int32, device=device)
     chunks_pad = triton.next_power_of_2(chunks)
     counts = torch.empty(rows, chunks_pad, 2, dtype=torch.int32, device=device)
-    row_args = (rank, hist, summary.kv_len, summary.sink_end, summary.recent_start)
+    row_args = dict(Rank=rank, Hist=hist, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
+                    RecentStart=summary.recent_start, stride_rb=rank.stride(0), stride_rs=rank.stride(1),
+                    budget=budget, NUM_SETS=sets, BLOCK=plan.block, CHUNK=plan.chunk)
     for level in range(RADIX_LEVELS):
-        wrap_triton(module.radix_histogram)[(rows, chunks)](
-            *row_args, rank.stride(0), rank.stride(1), budget,
-            LEVEL=level, NUM_SETS=sets, BLOCK=plan.block, CHUNK=plan.chunk)
-    wrap_triton(module.radix_count)[(rows, chunks)](
-        *row_args, counts, rank.stride(0), rank.stride(1), budget,
-        NUM_SETS=sets, BLOCK=plan.block, CHUNK=plan.chunk, CHUNKS_PAD=chunks_pad)
+        wrap_triton(module.radix_histogram)[(rows, chunks)](**row_args, LEVEL=level)
+    wrap_triton(module.radix_count)[(rows, chunks)](**row_args, Counts=counts, CHUNKS_PAD=chunks_pad)
     wrap_triton(module.radix_emit)[(rows, chunks)](
-        *row_args, counts, out, rank.stride(0), rank.stride(1), out.stride(0), out.stride(1), budget,
-        NUM_SETS=sets, BLOCK=plan.block, CHUNK=plan.chunk, CHUNKS_PAD=chunks_pad)
+        **row_args, Counts=counts, Out=out, stride_ob=out.stride(0), stride_os=out.stride(1), CHUNKS_PAD=chunks_pad)
 

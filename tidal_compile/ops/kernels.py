@@ -180,18 +180,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _mask_kind(attn_mask: Optional[Tensor]) -> str:
-    """"none" | "bool" | "additive": the kernels' mask_kind for this mask."""
-    if attn_mask is None:
-        return "none"
-    return "bool" if attn_mask.dtype == torch.bool else "additive"
-
-
 def _mask_args(attn_mask: Optional[Tensor], batch: int, length: int, like: Tensor):
-    """(tensor, strides b/n, kind, min value) for the kernels' per-sequence mask argument."""
-    kind = _mask_kind(attn_mask)
-    if kind == "none":
-        return like, (0, 0), kind, 0.0
+    """(tensor, strides b/n, kind, min value) for the kernels' per-sequence mask argument; kind is
+    the kernels' MASK_KIND, "none" | "bool" | "additive" (no mask: `like` stands in, never read)."""
+    if attn_mask is None:
+        return like, (0, 0), "none", 0.0
+    kind = "bool" if attn_mask.dtype == torch.bool else "additive"
     m = attn_mask.expand(batch, 1, 1, length)
     low = 0.0 if kind == "bool" else float(torch.finfo(m.dtype).min)
     return m, (m.stride(0), m.stride(3)), kind, low
@@ -287,7 +281,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     (docs/benchmarks.md)."""
     b, h, _, d = sizes(query)
     _, hkv, length, _ = sizes(key)
-    mask_kind = _mask_kind(attn_mask)
+    mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask, b, length, query)
     plan = plan_flash_decode(b, hkv, length, d, query.device, mask_kind, emit_logits, summary is not None, blocks,
                              waves, bound_loop)
     if plan.bound_loop and summary is None:
@@ -295,7 +289,6 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     q = query.contiguous()
     part_out, part_lse = _partials(b, h, plan.splits, d, query.dtype, query.device)
     logits = torch.empty(b, h, length, dtype=torch.float32, device=query.device) if emit_logits else part_lse
-    mask, (stride_mb, stride_mn), _, mask_min = _mask_args(attn_mask, b, length, part_lse)
     kernel = codegen.load("flash_decode.py.jinja").flash_decode_split
     if plan.unmasked_run:
         kv_len, kv_start, valid_count = summary.kv_len, summary.kv_start, summary.valid_count
@@ -346,7 +339,7 @@ def plan_sparse_decode(batch: int, heads: int, kv_heads: int, sets: int, slots: 
     programs = batch * kv_heads if shared else batch * heads
     splits, split_len = split_work(programs, slots, blocks.block_n, device)
     return SparseDecodePlan(programs=programs, splits=splits, split_len=split_len, blocks=blocks, shared=shared,
-                            paged=paged, mask_kind=mask_kind if paged else "none")
+                            paged=paged, mask_kind=mask_kind)
 
 
 def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float,
@@ -357,11 +350,11 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
     _, hkv, length, _ = sizes(key)
     _, sets, budget = sizes(indices)
     slots = budget * max(page_size, 1)
-    plan = plan_sparse_decode(b, h, hkv, sets, slots, d, query.device, bool(page_size), _mask_kind(attn_mask))
+    mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask if page_size else None, b, length, query)
+    plan = plan_sparse_decode(b, h, hkv, sets, slots, d, query.device, bool(page_size), mask_kind)
     q = query.contiguous()
     idx = indices.contiguous()
     part_out, part_lse = _partials(b, h, plan.splits, d, query.dtype, query.device)
-    mask, (stride_mb, stride_mn), _, mask_min = _mask_args(attn_mask if plan.paged else None, b, length, part_lse)
     kernel = codegen.load("sparse_decode.py.jinja").sparse_decode_split
     group = h // hkv
     wrap_triton(kernel)[(plan.programs, plan.splits)](

@@ -88,8 +88,9 @@ def main() -> None:
     name = f"{args.shape}-tp{world}"
     rows = []
     for method in map(Method, args.methods):
+        trace = trace_file(args.trace, f"{method.file_name}-rank{dist.get_rank()}")
         row = measure(model, method, name, shape, args.batch, args.context, args.steps, args.warmup,
-                      args.profile_steps, kv_heads=shape.kv_heads // world, trace=trace_file(args.trace, f"{method.file_name}-rank{dist.get_rank()}"),
+                      args.profile_steps, kv_heads=shape.kv_heads // world, trace=trace,
                       skip_guard_eval=args.skip_guard_eval, guard_filter=args.guard_filter)
         row.attention_bytes //= world  # a rank reads its heads' share
         rows.append(row)

@@ -448,7 +448,7 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
     """Whether the grouped top-k (one program per row: time grows with sqrt(length x budget)
     per wave of rows) beats the chunked one (the whole GPU on every pass: time grows with rows x
     length), by a cost model in microseconds fitted to benchmarks/tune_topk.py on an H200
-    (docs/results/tune-topk-h200-2026-11-30.log): it picks the faster at all ten swept shapes."""
+    (docs/results/tune-topk-h200-2026-11-30.log): it picks the faster at all sixteen measured shapes."""
     grouped = 20 + 0.01 * (length * budget) ** 0.5 * max(1.0, rows / _sm_count(device))
     chunked = 35 + 30 * rows * length / 2 ** 20
     return grouped < chunked
@@ -498,10 +498,13 @@ def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, 
     sets_args = dict(NUM_SETS=sets, NUM_HEADS=h, HEADS_PER_SET=heads_per_set,
                      HEADS_PAD=triton.next_power_of_2(heads_per_set))
     # Blocks of ranks by probability load every head of the set: fewer positions per block.
-    block = max(plan.group, plan.block // triton.next_power_of_2(heads_per_set)) if rank_by_prob else plan.block
+    prob_block = plan.block // triton.next_power_of_2(heads_per_set)
     out = torch.empty(b, sets, budget, dtype=torch.int32, device=logits.device)
-    launch = _select_grouped if plan.grouped else _select_chunked
-    launch(logits, lse, summary, budget, rank_by_prob, plan, sets_args, block, out)
+    if plan.grouped:  # a block covers whole groups
+        block = max(plan.group, prob_block) if rank_by_prob else plan.block
+        _select_grouped(logits, lse, summary, budget, rank_by_prob, plan, sets_args, block, out)
+    else:
+        _select_chunked(logits, lse, summary, budget, rank_by_prob, plan, sets_args, max(16, prob_block), out)
     return out
 
 
@@ -529,9 +532,10 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
 
 
 def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, rank_by_prob: bool,
-                    plan: TopkPlan, sets_args: dict[str, int], block: int, out: Tensor) -> None:
+                    plan: TopkPlan, sets_args: dict[str, int], prob_block: int, out: Tensor) -> None:
     """Seven launches or fewer (radix_topk_chunked.py.jinja), each on (rows, chunks) programs:
-    ranks by probability, four digit histograms, the per-chunk counts, the emit."""
+    ranks by probability (in steps of `prob_block`), four digit histograms, the per-chunk counts,
+    the emit."""
     b, sets, _ = sizes(out)
     rows, length, device = b * sets, logits.shape[2], logits.device
     chunks = plan.chunks(length)
@@ -542,7 +546,7 @@ def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
         wrap_triton(module.rank_by_prob)[(rows, chunks)](
             Logits=logits, Lse=lse, KvLen=summary.kv_len, Rank=rank, stride_xb=logits.stride(0),
             stride_xh=logits.stride(1), stride_rb=rank.stride(0), stride_rs=rank.stride(1),
-            **sets_args, BLOCK=block, CHUNK=plan.chunk)
+            **sets_args, BLOCK=prob_block, CHUNK=plan.chunk)
     hist = torch.zeros(rows, RADIX_LEVELS, 256, dtype=torch.int32, device=device)
     chunks_pad = triton.next_power_of_2(chunks)
     counts = torch.empty(rows, chunks_pad, 2, dtype=torch.int32, device=device)

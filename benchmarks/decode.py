@@ -33,7 +33,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -168,9 +168,32 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+GAP_LONG_US = 20.0  # an idle gap at least this long between kernels: the GPU waits for the host
+
+
+def idle_gaps(intervals: list[tuple[float, float]], steps: int) -> dict[str, float]:
+    """The GPU's idle time between the kernels of `intervals` ((start, end) in us) per step, in
+    ms: short gaps (kernel to kernel: launch latency, graph nodes) and long ones (at least
+    GAP_LONG_US: the GPU waiting for the host), and the longest gap. The wait before the first
+    kernel is not seen, so `steps` steps show `steps` - 1 of the waits between steps."""
+    short = long = longest = 0.0
+    busy_until = None
+    for start, end in sorted(intervals):
+        if busy_until is not None and start > busy_until:
+            gap = start - busy_until
+            if gap >= GAP_LONG_US:
+                long += gap
+            else:
+                short += gap
+            longest = max(longest, gap)
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return dict(short_ms=short / 1e3 / steps, long_ms=long / 1e3 / steps, longest_ms=longest / 1e3)
+
+
 def profile_kernels(step: Callable[[], None], steps: int, trace: Optional[str] = None) -> dict[str, Any]:
-    """GPU kernel time per step (ms) by category, and the ten longest kernels, over `steps` steps;
-    with `trace`, host activity too, written there as a Chrome trace (`.json.gz`: compressed)."""
+    """GPU kernel time per step (ms) by category, the ten longest kernels and the idle gaps
+    between kernels (`idle_gaps`), over `steps` steps; with `trace`, host activity too, written
+    there as a Chrome trace (`.json.gz`: compressed)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
@@ -181,15 +204,17 @@ def profile_kernels(step: Callable[[], None], steps: int, trace: Optional[str] =
         prof.export_chrome_trace(trace)
     by_category = dict.fromkeys(("weights", "attention", "selection", "communication", "other"), 0.0)
     by_kernel: dict[str, float] = {}
+    intervals = []
     for event in prof.events():
         if event.device_type != DeviceType.CUDA:
             continue
+        intervals.append((event.time_range.start, event.time_range.end))
         ms = event.time_range.elapsed_us() / 1e3 / steps
         by_category[kernel_category(event.name)] += ms
         by_kernel[event.name] = by_kernel.get(event.name, 0.0) + ms
     top = sorted(by_kernel.items(), key=lambda item: -item[1])[:10]
     return dict(kernel_ms=sum(by_category.values()), categories=by_category,
-                top_kernels=[dict(name=name[:120], ms=ms) for name, ms in top])
+                top_kernels=[dict(name=name[:120], ms=ms) for name, ms in top], gaps=idle_gaps(intervals, steps))
 
 
 # ------------------------------------------------------------------------------- one row
@@ -207,6 +232,7 @@ class Row:
     kernel_ms: float
     categories: dict[str, float]
     top_kernels: list[dict[str, Any]]
+    gaps: dict[str, float] = field(default_factory=dict)  # idle_gaps of the profiled steps
     cudagraph_skips: int = 0  # graphs Inductor ran without CUDA graphs
     floor: bool = False
     speedup_vs_inductor: Optional[float] = None
@@ -335,7 +361,9 @@ def print_row(row: Row, out: Callable[[str], None]) -> None:
     out(f"{row.shape:10s} B={row.batch:<2d} L={row.context:<6d} {row.method:16s} {row.ms:7.3f} ms  "
         f"{ratio(row.speedup_vs_inductor)} vs inductor  {ratio(row.speedup_vs_full)} vs full  {attention}  "
         f"| kernels {row.kernel_ms:6.3f} (w {c['weights']:.3f} a {c['attention']:.3f} s {c['selection']:.3f} "
-        f"c {c['communication']:.3f} o {c['other']:.3f}) outside {row.outside_ms:6.3f}  [compile {row.compile_s:.0f} s]"
+        f"c {c['communication']:.3f} o {c['other']:.3f}) outside {row.outside_ms:6.3f} "
+        f"(idle gaps: short {row.gaps.get('short_ms', 0):.3f} long {row.gaps.get('long_ms', 0):.3f} longest "
+        f"{row.gaps.get('longest_ms', 0):.3f})  [compile {row.compile_s:.0f} s]"
         + (f"  NO CUDA GRAPHS in {row.cudagraph_skips} graph(s)" if row.cudagraph_skips else ""))
 
 

@@ -24,7 +24,7 @@ from tidal_compile.ops import kernels
 
 SHAPES = [(1, 32, 8, 131072), (1, 32, 8, 32768), (8, 32, 8, 32768), (1, 32, 32, 102400)]
 BUDGETS = (256, 2048)
-GROUPS = (4, 8, 16, 32, 64)
+GROUPS = (8, 16, 32, 64, 128)
 SELECT = ((1024, 8), (2048, 8), (1024, 4))  # (select_block, select_warps)
 
 

@@ -71,3 +71,12 @@ def test_trace_files_go_into_the_asked_folder(tmp_path):
     assert decode.trace_file(None, "tidal_256") is None
     path = decode.trace_file(str(tmp_path / "traces"), "tidal_256-rank0")
     assert path == str(tmp_path / "traces" / "tidal_256-rank0.json.gz") and (tmp_path / "traces").is_dir()
+
+
+def test_idle_gaps_split_kernel_to_kernel_gaps_from_waits_for_the_host():
+    # Two steps of three kernels (us); the second kernel overlaps the first; 100 us between steps.
+    step = [(0.0, 10.0), (5.0, 12.0), (15.0, 20.0)]
+    later = [(start + 120.0, end + 120.0) for start, end in step]
+    gaps = decode.idle_gaps(later + step, steps=2)
+    assert gaps == pytest.approx(dict(short_ms=2 * 3.0 / 1e3 / 2, long_ms=100.0 / 1e3 / 2, longest_ms=0.1))
+    assert decode.idle_gaps([], steps=1) == dict(short_ms=0.0, long_ms=0.0, longest_ms=0.0)

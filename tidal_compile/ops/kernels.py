@@ -423,7 +423,7 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
 TOPK_BLOCK = 1024
 TOPK_CHUNK = 4096  # the longest chunk of a row one top-k program takes
 TOPK_PROGRAMS_PER_SM = 8  # chunks shrink (to TOPK_BLOCK) until rows x chunks reaches this per SM
-TOPK_MAX_GROUP = 64
+TOPK_MAX_GROUP = 128
 SELECT_BLOCK = 2048  # keys per step of radix_select's loops (benchmarks/tune_topk.py on an H200)
 SELECT_WARPS = 8
 RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
@@ -438,9 +438,10 @@ def topk_chunk(rows: int, length: int, device: torch.device) -> int:
 
 
 def topk_group(length: int, budget: int) -> int:
-    """Positions per group of the grouped top-k: radix_select reads length / group group keys,
-    then budget x group candidates; a power of two near sqrt(length / budget) balances them."""
-    balanced = (length / max(budget, 1)) ** 0.5
+    """Positions per group of the grouped top-k: radix_select makes RADIX_LEVELS histogram passes
+    over length / group group keys, then one gather pass over budget x group positions; a power
+    of two near sqrt(RADIX_LEVELS x length / budget) balances them."""
+    balanced = (RADIX_LEVELS * length / max(budget, 1)) ** 0.5
     return max(1, min(TOPK_MAX_GROUP, 1 << round(math.log2(max(balanced, 1.0)))))
 
 
@@ -525,9 +526,11 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
         **row_args, **constants, BLOCK=block, CHUNK=plan.chunk)
     groups = torch.empty(rows, budget, dtype=torch.int32, device=device)
-    candidates = torch.empty(rows, budget * plan.group if plan.group > 1 else 1, dtype=torch.int64, device=device)
+    slots = budget * plan.group if plan.group > 1 else 1
+    cand_keys = torch.empty(rows, slots, dtype=torch.int64, device=device)
+    cand_pos = torch.empty(rows, slots, dtype=torch.int32, device=device)
     wrap_triton(module.radix_select)[(rows,)](
-        **row_args, Groups=groups, Candidates=candidates, Out=out, stride_ob=out.stride(0), stride_os=out.stride(1),
+        **row_args, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, Out=out, stride_ob=out.stride(0), stride_os=out.stride(1),
         budget=budget, **constants, BLOCK=plan.select_block, num_warps=plan.select_warps)
 
 

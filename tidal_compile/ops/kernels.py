@@ -424,7 +424,9 @@ TOPK_BLOCK = 1024
 TOPK_CHUNK = 4096  # the longest chunk of a row one top-k program takes
 TOPK_PROGRAMS_PER_SM = 8  # chunks shrink (to TOPK_BLOCK) until rows x chunks reaches this per SM
 TOPK_MAX_GROUP = 128
-SELECT_BLOCK = 2048  # keys per step of radix_select's loops (benchmarks/tune_topk.py on an H200)
+SELECT_BLOCK = 1024  # keys per step of radix_select's loops (benchmarks/tune_topk.py on an H200) ...
+SELECT_BLOCK_LARGE = 2048  # ... and from a budget of LARGE_BUDGET on (more candidates to gather)
+LARGE_BUDGET = 1024
 SELECT_WARPS = 8
 RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
 
@@ -449,10 +451,17 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
     """Whether the grouped top-k (one program per row: time grows with sqrt(length x budget)
     per wave of rows) beats the chunked one (the whole GPU on every pass: time grows with rows x
     length), by a cost model in microseconds fitted to benchmarks/tune_topk.py on an H200
-    (docs/results/tune-topk-h200-2026-11-30.log): it picks the faster at all sixteen measured shapes."""
-    grouped = 20 + 0.01 * (length * budget) ** 0.5 * max(1.0, rows / _sm_count(device))
+    (docs/results/tune-topk-h200-2026-11-30-candidate-threshold.log): at all sixteen measured
+    shapes its pick is within 7% of the faster plan."""
+    grouped = 18 + 0.0065 * (length * budget) ** 0.5 * max(1.0, rows / _sm_count(device))
     chunked = 35 + 30 * rows * length / 2 ** 20
     return grouped < chunked
+
+
+def topk_select_block(budget: int) -> int:
+    """Keys per step of radix_select's loops: longer steps pay from LARGE_BUDGET on, where the
+    gather covers budget x group positions (benchmarks/tune_topk.py on an H200)."""
+    return SELECT_BLOCK_LARGE if budget >= LARGE_BUDGET else SELECT_BLOCK
 
 
 @dataclass(frozen=True)
@@ -477,10 +486,11 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
               chunk: Optional[int] = None, block: int = TOPK_BLOCK, group: Optional[int] = None,
               **select: int) -> TopkPlan:
     """The launch plan of `select_topk` (defaults: `topk_grouped_is_faster`, `topk_chunk`,
-    TOPK_BLOCK, `topk_group` (at most the block), SELECT_BLOCK (at most the block), SELECT_WARPS)."""
+    TOPK_BLOCK, `topk_group` (at most the block), `topk_select_block` (at most the block),
+    SELECT_WARPS)."""
     if grouped is None:
         grouped = topk_grouped_is_faster(rows, length, budget, device)
-    select.setdefault("select_block", min(SELECT_BLOCK, block))
+    select.setdefault("select_block", min(topk_select_block(budget), block))
     return TopkPlan(grouped=grouped, chunk=chunk or topk_chunk(rows, length, device),
                     group=min(group or topk_group(length, budget), block), block=block, **select)
 

@@ -145,6 +145,25 @@ def test_quest_kernel_equals_reference(problem, page_size, pages):
     torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
 
 
+@interpreted
+@settings(max_examples=12, deadline=None)
+@given(problem=decode_problems(max_len=90), page_size=page_sizes, pages=st.integers(1, 5), grouped=st.booleans())
+def test_quest_page_topk_in_both_plans_equals_reference(problem, page_size, pages, grouped):
+    """The top-k over page scores in either plan, its rows bounded in pages from the token mask
+    summary (the current token's page forced), picks the reference's pages."""
+    p = problem
+    b, h, length = p.query.shape[0], p.query.shape[1], p.key.shape[2]
+    meta = reference.quest_page_metadata(p.key, p.mask, page_size)
+    valid = reference.valid_positions(p.mask, b, length, p.query.device)
+    scores = reference.quest_page_scores(p.query, *meta, reference.pages_valid(valid, page_size, meta[0].shape[2]))
+    plan = kernels.plan_topk(b * h, scores.shape[2], pages, p.query.device, grouped=grouped, chunk=4, block=2,
+                             group=2 if grouped else None)
+    summary = kernels.summarize_mask(p.mask, b, length, p.query.device)
+    chosen = kernels.select_topk(scores, scores, summary, pages, h, False, plan, page_size=page_size)
+    expected = reference.quest_select_pages(p.query, *meta, p.mask, length, pages * page_size, page_size)
+    assert torch.equal(chosen, expected)
+
+
 def test_quest_tiny_model_budget_covering_context_equals_eager():
     check_budget_covering_context("qwen2", 4, 2, 5, "query_head", 2, True, "aot_eager", mode="quest", page_size=16)
 

@@ -412,11 +412,8 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
         stride_pp=page_min.stride(2), stride_mb=stride_mb, stride_mn=stride_mn, stride_sb=scores.stride(0),
         stride_sh=scores.stride(1), length=length, pages=pages, NUM_HEADS=h, GROUP=h // hkv, PAGE=page_size,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=QUEST_BLOCK_P, MASK_KIND=mask_kind, MASK_MIN=mask_min)
-    valid_pages = (summary.kv_len + page_size - 1) // page_size
-    # The page of the current token is the last valid page: forced like the current token.
-    page_summary = MaskSummary(kv_len=valid_pages, sink_end=torch.zeros_like(valid_pages),
-                               recent_start=valid_pages - 1)
-    chosen = select_topk(scores, scores, page_summary, budget // page_size, h, rank_by_prob=False)
+    # The top-k's rows are pages (the current token's page forced), bounded in the kernels.
+    chosen = select_topk(scores, scores, summary, budget // page_size, h, rank_by_prob=False, page_size=page_size)
     return sparse_decode(query, key, value, chosen, scale, attn_mask, page_size)
 
 
@@ -452,7 +449,7 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
     per wave of rows) beats the chunked one (the whole GPU on every pass: time grows with rows x
     length), by a cost model in microseconds fitted to benchmarks/tune_topk.py on an H200
     (docs/results/tune-topk-h200-2026-11-30-candidate-threshold.log): at all sixteen measured
-    shapes its pick is within 7% of the faster plan."""
+    shapes its pick is within 9% of the faster plan."""
     grouped = 18 + 0.0065 * (length * budget) ** 0.5 * max(1.0, rows / _sm_count(device))
     chunked = 35 + 30 * rows * length / 2 ** 20
     return grouped < chunked
@@ -496,13 +493,17 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
 
 
 def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
-                rank_by_prob: bool, plan: Optional[TopkPlan] = None) -> Tensor:
+                rank_by_prob: bool, plan: Optional[TopkPlan] = None, page_size: int = 1) -> Tensor:
     """The top-`budget` positions per index set from flash_decode's logits (int32 [B, S, k],
     ascending, -1 past the valid positions), by a radix select (no sort); `plan` defaults to
     `plan_topk`.
 
     A set ranks by its head's logit (query_head) or, with `rank_by_prob`, by the sum over its
-    H / S heads of softmax probabilities (kv_head, layer)."""
+    H / S heads of softmax probabilities (kv_head, layer). With `page_size` > 1 the entries are
+    Quest pages of that many positions (`summary` still in positions): the pages covering the
+    valid length, the last one (the current token's) forced, none by probability."""
+    if page_size > 1 and rank_by_prob:
+        raise ValueError("select_topk ranks pages by their own scores only (rank_by_prob=False)")
     b, h, length = sizes(logits)
     plan = plan or plan_topk(b * sets, length, budget, logits.device)
     heads_per_set = h // sets
@@ -513,14 +514,15 @@ def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, 
     out = torch.empty(b, sets, budget, dtype=torch.int32, device=logits.device)
     if plan.grouped:  # a block covers whole groups
         block = max(plan.group, prob_block) if rank_by_prob else plan.block
-        _select_grouped(logits, lse, summary, budget, rank_by_prob, plan, sets_args, block, out)
+        _select_grouped(logits, lse, summary, budget, rank_by_prob, plan, sets_args, block, page_size, out)
     else:
-        _select_chunked(logits, lse, summary, budget, rank_by_prob, plan, sets_args, max(16, prob_block), out)
+        _select_chunked(logits, lse, summary, budget, rank_by_prob, plan, sets_args, max(16, prob_block), page_size,
+                        out)
     return out
 
 
 def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, rank_by_prob: bool,
-                    plan: TopkPlan, sets_args: dict[str, int], block: int, out: Tensor) -> None:
+                    plan: TopkPlan, sets_args: dict[str, int], block: int, page_size: int, out: Tensor) -> None:
     """Two launches (radix_topk.py.jinja): the largest key of each group of positions, then per
     row the top groups and the top positions among them."""
     rows, length, device = out.shape[0] * out.shape[1], logits.shape[2], logits.device
@@ -532,7 +534,7 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     row_args = dict(Logits=logits, Lse=lse, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
                     RecentStart=summary.recent_start, Rank=rank, GroupMax=group_max,
                     stride_xb=logits.stride(0), stride_xh=logits.stride(1), stride_gr=group_max.stride(0))
-    constants = dict(**sets_args, BY_PROB=rank_by_prob, GROUP=plan.group)
+    constants = dict(**sets_args, BY_PROB=rank_by_prob, GROUP=plan.group, PAGE=page_size)
     wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
         **row_args, **constants, BLOCK=block, CHUNK=plan.chunk)
     groups = torch.empty(rows, budget, dtype=torch.int32, device=device)
@@ -545,7 +547,8 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
 
 
 def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, rank_by_prob: bool,
-                    plan: TopkPlan, sets_args: dict[str, int], prob_block: int, out: Tensor) -> None:
+                    plan: TopkPlan, sets_args: dict[str, int], prob_block: int, page_size: int, out: Tensor
+                    ) -> None:
     """Seven launches or fewer (radix_topk_chunked.py.jinja), each on (rows, chunks) programs:
     ranks by probability (in steps of `prob_block`), four digit histograms, the per-chunk counts,
     the emit."""
@@ -565,7 +568,7 @@ def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     counts = torch.empty(rows, chunks_pad, 2, dtype=torch.int32, device=device)
     row_args = dict(Rank=rank, Hist=hist, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
                     RecentStart=summary.recent_start, stride_rb=rank.stride(0), stride_rs=rank.stride(1),
-                    budget=budget, NUM_SETS=sets, BLOCK=plan.block, CHUNK=plan.chunk)
+                    budget=budget, NUM_SETS=sets, BLOCK=plan.block, CHUNK=plan.chunk, PAGE=page_size)
     for level in range(RADIX_LEVELS):
         wrap_triton(module.radix_histogram)[(rows, chunks)](**row_args, LEVEL=level)
     wrap_triton(module.radix_count)[(rows, chunks)](**row_args, Counts=counts, CHUNKS_PAD=chunks_pad)

@@ -13,10 +13,12 @@ cache's own `update` (which also moves its length: the static cache writes at, a
 its own length), then `--steps` greedy decode steps are timed with CUDA events after `--warmup`
 ones (median), and a few more run under the profiler. The floor is the same model at a 1K context.
 
-Per row: ms per step; speed-up over inductor and over full; attention time (step minus the floor)
+Per row: ms per step; speed-up over inductor and over full (and over full by kernel time alone:
+the host's share of a step varies from run to run); attention time (step minus the floor)
 against the time to read the KV bytes the method must read at the measured copy bandwidth;
 kernel time per step from the profiler split into weights (matrix products), attention,
-selection (top-k, Quest page scores) and other kernels; and the step time outside kernels.
+selection (top-k, Quest page scores) and other kernels; the step time outside kernels, and the
+GPU's idle gaps between kernels (short: kernel to kernel; long: waiting for the host).
 Methods: inductor, inductor+where (Inductor with tidal's boolean-mask-as-`where` pass, which keeps
 tensor-parallel graphs capturable in CUDA graphs: benchmarks/decode_tp.py), full, tidal:K, quest:K,
 topk_oracle:K (K the budget). Each row counts the graphs Inductor did not capture. Plots:
@@ -26,6 +28,7 @@ topk_oracle:K (K the budget). Each row counts the graphs Inductor did not captur
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import gc
 import json
@@ -237,6 +240,7 @@ class Row:
     floor: bool = False
     speedup_vs_inductor: Optional[float] = None
     speedup_vs_full: Optional[float] = None
+    kernel_speedup_vs_full: Optional[float] = None  # by GPU kernel time alone (the host's share varies run to run)
     attention_ms: Optional[float] = None
     read_ms: Optional[float] = None  # attention_bytes at the copy bandwidth
 
@@ -271,19 +275,22 @@ def filled_cache(model: torch.nn.Module, batch: int, context: int, capacity: int
 @torch.no_grad()
 def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shape, batch: int, context: int,
             steps: int, warmup: int, profile_steps: int, kv_heads: Optional[int] = None,
-            trace: Optional[str] = None, skip_guard_eval: bool = False, guard_filter: Optional[str] = None) -> Row:
+            trace: Optional[str] = None, skip_guard_eval: bool = False, guard_filter: Optional[str] = None,
+            inductor_config: Optional[dict[str, Any]] = None) -> Row:
     """Compile `model.forward` for `method`, fill a cache to `context`, time and profile decode steps
     (`kv_heads`: the KV heads a rank holds, under tensor parallelism; `trace`: a Chrome trace file of
     the profiled steps; `skip_guard_eval`: time the steps after the compile with Dynamo's guards
     off, `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, to measure what guards cost;
-    `guard_filter`: a key of GUARD_FILTERS, the guards Dynamo keeps)."""
+    `guard_filter`: a key of GUARD_FILTERS, the guards Dynamo keeps; `inductor_config`: Inductor
+    config patches for every method, the tidal backend's `inductor` option)."""
     torch._dynamo.reset()
     options = method.options()
     guards = {"guard_filter_fn": GUARD_FILTERS[guard_filter]} if guard_filter else {}
+    patches = inductor_config or {}
     if options is not None:
-        forward = torch.compile(model.forward, backend="tidal", options={**options, **guards})
+        forward = torch.compile(model.forward, backend="tidal", options={**options, "inductor": patches, **guards})
     else:  # mode="reduce-overhead" as its options (torch.compile takes no options beside a mode)
-        forward = torch.compile(model.forward, options={**list_mode_options("reduce-overhead"), **guards})
+        forward = torch.compile(model.forward, options={**list_mode_options("reduce-overhead"), **patches, **guards})
     capacity = context + warmup + steps + profile_steps + 1
     cache = filled_cache(model, batch, context, capacity, method.page_size(), kv_heads or shape.kv_heads)
     cache_name = hf_compat.forward_cache_name(model.forward)
@@ -345,6 +352,7 @@ def derive(rows: list[Row], bandwidth: float) -> None:
         inductor, full = find(row, "inductor", row.context), find(row, "full", row.context)
         row.speedup_vs_inductor = inductor.ms / row.ms if inductor else None
         row.speedup_vs_full = full.ms / row.ms if full else None
+        row.kernel_speedup_vs_full = full.kernel_ms / row.kernel_ms if full else None
         floor = find(row, row.method, FLOOR_CONTEXT) or find(row, "full", FLOOR_CONTEXT)
         if floor is not None and not row.floor:
             row.attention_ms = row.ms - floor.ms
@@ -359,7 +367,8 @@ def print_row(row: Row, out: Callable[[str], None]) -> None:
                  if row.attention_ms is not None else "attn    -")
     c = row.categories
     out(f"{row.shape:10s} B={row.batch:<2d} L={row.context:<6d} {row.method:16s} {row.ms:7.3f} ms  "
-        f"{ratio(row.speedup_vs_inductor)} vs inductor  {ratio(row.speedup_vs_full)} vs full  {attention}  "
+        f"{ratio(row.speedup_vs_inductor)} vs inductor  {ratio(row.speedup_vs_full)} vs full "
+        f"({ratio(row.kernel_speedup_vs_full)} by kernel time)  {attention}  "
         f"| kernels {row.kernel_ms:6.3f} (w {c['weights']:.3f} a {c['attention']:.3f} s {c['selection']:.3f} "
         f"c {c['communication']:.3f} o {c['other']:.3f}) outside {row.outside_ms:6.3f} "
         f"(idle gaps: short {row.gaps.get('short_ms', 0):.3f} long {row.gaps.get('long_ms', 0):.3f} longest "
@@ -372,6 +381,20 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default=None, help="folder for a Chrome trace (host and GPU) of each row's profiled steps")
     parser.add_argument("--guard-filter", choices=list(GUARD_FILTERS), default=None,
                         help="compile every method with this Dynamo guard filter (unsafe; measures the guards' cost)")
+    parser.add_argument("--inductor-config", nargs="*", default=[], type=inductor_patch,
+                        metavar="KEY=VALUE", help="Inductor config patches for every method, e.g. "
+                        "coordinate_descent_tuning=True max_autotune=True (the tidal backend's `inductor` option)")
+
+
+def inductor_patch(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` as (key, the value as a Python literal)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a Python literal") from None
 
 
 def trace_file(folder: Optional[str], stem: str) -> Optional[str]:
@@ -443,7 +466,8 @@ def main() -> None:
             model, built = build_model(shape, longest + 4096), shape_name
         trace = trace_file(args.trace, f"{shape_name}-b{batch}-{context}-{method.file_name}")
         rows.append(measure(model, method, shape_name, shape, batch, context, args.steps, args.warmup,
-                            args.profile_steps, trace=trace, guard_filter=args.guard_filter))
+                            args.profile_steps, trace=trace, guard_filter=args.guard_filter,
+                            inductor_config=dict(args.inductor_config)))
         derive(rows, bandwidth)
         print_row(rows[-1], progress.write)
         if args.out:  # after every row: a long sweep cut short keeps what it measured

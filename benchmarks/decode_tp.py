@@ -91,7 +91,8 @@ def main() -> None:
         trace = trace_file(args.trace, f"{method.file_name}-rank{dist.get_rank()}")
         row = measure(model, method, name, shape, args.batch, args.context, args.steps, args.warmup,
                       args.profile_steps, kv_heads=shape.kv_heads // world, trace=trace,
-                      skip_guard_eval=args.skip_guard_eval, guard_filter=args.guard_filter)
+                      skip_guard_eval=args.skip_guard_eval, guard_filter=args.guard_filter,
+                      inductor_config=dict(args.inductor_config))
         row.attention_bytes //= world  # a rank reads its heads' share
         rows.append(row)
         derive(rows, bandwidth)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from importlib.metadata import entry_points
 
 import pytest
@@ -93,6 +94,26 @@ def test_torch_compile_mode_reaches_inductor(monkeypatch):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="torch.compile mode: Unrecognized mode=fast"):
         torch.compile(torch.nn.Linear(4, 4), backend="tidal", mode="fast")(x)
+
+
+def test_inductor_option_patches_reach_inductor_and_bad_ones_name_the_problem(monkeypatch):
+    """options={"inductor": {...}} passes Inductor config patches through (beside cudagraphs); an
+    unknown key, a non-dict or a non-Inductor inner backend is a ConfigError naming it."""
+    import torch._inductor.compile_fx as compile_fx
+
+    seen = []
+    monkeypatch.setattr(compile_fx, "compile_fx",
+                        lambda gm, inputs, config_patches: seen.append(config_patches) or gm.forward)
+    torch._dynamo.reset()
+    options = {"inductor": {"coordinate_descent_tuning": True, "max_autotune_gemm": True}}
+    torch.compile(torch.nn.Linear(4, 4), backend="tidal", options=options)(torch.randn(2, 4))
+    assert seen[0]["coordinate_descent_tuning"] is True and seen[0]["max_autotune_gemm"] is True
+    for bad, message in (({"inductor": {"max_autotun": True}}, "unknown Inductor config key(s) 'max_autotun'"),
+                         ({"inductor": 3}, "inductor must be a dict of Inductor config keys, got int"),
+                         ({"inductor": {"max_autotune": True}, "inner_backend": "eager"},
+                          "inductor config patches need inner_backend inductor")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            BackendOptions.parse(bad)
 
 
 def test_explain_lists_layers_and_logs_at_compile_time(caplog):

@@ -3,6 +3,7 @@ read and the kernel categories of a profile (CPU; the timing itself needs a GPU)
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -80,3 +81,13 @@ def test_idle_gaps_split_kernel_to_kernel_gaps_from_waits_for_the_host():
     gaps = decode.idle_gaps(later + step, steps=2)
     assert gaps == pytest.approx(dict(short_ms=2 * 3.0 / 1e3 / 2, long_ms=100.0 / 1e3 / 2, longest_ms=0.1))
     assert decode.idle_gaps([], steps=1) == dict(short_ms=0.0, long_ms=0.0, longest_ms=0.0)
+
+
+def test_inductor_config_flag_parses_literals_and_rejects_bare_keys():
+    parser = argparse.ArgumentParser()
+    decode.add_measure_arguments(parser)
+    args = parser.parse_args(["--inductor-config", "max_autotune=True", "coordinate_descent_tuning=1"])
+    assert dict(args.inductor_config) == {"max_autotune": True, "coordinate_descent_tuning": 1}
+    assert dict(parser.parse_args([]).inductor_config) == {}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--inductor-config", "max_autotune"])

@@ -6,9 +6,11 @@ Registered by entry point (`torch_dynamo_backends: tidal`), so after `pip instal
 
 `options` holds `config` (YAML path, dict or TidalConfig), any config key as a shorthand that
 overrides it, and backend keys: `num_layers` (model depth, default: highest layer index in the
-graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug) and
+graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug),
 `cudagraphs` (Inductor captures each graph in CUDA graphs and replays it, what
-`mode="reduce-overhead"` does; torch.compile takes no `mode` together with `options`). The
+`mode="reduce-overhead"` does; torch.compile takes no `mode` together with `options`) and
+`inductor` (Inductor config patches, e.g. `{"max_autotune": True, "coordinate_descent_tuning":
+True}`: what torch.compile's `options` would pass to plain Inductor). The
 backend never writes into `options`; per-sequence state (Quest's page metadata) lives in the
 KV cache (:class:`tidal_compile.TidalCache`).
 `torch.compile(model, backend="tidal", mode=...)` (no options) passes an Inductor mode through.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -53,8 +55,9 @@ class BackendOptions:
     num_layers: Optional[int] = None
     inner_backend: str = "inductor"
     cudagraphs: bool = False
+    inductor: Mapping[str, Any] = field(default_factory=dict)
 
-    KEYS = ("config", "num_layers", "inner_backend", "cudagraphs")
+    KEYS = ("config", "num_layers", "inner_backend", "cudagraphs", "inductor")
     """Backend options besides the config keys."""
 
     @classmethod
@@ -66,6 +69,7 @@ class BackendOptions:
         num_layers = opts.pop("num_layers", None)
         inner = opts.pop("inner_backend", "inductor")
         cudagraphs = opts.pop("cudagraphs", False)
+        inductor = _inductor_config(opts.pop("inductor", {}), inner)
         source = opts.pop("config", None)
         if num_layers is not None and (not isinstance(num_layers, int) or num_layers <= 0):
             raise ConfigError(f"num_layers must be a positive integer, got {num_layers!r}")
@@ -81,7 +85,7 @@ class BackendOptions:
             if "unknown config key" in str(e):
                 raise ConfigError(f"{e} (backend options: {', '.join(cls.KEYS)})") from None
             raise
-        return cls(config, num_layers, inner, cudagraphs)
+        return cls(config, num_layers, inner, cudagraphs, inductor)
 
 
 def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
@@ -107,15 +111,34 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
     return _inner_compile(opts.inner_backend, inductor_patches)(gm, example_inputs)
 
 
+def _inductor_config(patches: Any, inner_backend: str) -> dict[str, Any]:
+    """The `inductor` option checked: a dict of Inductor config keys (dotted, as
+    `torch._inductor.config` names them), for the Inductor inner backend."""
+    from torch._inductor import config as inductor_config
+
+    if not isinstance(patches, Mapping):
+        raise ConfigError(f"inductor must be a dict of Inductor config keys, got {type(patches).__name__}")
+    if patches and inner_backend != "inductor":
+        raise ConfigError(f"inductor config patches need inner_backend inductor, got {inner_backend!r}")
+    known = inductor_config.get_config_copy()
+    unknown = sorted(key for key in patches if key not in known)
+    if unknown:
+        raise ConfigError(f"unknown Inductor config key(s) {', '.join(map(repr, unknown))} in the inductor option "
+                          f"(keys of torch._inductor.config, e.g. 'max_autotune', 'coordinate_descent_tuning')")
+    return dict(patches)
+
+
 def _inductor_mode_patches(mode: Optional[str], opts: BackendOptions) -> dict[str, Any]:
-    """Inductor config patches for torch.compile's `mode` and the `cudagraphs` option, and the
-    post-grad pass that writes boolean-mask stores as `where` (capturable in CUDA graphs)."""
+    """Inductor config patches for torch.compile's `mode`, the `inductor` and `cudagraphs`
+    options, and the post-grad pass that writes boolean-mask stores as `where` (capturable in
+    CUDA graphs)."""
     from torch._inductor import config as inductor_config, list_mode_options
 
     try:
         patches = dict(list_mode_options(mode)) if mode else {}
     except RuntimeError as e:
         raise ConfigError(f"torch.compile mode: {e}") from None
+    patches.update(opts.inductor)
     if opts.cudagraphs:
         patches["triton.cudagraphs"] = True
     patches["post_grad_custom_pre_pass"] = MaskedFillAsWhere(then=inductor_config.post_grad_custom_pre_pass)

@@ -1,5 +1,5 @@
 """The top-k's two plans (grouped, chunked) against torch.topk, and a sweep of the grouped
-plan (group length, select block and warps), side by side on flash_decode's logits.
+plan (group length, select and gather blocks, warps), side by side on flash_decode's logits.
 
     python benchmarks/tune_topk.py                 # every shape, budget 256 and 2048
     python benchmarks/tune_topk.py --no-sweep      # the two plans and torch.topk only
@@ -25,7 +25,8 @@ from tidal_compile.ops import kernels
 SHAPES = [(1, 32, 8, 131072), (1, 32, 8, 32768), (8, 32, 8, 32768), (1, 32, 32, 102400)]
 BUDGETS = (256, 2048)
 GROUPS = (8, 16, 32, 64, 128)
-SELECT = ((1024, 8), (2048, 8), (1024, 4))  # (select_block, select_warps)
+# (select_block, gather_block, select_warps)
+SELECT = ((1024, 1024, 8), (2048, 2048, 8), (1024, 1024, 4), (1024, 4096, 8), (2048, 8192, 8))
 
 
 def us(fn) -> float:
@@ -61,17 +62,19 @@ def main() -> None:
                     f"torch.topk / ours x{torch_topk / ours:.2f}")
             if not args.no_sweep:
                 cells = []
-                for group, (select_block, warps) in itertools.product(GROUPS, SELECT):
+                for group, (select_block, gather_block, warps) in itertools.product(GROUPS, SELECT):
                     plan = kernels.plan_topk(batch * sets, length, budget, q.device, grouped=True, group=group,
-                                             select_block=select_block, select_warps=warps)
+                                             select_block=select_block, gather_block=gather_block,
+                                             select_warps=warps)
 
                     def topk():
                         return kernels.select_topk(logits, lse, summary, budget, sets, by_prob, plan)
 
                     same = torch.equal(topk(), default)
                     time = us(topk)
-                    cells.append((time, f"{group}/{select_block}/{warps}:{time:.0f}{'' if same else '!'}"))
-                line += "; group/block/warps: " + " ".join(c for _, c in cells) + f"; best {min(cells)[1]}"
+                    cells.append((time, f"{group}/{select_block}/{gather_block}/{warps}:{time:.0f}"
+                                        f"{'' if same else '!'}"))
+                line += "; group/block/gather/warps: " + " ".join(c for _, c in cells) + f"; best {min(cells)[1]}"
             print(line, flush=True)
         del q, k, logits
         torch.cuda.empty_cache()

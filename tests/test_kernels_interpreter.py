@@ -22,11 +22,11 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="kernels run on the CPU only in Triton's interpreter (set by conftest)")
 
 
-def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=16, group=4):
+def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=16, group=4, **select):
     """Selection through the kernels as the op runs them (the attention loop bounded by the valid
     length, logits past it poisoned here); small top-k chunks so that rows span several programs.
     `group`: the grouped top-k with groups of that many positions (1: one selection over the
-    positions), or None: the chunked top-k."""
+    positions), or None: the chunked top-k; `select`: the grouped plan's select steps (TopkPlan)."""
     b, h = p.query.shape[:2]
     summary = kernels.summarize_mask(p.mask, b, p.key.shape[2], p.query.device, sink, recent)
     out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=True,
@@ -35,7 +35,7 @@ def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=1
         logits[row, :, valid_length:] = float("inf")
     sets = index_sets(granularity, h, p.num_kv_heads)
     plan = kernels.plan_topk(b * sets, p.key.shape[2], budget, p.query.device, grouped=group is not None,
-                             chunk=chunk, block=block, group=group)
+                             chunk=chunk, block=block, group=group, **select)
     return out, kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head", plan)
 
 
@@ -187,28 +187,34 @@ def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group):
 
 
 def test_radix_topk_on_a_row_longer_than_a_block():
-    """Production chunk sizes, both top-k plans (the default group): several blocks per chunk,
-    all radix levels (kv_len > budget)."""
+    """Production chunk sizes, both top-k plans (the default group; the grouped one also with a
+    candidate gather in longer steps than its selections): several blocks per chunk, all radix
+    levels (kv_len > budget)."""
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randint(-3, 4, (1, 4, 1, 16), generator=gen).float(), torch.randint(-3, 4, (1, 2, 700, 16), generator=gen).float()
     p = type("P", (), dict(query=q, key=k, value=k, mask=None, scale=1.0, num_kv_heads=2))
-    for group in (None, kernels.topk_group(700, 37)):
-        _, idx = kernel_selection(p, 37, "query_head", chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK, group=group)
+    plans = ({"group": None}, {"group": kernels.topk_group(700, 37)},
+             {"group": kernels.topk_group(700, 37), "select_block": 64, "gather_block": 256})
+    for plan in plans:
+        _, idx = kernel_selection(p, 37, "query_head", chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK, **plan)
         torch.testing.assert_close(idx, oracle.selection_indices(q, k, None, 1.0, 37, "query_head"), rtol=0, atol=0)
         for granularity in ("kv_head", "layer"):
-            _, idx = kernel_selection(p, 37, granularity, chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK,
-                                      group=group)
+            _, idx = kernel_selection(p, 37, granularity, chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK, **plan)
             oracle.assert_is_topk(idx, q, k, None, 1.0, 37, granularity, rel_tol=1e-4)
 
 
 @pytest.mark.parametrize("length, budget", [(131072, 256), (131072, 2048), (32768, 256), (8192, 16), (70, 24), (5, 9)])
 def test_topk_group_balances_groups_and_candidates(length, budget):
-    """radix_select reads length / group group keys, then budget x group candidates: the group
-    is the power of two (at most TOPK_MAX_GROUP) that keeps their sum within 1.5x of the least."""
+    """radix_select makes RADIX_LEVELS passes over length / group group keys, then one gather over
+    budget x group positions: the group is the power of two (at most TOPK_MAX_GROUP) that keeps
+    their sum within 1.5x of the least."""
     group = kernels.topk_group(length, budget)
     powers = [1 << i for i in range(kernels.TOPK_MAX_GROUP.bit_length())]
-    assert group in powers
-    assert length / group + budget * group <= 1.5 * min(length / g + budget * g for g in powers)
+
+    def cost(g: int) -> float:
+        return kernels.RADIX_LEVELS * length / g + budget * g
+
+    assert group in powers and cost(group) <= 1.5 * min(map(cost, powers))
 
 
 def test_topk_plan_picks_the_faster_of_the_h200_sweep(monkeypatch):

@@ -465,7 +465,8 @@ def topk_select_block(budget: int) -> int:
 class TopkPlan:
     """How one `select_topk` runs. Grouped (radix_topk.py.jinja): radix_group_max over chunks of
     `chunk` positions per row in steps of `block`, then one radix_select program per row
-    (`select_warps` warps, steps of `select_block` keys) over groups of `group` positions.
+    (`select_warps` warps, steps of `select_block` keys; its candidate gather in steps of
+    `gather_block` positions) over groups of `group` positions.
     Chunked (radix_topk_chunked.py.jinja): every pass on (rows, chunks of `chunk`) programs."""
 
     grouped: bool
@@ -474,6 +475,7 @@ class TopkPlan:
     block: int = TOPK_BLOCK
     select_block: int = SELECT_BLOCK
     select_warps: int = SELECT_WARPS
+    gather_block: int = SELECT_BLOCK
 
     def chunks(self, length: int) -> int:
         return triton.cdiv(length, self.chunk)
@@ -484,10 +486,11 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
               **select: int) -> TopkPlan:
     """The launch plan of `select_topk` (defaults: `topk_grouped_is_faster`, `topk_chunk`,
     TOPK_BLOCK, `topk_group` (at most the block), `topk_select_block` (at most the block),
-    SELECT_WARPS)."""
+    SELECT_WARPS, gather block = select block)."""
     if grouped is None:
         grouped = topk_grouped_is_faster(rows, length, budget, device)
     select.setdefault("select_block", min(topk_select_block(budget), block))
+    select.setdefault("gather_block", select["select_block"])
     return TopkPlan(grouped=grouped, chunk=chunk or topk_chunk(rows, length, device),
                     group=min(group or topk_group(length, budget), block), block=block, **select)
 
@@ -543,7 +546,8 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     cand_pos = torch.empty(rows, slots, dtype=torch.int32, device=device)
     wrap_triton(module.radix_select)[(rows,)](
         **row_args, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, Out=out, stride_ob=out.stride(0), stride_os=out.stride(1),
-        budget=budget, **constants, BLOCK=plan.select_block, num_warps=plan.select_warps)
+        budget=budget, **constants, BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block,
+        num_warps=plan.select_warps)
 
 
 def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, rank_by_prob: bool,

@@ -174,23 +174,26 @@ def kernel_category(name: str) -> str:
 GAP_LONG_US = 20.0  # an idle gap at least this long between kernels: the GPU waits for the host
 
 
+def gaps_between(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The idle stretches (start, end) between `intervals` ((start, end), in any order; overlapping
+    ones merge)."""
+    gaps, busy_until = [], None
+    for start, end in sorted(intervals):
+        if busy_until is not None and start > busy_until:
+            gaps.append((busy_until, start))
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return gaps
+
+
 def idle_gaps(intervals: list[tuple[float, float]], steps: int) -> dict[str, float]:
     """The GPU's idle time between the kernels of `intervals` ((start, end) in us) per step, in
     ms: short gaps (kernel to kernel: launch latency, graph nodes) and long ones (at least
     GAP_LONG_US: the GPU waiting for the host), and the longest gap. The wait before the first
     kernel is not seen, so `steps` steps show `steps` - 1 of the waits between steps."""
-    short = long = longest = 0.0
-    busy_until = None
-    for start, end in sorted(intervals):
-        if busy_until is not None and start > busy_until:
-            gap = start - busy_until
-            if gap >= GAP_LONG_US:
-                long += gap
-            else:
-                short += gap
-            longest = max(longest, gap)
-        busy_until = end if busy_until is None else max(busy_until, end)
-    return dict(short_ms=short / 1e3 / steps, long_ms=long / 1e3 / steps, longest_ms=longest / 1e3)
+    lengths = [end - start for start, end in gaps_between(intervals)]
+    long = sum(gap for gap in lengths if gap >= GAP_LONG_US)
+    return dict(short_ms=(sum(lengths) - long) / 1e3 / steps, long_ms=long / 1e3 / steps,
+                longest_ms=max(lengths, default=0.0) / 1e3)
 
 
 def profile_kernels(step: Callable[[], None], steps: int, trace: Optional[str] = None) -> dict[str, Any]:

@@ -91,3 +91,19 @@ def test_inductor_config_flag_parses_literals_and_rejects_bare_keys():
     assert dict(parser.parse_args([]).inductor_config) == {}
     with pytest.raises(SystemExit):
         parser.parse_args(["--inductor-config", "max_autotune"])
+
+
+def test_host_gaps_attribute_the_hosts_events_to_the_gpus_long_waits():
+    """A synthetic trace: two kernels 100 us apart (a long gap) and 5 us apart (a short one);
+    host events count by their time inside the long gap only."""
+    import host_gaps
+
+    events = [dict(ph="X", cat="kernel", name="k", ts=0, dur=10), dict(ph="X", cat="kernel", name="k", ts=110, dur=10),
+              dict(ph="X", cat="kernel", name="k", ts=125, dur=10),
+              dict(ph="X", cat="cuda_runtime", name="cudaGraphLaunch", ts=50, dur=100),  # 60 us inside the gap
+              dict(ph="X", cat="cpu_op", name="TorchDynamo Cache Lookup", ts=12, dur=20),
+              dict(ph="X", cat="cpu_op", name="late", ts=200, dur=50)]
+    gaps = host_gaps.long_gaps(events)
+    assert gaps == [(10, 110)]
+    inside = host_gaps.host_time_in_gaps(events, gaps)
+    assert inside == {("cuda_runtime", "cudaGraphLaunch"): 60, ("cpu_op", "TorchDynamo Cache Lookup"): 20}

@@ -114,11 +114,13 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
 def _inductor_config(patches: Any, inner_backend: str) -> dict[str, Any]:
     """The `inductor` option checked: a dict of Inductor config keys (dotted, as
     `torch._inductor.config` names them), for the Inductor inner backend."""
-    from torch._inductor import config as inductor_config
-
     if not isinstance(patches, Mapping):
         raise ConfigError(f"inductor must be a dict of Inductor config keys, got {type(patches).__name__}")
-    if patches and inner_backend != "inductor":
+    if not patches:  # the common case: no copy of Inductor's config at every compile
+        return {}
+    from torch._inductor import config as inductor_config
+
+    if inner_backend != "inductor":
         raise ConfigError(f"inductor config patches need inner_backend inductor, got {inner_backend!r}")
     known = inductor_config.get_config_copy()
     unknown = sorted(key for key in patches if key not in known)

@@ -545,8 +545,8 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     cand_keys = torch.empty(rows, slots, dtype=torch.int64, device=device)
     cand_pos = torch.empty(rows, slots, dtype=torch.int32, device=device)
     wrap_triton(module.radix_select)[(rows,)](
-        **row_args, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, Out=out, stride_ob=out.stride(0), stride_os=out.stride(1),
-        budget=budget, **constants, BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block,
+        **row_args, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, Out=out, stride_ob=out.stride(0),
+        stride_os=out.stride(1), budget=budget, **constants, BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block,
         num_warps=plan.select_warps)
 
 

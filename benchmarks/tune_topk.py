@@ -9,7 +9,7 @@ Per shape, budget and granularity: the grouped and the chunked plan's time (the 
 query_head, the summed probabilities for kv_head, computed outside its time), CUDA-graph replays
 (median), then each swept grouped plan's time; "!" marks a plan whose indices differ from the
 default's (it never should). The results feed `kernels.topk_grouped_is_faster`, `topk_group`
-and SELECT_*.
+and `topk_select_steps`.
 """
 
 from __future__ import annotations

@@ -422,8 +422,9 @@ TOPK_CHUNK = 4096  # the longest chunk of a row one top-k program takes
 TOPK_PROGRAMS_PER_SM = 8  # chunks shrink (to TOPK_BLOCK) until rows x chunks reaches this per SM
 TOPK_MAX_GROUP = 128
 SELECT_BLOCK = 1024  # keys per step of radix_select's loops (benchmarks/tune_topk.py on an H200) ...
-SELECT_BLOCK_LARGE = 2048  # ... and from a budget of LARGE_BUDGET on (more candidates to gather)
+SELECT_BLOCK_LARGE = 2048  # ... and from a budget of LARGE_BUDGET on (more candidates to gather) ...
 LARGE_BUDGET = 1024
+GATHER_BLOCK_FEW_ROWS = 4096  # ... but with at most half as many rows as SMs, SELECT_BLOCK and gathers this long
 SELECT_WARPS = 8
 RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
 
@@ -455,10 +456,19 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
     return grouped < chunked
 
 
-def topk_select_block(budget: int) -> int:
-    """Keys per step of radix_select's loops: longer steps pay from LARGE_BUDGET on, where the
-    gather covers budget x group positions (benchmarks/tune_topk.py on an H200)."""
-    return SELECT_BLOCK_LARGE if budget >= LARGE_BUDGET else SELECT_BLOCK
+def topk_select_steps(rows: int, budget: int, device: torch.device, block: int = TOPK_BLOCK) -> dict[str, int]:
+    """radix_select's steps (TopkPlan's select_block, gather_block), for a group-max step of
+    `block` (TOPK_BLOCK; smaller blocks scale them down). Fitted to benchmarks/tune_topk.py on
+    an H200 (docs/results/tune-topk-h200-2026-11-30-gather-steps.log): with at most half as many
+    rows as SMs each program's chain of passes decides, and a long candidate gather (4 steps
+    of 4096 at 128K, k = 256) saves 5-7 us; with more rows, steps of the select's length, 2048
+    from a budget of LARGE_BUDGET."""
+    if rows <= _sm_count(device) // 2:
+        steps = (SELECT_BLOCK, GATHER_BLOCK_FEW_ROWS)
+    else:
+        select = SELECT_BLOCK_LARGE if budget >= LARGE_BUDGET else SELECT_BLOCK
+        steps = (select, select)
+    return {name: max(1, step * block // TOPK_BLOCK) for name, step in zip(("select_block", "gather_block"), steps)}
 
 
 @dataclass(frozen=True)
@@ -485,12 +495,10 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
               chunk: Optional[int] = None, block: int = TOPK_BLOCK, group: Optional[int] = None,
               **select: int) -> TopkPlan:
     """The launch plan of `select_topk` (defaults: `topk_grouped_is_faster`, `topk_chunk`,
-    TOPK_BLOCK, `topk_group` (at most the block), `topk_select_block` (at most the block),
-    SELECT_WARPS, gather block = select block)."""
+    TOPK_BLOCK, `topk_group` (at most the block), `topk_select_steps`, SELECT_WARPS)."""
     if grouped is None:
         grouped = topk_grouped_is_faster(rows, length, budget, device)
-    select.setdefault("select_block", min(topk_select_block(budget), block))
-    select.setdefault("gather_block", select["select_block"])
+    select = {**topk_select_steps(rows, budget, device, block), **select}
     return TopkPlan(grouped=grouped, chunk=chunk or topk_chunk(rows, length, device),
                     group=min(group or topk_group(length, budget), block), block=block, **select)
 

@@ -1,7 +1,7 @@
 """The top-k's two plans (grouped, chunked) against torch.topk, and a sweep of the grouped
 plan (group length, select and gather blocks, warps), side by side on flash_decode's logits.
 
-    python benchmarks/tune_topk.py                 # every shape, budget 256 and 2048
+    python benchmarks/tune_topk.py                 # every shape and budget of SHAPES
     python benchmarks/tune_topk.py --no-sweep      # the two plans and torch.topk only
 
 Per shape, budget and granularity: the grouped and the chunked plan's time (the one
@@ -22,8 +22,9 @@ from triton.testing import do_bench_cudagraph
 
 from tidal_compile.ops import kernels
 
-SHAPES = [(1, 32, 8, 131072), (1, 32, 8, 32768), (8, 32, 8, 32768), (1, 32, 32, 102400)]
-BUDGETS = (256, 2048)
+# (batch, heads, kv heads, length, budgets); the last: Quest's page rows at 128K (8K pages of 16, 16 pages)
+SHAPES = [(1, 32, 8, 131072, (256, 2048)), (1, 32, 8, 32768, (256, 2048)), (8, 32, 8, 32768, (256, 2048)),
+          (1, 32, 32, 102400, (256, 2048)), (1, 32, 8, 8192, (16,))]
 GROUPS = (8, 16, 32, 64, 128)
 # (select_block, gather_block, select_warps)
 SELECT = ((1024, 1024, 8), (2048, 2048, 8), (1024, 1024, 4), (1024, 4096, 8), (2048, 8192, 8))
@@ -38,13 +39,13 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    for batch, heads, kv_heads, length in SHAPES:
+    for batch, heads, kv_heads, length, budgets in SHAPES:
         q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, kv_heads, length, 128, device="cuda", dtype=torch.bfloat16)
         mask = torch.ones(batch, 1, 1, length, device="cuda", dtype=torch.bool)
         _, lse, logits = kernels.flash_decode(q, k, k, mask, 128 ** -0.5, emit_logits=True)
         summary = kernels.summarize_mask(mask, batch, length, q.device)
-        for budget, (granularity, sets) in itertools.product(BUDGETS, (("query_head", heads), ("kv_head", kv_heads))):
+        for budget, (granularity, sets) in itertools.product(budgets, (("query_head", heads), ("kv_head", kv_heads))):
             by_prob = granularity != "query_head"
             rank = (torch.exp(logits - lse[..., None]).view(batch, sets, -1, length).sum(2) if by_prob else logits)
             default = kernels.select_topk(logits, lse, summary, budget, sets, by_prob)

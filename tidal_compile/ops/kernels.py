@@ -421,10 +421,13 @@ TOPK_BLOCK = 1024
 TOPK_CHUNK = 4096  # the longest chunk of a row one top-k program takes
 TOPK_PROGRAMS_PER_SM = 8  # chunks shrink (to TOPK_BLOCK) until rows x chunks reaches this per SM
 TOPK_MAX_GROUP = 128
-SELECT_BLOCK = 1024  # keys per step of radix_select's loops (benchmarks/tune_topk.py on an H200) ...
-SELECT_BLOCK_LARGE = 2048  # ... and from a budget of LARGE_BUDGET on (more candidates to gather) ...
+SELECT_BLOCK = 1024  # candidate keys per step of radix_select (benchmarks/tune_topk.py on an H200) ...
+SELECT_BLOCK_LARGE = 2048  # ... and from a budget of LARGE_BUDGET on (more candidates) ...
 LARGE_BUDGET = 1024
-GATHER_BLOCK_FEW_ROWS = 4096  # ... but with at most half as many rows as SMs, SELECT_BLOCK and gathers this long
+SELECT_BLOCK_MIN = 128  # ... but no more than CANDIDATES_PER_BUDGET x budget (at least this)
+CANDIDATES_PER_BUDGET = 4
+GATHER_BLOCK_FEW_ROWS = 4096  # with at most half as many rows as SMs: SELECT_BLOCK, and gathers this long
+GROUP_BLOCK_MAX = 4096  # radix_select's first selection holds up to this many group keys in registers
 SELECT_WARPS = 8
 RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
 
@@ -456,33 +459,42 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
     return grouped < chunked
 
 
-def topk_select_steps(rows: int, budget: int, device: torch.device, block: int = TOPK_BLOCK) -> dict[str, int]:
-    """radix_select's steps (TopkPlan's select_block, gather_block), for a group-max step of
-    `block` (TOPK_BLOCK; smaller blocks scale them down). Fitted to benchmarks/tune_topk.py on
-    an H200 (docs/results/tune-topk-h200-2026-11-30-gather-steps.log): with at most half as many
-    rows as SMs each program's chain of passes decides, and a long candidate gather (4 steps
-    of 4096 at 128K, k = 256) saves 5-7 us; with more rows, steps of the select's length, 2048
-    from a budget of LARGE_BUDGET."""
-    if rows <= _sm_count(device) // 2:
-        steps = (SELECT_BLOCK, GATHER_BLOCK_FEW_ROWS)
-    else:
-        select = SELECT_BLOCK_LARGE if budget >= LARGE_BUDGET else SELECT_BLOCK
-        steps = (select, select)
-    return {name: max(1, step * block // TOPK_BLOCK) for name, step in zip(("select_block", "gather_block"), steps)}
+def topk_select_steps(rows: int, length: int, budget: int, group: int, device: torch.device,
+                      block: int = TOPK_BLOCK) -> dict[str, int]:
+    """radix_select's steps (TopkPlan's group_block, select_block, gather_block) for a group-max
+    step of `block` (TOPK_BLOCK; smaller blocks scale the constants down). The group keys in one step
+    where they fit (GROUP_BLOCK_MAX): loaded once for the four digit passes, and a short row (a
+    Quest row of pages) histograms no empty slots. The candidates (a few per budget slot) in
+    steps of SELECT_BLOCK, SELECT_BLOCK_LARGE from a budget of LARGE_BUDGET when the rows fill
+    the GPU, and at most CANDIDATES_PER_BUDGET x budget. With at most half as many rows as SMs
+    each program's chain of passes decides and a long candidate gather pays (5-7 us at 128K,
+    k = 256). Fitted to benchmarks/tune_topk.py on an H200
+    (docs/results/tune-topk-h200-2026-11-30-gather-steps.log)."""
+    def scaled(step: int) -> int:
+        return max(1, step * block // TOPK_BLOCK)
+
+    few_rows = rows <= _sm_count(device) // 2
+    select = scaled(SELECT_BLOCK_LARGE if budget >= LARGE_BUDGET and not few_rows else SELECT_BLOCK)
+    select = min(select, max(scaled(SELECT_BLOCK_MIN), triton.next_power_of_2(CANDIDATES_PER_BUDGET * budget)))
+    gather = scaled(GATHER_BLOCK_FEW_ROWS) if few_rows else select
+    return {"group_block": min(scaled(GROUP_BLOCK_MAX), triton.next_power_of_2(triton.cdiv(length, group))),
+            "select_block": select, "gather_block": min(gather, triton.next_power_of_2(budget * group))}
 
 
 @dataclass(frozen=True)
 class TopkPlan:
     """How one `select_topk` runs. Grouped (radix_topk.py.jinja): radix_group_max over chunks of
     `chunk` positions per row in steps of `block`, then one radix_select program per row
-    (`select_warps` warps, steps of `select_block` keys; its candidate gather in steps of
-    `gather_block` positions) over groups of `group` positions.
+    (`select_warps` warps; group keys in steps of `group_block`, candidates in steps of
+    `select_block`, the candidate gather in steps of `gather_block` positions) over groups of
+    `group` positions.
     Chunked (radix_topk_chunked.py.jinja): every pass on (rows, chunks of `chunk`) programs."""
 
     grouped: bool
     chunk: int
     group: int = 1
     block: int = TOPK_BLOCK
+    group_block: int = SELECT_BLOCK
     select_block: int = SELECT_BLOCK
     select_warps: int = SELECT_WARPS
     gather_block: int = SELECT_BLOCK
@@ -498,9 +510,10 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
     TOPK_BLOCK, `topk_group` (at most the block), `topk_select_steps`, SELECT_WARPS)."""
     if grouped is None:
         grouped = topk_grouped_is_faster(rows, length, budget, device)
-    select = {**topk_select_steps(rows, budget, device, block), **select}
-    return TopkPlan(grouped=grouped, chunk=chunk or topk_chunk(rows, length, device),
-                    group=min(group or topk_group(length, budget), block), block=block, **select)
+    group = min(group or topk_group(length, budget), block)
+    select = {**topk_select_steps(rows, length, budget, group, device, block), **select}
+    return TopkPlan(grouped=grouped, chunk=chunk or topk_chunk(rows, length, device), group=group, block=block,
+                    **select)
 
 
 def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
@@ -554,8 +567,8 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     cand_pos = torch.empty(rows, slots, dtype=torch.int32, device=device)
     wrap_triton(module.radix_select)[(rows,)](
         **row_args, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, Out=out, stride_ob=out.stride(0),
-        stride_os=out.stride(1), budget=budget, **constants, BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block,
-        num_warps=plan.select_warps)
+        stride_os=out.stride(1), budget=budget, **constants, GROUP_BLOCK=plan.group_block, BLOCK=plan.select_block,
+        GATHER_BLOCK=plan.gather_block, num_warps=plan.select_warps)
 
 
 def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, rank_by_prob: bool,

@@ -427,7 +427,8 @@ LARGE_BUDGET = 1024
 SELECT_BLOCK_MIN = 128  # ... but no more than CANDIDATES_PER_BUDGET x budget (at least this)
 CANDIDATES_PER_BUDGET = 4
 GATHER_BLOCK_FEW_ROWS = 4096  # with at most half as many rows as SMs: SELECT_BLOCK, and gathers this long
-GROUP_BLOCK_MAX = 4096  # radix_select's first selection holds up to this many group keys in registers
+GROUP_BLOCK_MAX = 4096  # radix_select's first selection holds up to this many group keys in registers ...
+GROUP_BLOCK_MAX_MANY_ROWS = 2048  # ... this many when the rows fill the GPU (more would spill at 256 rows)
 SELECT_WARPS = 8
 RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
 
@@ -462,14 +463,16 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
 def topk_select_steps(rows: int, length: int, budget: int, group: int, device: torch.device,
                       block: int = TOPK_BLOCK) -> dict[str, int]:
     """radix_select's steps (TopkPlan's group_block, select_block, gather_block) for a group-max
-    step of `block` (TOPK_BLOCK; smaller blocks scale the constants down). The group keys in one step
-    where they fit (GROUP_BLOCK_MAX): loaded once for the four digit passes, and a short row (a
-    Quest row of pages) histograms no empty slots. The candidates (a few per budget slot) in
-    steps of SELECT_BLOCK, SELECT_BLOCK_LARGE from a budget of LARGE_BUDGET when the rows fill
-    the GPU, and at most CANDIDATES_PER_BUDGET x budget. With at most half as many rows as SMs
-    each program's chain of passes decides and a long candidate gather pays (5-7 us at 128K,
-    k = 256). Fitted to benchmarks/tune_topk.py on an H200
-    (docs/results/tune-topk-h200-2026-11-30-gather-steps.log)."""
+    step of `block` (TOPK_BLOCK; smaller blocks scale the constants down).
+    - Group keys: in one step where they fit (GROUP_BLOCK_MAX, fewer when the rows fill the GPU):
+      loaded once for the four digit passes. A histogram costs its whole step, so a short row
+      (Quest's pages) takes a short step, and a row just past a power of two (a cache a few
+      tokens longer than 128K) two steps of that power.
+    - Candidates (a few per budget slot): steps of SELECT_BLOCK (SELECT_BLOCK_LARGE from a budget
+      of LARGE_BUDGET when the rows fill the GPU), at most CANDIDATES_PER_BUDGET x budget.
+    - Candidate gather: with at most half as many rows as SMs each program's chain of passes
+      decides and long steps pay (5-7 us at 128K, k = 256); at most the chosen groups' length.
+    Fitted to benchmarks/tune_topk.py on an H200 (docs/results/tune-topk-h200-2026-11-30-*.log)."""
     def scaled(step: int) -> int:
         return max(1, step * block // TOPK_BLOCK)
 
@@ -477,8 +480,13 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
     select = scaled(SELECT_BLOCK_LARGE if budget >= LARGE_BUDGET and not few_rows else SELECT_BLOCK)
     select = min(select, max(scaled(SELECT_BLOCK_MIN), triton.next_power_of_2(CANDIDATES_PER_BUDGET * budget)))
     gather = scaled(GATHER_BLOCK_FEW_ROWS) if few_rows else select
-    return {"group_block": min(scaled(GROUP_BLOCK_MAX), triton.next_power_of_2(triton.cdiv(length, group))),
-            "select_block": select, "gather_block": min(gather, triton.next_power_of_2(budget * group))}
+    groups = triton.cdiv(length, group)
+    group_block = triton.next_power_of_2(groups)
+    if 8 * groups <= 5 * group_block:  # at most a quarter past a power of two: two steps of it, the second
+        group_block //= 2               # (a few keys) skipped by the passes its keys do not match
+    group_block = min(scaled(GROUP_BLOCK_MAX if few_rows else GROUP_BLOCK_MAX_MANY_ROWS), group_block)
+    return {"group_block": group_block, "select_block": select,
+            "gather_block": min(gather, triton.next_power_of_2(budget * group))}
 
 
 @dataclass(frozen=True)

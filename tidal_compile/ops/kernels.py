@@ -406,11 +406,11 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
     mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask, b, length, scores)
     q = query.contiguous()
     kernel = codegen.load("quest_scores.py.jinja").quest_scores
-    wrap_triton(kernel)[(b * h, triton.cdiv(pages, QUEST_BLOCK_P))](
+    wrap_triton(kernel)[(b * hkv, triton.cdiv(pages, QUEST_BLOCK_P))](
         Q=q, PageMin=page_min, PageMax=page_max, Mask=mask, KvLen=summary.kv_len, Scores=scores,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_pb=page_min.stride(0), stride_ph=page_min.stride(1),
         stride_pp=page_min.stride(2), stride_mb=stride_mb, stride_mn=stride_mn, stride_sb=scores.stride(0),
-        stride_sh=scores.stride(1), length=length, pages=pages, NUM_HEADS=h, GROUP=h // hkv, PAGE=page_size,
+        stride_sh=scores.stride(1), length=length, pages=pages, NUM_KV_HEADS=hkv, GROUP=h // hkv, PAGE=page_size,
         HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=QUEST_BLOCK_P, MASK_KIND=mask_kind, MASK_MIN=mask_min)
     # The top-k's rows are pages (the current token's page forced), bounded in the kernels.
     chosen = select_topk(scores, scores, summary, budget // page_size, h, rank_by_prob=False, page_size=page_size)
@@ -428,7 +428,7 @@ SELECT_BLOCK_MIN = 128  # ... but no more than CANDIDATES_PER_BUDGET x budget (a
 CANDIDATES_PER_BUDGET = 4
 GATHER_BLOCK_FEW_ROWS = 4096  # with at most half as many rows as SMs: SELECT_BLOCK, and gathers this long
 GROUP_BLOCK_MAX = 4096  # radix_select's first selection holds up to this many group keys in registers ...
-GROUP_BLOCK_MAX_MANY_ROWS = 2048  # ... this many when the rows fill the GPU (more would spill at 256 rows)
+GROUP_BLOCK_MAX_MANY_ROWS = 2048  # ... this many when the rows fill the GPU (4096: B8 32K k=2048 193 us, not 121)
 SELECT_WARPS = 8
 RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
 

@@ -22,10 +22,12 @@ from triton.testing import do_bench_cudagraph
 
 from tidal_compile.ops import kernels
 
-# (batch, heads, kv heads, length, budgets); the last two: a cache a few tokens past 128K (decode.py's),
-# and Quest's page rows at 128K (8K pages of 16, 16 pages)
+# (batch, heads, kv heads, length, budgets); the last three: a cache a few tokens past 128K (decode.py's
+# at 128K), one whose rows are not a multiple of 16 positions, and Quest's page rows at 128K (8K
+# pages of 16, 16 pages)
 SHAPES = [(1, 32, 8, 131072, (256, 2048)), (1, 32, 8, 32768, (256, 2048)), (8, 32, 8, 32768, (256, 2048)),
-          (1, 32, 32, 102400, (256, 2048)), (1, 32, 8, 131072 + 17, (256,)), (1, 32, 8, 8192, (16,))]
+          (1, 32, 32, 102400, (256, 2048)), (1, 32, 8, 131072 + 16, (256,)), (1, 32, 8, 131072 + 17, (256,)),
+          (1, 32, 8, 8192, (16,))]
 GROUPS = (8, 16, 32, 64, 128)
 # (select_block, gather_block, select_warps)
 SELECT = ((1024, 1024, 8), (2048, 2048, 8), (1024, 1024, 4), (1024, 4096, 8), (2048, 8192, 8))

@@ -186,6 +186,19 @@ def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group):
         assert all(row == expected + [-1] * (3 - len(expected)) for row in idx[b].tolist())
 
 
+def test_logits_rows_are_aligned_for_any_cache_length():
+    """flash_decode's logits rows start 16-element aligned (Triton's stride specialization) for a
+    cache length that is not a multiple of 16, and the top-k over them equals the reference."""
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 4, 1, 16, generator=gen), torch.randn(1, 2, 70, 16, generator=gen)
+    _, _, logits = kernels.flash_decode(q, k, k, None, 1.0, emit_logits=True)
+    assert logits.shape == (1, 4, 70) and logits.stride(1) % kernels.ROW_ALIGN == 0
+    torch.testing.assert_close(logits, torch.einsum("bhd,bhnd->bhn", q[:, :, 0], k.repeat_interleave(2, 1)))
+    p = type("P", (), dict(query=q, key=k, value=k, mask=None, scale=1.0, num_kv_heads=2))
+    _, idx = kernel_selection(p, 9, "query_head")
+    torch.testing.assert_close(idx, oracle.selection_indices(q, k, None, 1.0, 9, "query_head"), rtol=0, atol=0)
+
+
 def test_radix_topk_on_a_row_longer_than_a_block():
     """Production chunk sizes, both top-k plans (the default group; the grouped one also with a
     candidate gather in longer steps than its selections): several blocks per chunk, all radix
@@ -231,18 +244,17 @@ def test_topk_plan_picks_the_faster_of_the_h200_sweep(monkeypatch):
 
 def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
     """(rows, length, budget, group) -> radix_select's (group, select, gather) steps: the group keys
-    in one step up to GROUP_BLOCK_MAX (2048 with many rows; two steps for a row just past a power
-    of two), the candidate and gather steps as benchmarks/tune_topk.py measured best on an H200
+    in one step up to GROUP_BLOCK_MAX (2048 with many rows), the candidate and gather steps as benchmarks/tune_topk.py measured best on an H200
     (132 SMs; docs/results/tune-topk-h200-2026-11-30-*.log), short steps for small budgets
     (Quest's page rows), all scaled down with the group-max block."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     expected = {(32, 131072, 256, 64): (2048, 1024, 4096), (8, 131072, 256, 64): (2048, 1024, 4096),
-                (32, 131072 + 17, 256, 64): (2048, 1024, 4096), (32, 131072 * 3 // 2, 256, 64): (4096, 1024, 4096),
+                (32, 131072 + 16, 256, 64): (4096, 1024, 4096), (32, 131072 * 3 // 2, 256, 64): (4096, 1024, 4096),
                 (64, 32768, 256, 16): (2048, 1024, 4096), (64, 32768, 2048, 8): (4096, 1024, 4096),
                 (256, 32768, 256, 16): (2048, 1024, 1024), (256, 32768, 2048, 8): (2048, 2048, 2048),
                 (32, 131072, 2048, 8): (4096, 1024, 4096), (32, 8192, 16, 64): (128, 128, 1024),
-                (32, 8192 + 2, 16, 64): (128, 128, 1024)}
+                (32, 8192 + 1, 16, 64): (256, 128, 1024)}
     assert {shape: tuple(kernels.topk_select_steps(*shape, cuda).values()) for shape in expected} == expected
     assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64)
 

@@ -191,6 +191,16 @@ def _mask_args(attn_mask: Optional[Tensor], batch: int, length: int, like: Tenso
     return m, (m.stride(0), m.stride(3)), kind, low
 
 
+ROW_ALIGN = 16  # positions: Triton specializes strides divisible by 16 (aligned, vectorized row loads)
+
+
+def _aligned_rows(*leading: int, length: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised [*leading, length] tensor whose rows start a multiple of ROW_ALIGN
+    elements apart (padded past `length`): row strides stay divisible by 16 for any cache length."""
+    padded = triton.cdiv(length, ROW_ALIGN) * ROW_ALIGN
+    return torch.empty(*leading, padded, dtype=dtype, device=device)[..., :length]
+
+
 def _combine(part_out: Tensor, part_lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Merge split partials into (out [B, H, 1, D] in `dtype`, lse [B, H] fp32). One split is
     already the result (`_partials` gave it the output's dtype): no launch."""
@@ -288,7 +298,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         summary = summarize_mask(attn_mask, b, length, query.device)
     q = query.contiguous()
     part_out, part_lse = _partials(b, h, plan.splits, d, query.dtype, query.device)
-    logits = torch.empty(b, h, length, dtype=torch.float32, device=query.device) if emit_logits else part_lse
+    logits = _aligned_rows(b, h, length=length, dtype=torch.float32, device=query.device) if emit_logits else part_lse
     kernel = codegen.load("flash_decode.py.jinja").flash_decode_split
     if plan.unmasked_run:
         kv_len, kv_start, valid_count = summary.kv_len, summary.kv_start, summary.valid_count
@@ -465,9 +475,9 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
     """radix_select's steps (TopkPlan's group_block, select_block, gather_block) for a group-max
     step of `block` (TOPK_BLOCK; smaller blocks scale the constants down).
     - Group keys: in one step where they fit (GROUP_BLOCK_MAX, fewer when the rows fill the GPU):
-      loaded once for the four digit passes. A histogram costs its whole step, so a short row
-      (Quest's pages) takes a short step, and a row just past a power of two (a cache a few
-      tokens longer than 128K) two steps of that power.
+      loaded once for the four digit passes; a short row (Quest's pages) takes a short step. A
+      row just past a power of two (a cache a few tokens longer than 128K) still takes one step
+      of twice that: two steps measured slower (Quest's page top-k 16 us a layer, not 12.7).
     - Candidates (a few per budget slot): steps of SELECT_BLOCK (SELECT_BLOCK_LARGE from a budget
       of LARGE_BUDGET when the rows fill the GPU), at most CANDIDATES_PER_BUDGET x budget.
     - Candidate gather: with at most half as many rows as SMs each program's chain of passes
@@ -480,11 +490,8 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
     select = scaled(SELECT_BLOCK_LARGE if budget >= LARGE_BUDGET and not few_rows else SELECT_BLOCK)
     select = min(select, max(scaled(SELECT_BLOCK_MIN), triton.next_power_of_2(CANDIDATES_PER_BUDGET * budget)))
     gather = scaled(GATHER_BLOCK_FEW_ROWS) if few_rows else select
-    groups = triton.cdiv(length, group)
-    group_block = triton.next_power_of_2(groups)
-    if 8 * groups <= 5 * group_block:  # at most a quarter past a power of two: two steps of it, the second
-        group_block //= 2               # (a few keys) skipped by the passes its keys do not match
-    group_block = min(scaled(GROUP_BLOCK_MAX if few_rows else GROUP_BLOCK_MAX_MANY_ROWS), group_block)
+    group_block = min(scaled(GROUP_BLOCK_MAX if few_rows else GROUP_BLOCK_MAX_MANY_ROWS),
+                      triton.next_power_of_2(triton.cdiv(length, group)))
     return {"group_block": group_block, "select_block": select,
             "gather_block": min(gather, triton.next_power_of_2(budget * group))}
 
@@ -559,7 +566,7 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     row the top groups and the top positions among them."""
     rows, length, device = out.shape[0] * out.shape[1], logits.shape[2], logits.device
     module = codegen.load("radix_topk.py.jinja")
-    group_slots = triton.cdiv(length, plan.group)
+    group_slots = triton.cdiv(triton.cdiv(length, plan.group), ROW_ALIGN) * ROW_ALIGN  # aligned rows
     group_max = torch.empty(rows, group_slots, dtype=torch.int64, device=device)
     rank = (torch.empty(rows, group_slots * plan.group, dtype=torch.float32, device=device) if rank_by_prob
             else group_max)
@@ -591,7 +598,7 @@ def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     module = codegen.load("radix_topk_chunked.py.jinja")
     rank = logits
     if rank_by_prob:
-        rank = torch.empty(b, sets, length, dtype=torch.float32, device=device)
+        rank = _aligned_rows(b, sets, length=length, dtype=torch.float32, device=device)
         wrap_triton(module.rank_by_prob)[(rows, chunks)](
             Logits=logits, Lse=lse, KvLen=summary.kv_len, Rank=rank, stride_xb=logits.stride(0),
             stride_xh=logits.stride(1), stride_rb=rank.stride(0), stride_rs=rank.stride(1),

@@ -474,10 +474,11 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
                       block: int = TOPK_BLOCK) -> dict[str, int]:
     """radix_select's steps (TopkPlan's group_block, select_block, gather_block) for a group-max
     step of `block` (TOPK_BLOCK; smaller blocks scale the constants down).
-    - Group keys: in one step where they fit (GROUP_BLOCK_MAX, fewer when the rows fill the GPU):
-      loaded once for the four digit passes; a short row (Quest's pages) takes a short step. A
-      row just past a power of two (a cache a few tokens longer than 128K) still takes one step
-      of twice that: two steps measured slower (Quest's page top-k 16 us a layer, not 12.7).
+    - Group keys: in one step where they fit (GROUP_BLOCK_MAX, fewer when the rows fill the GPU)
+      and fill three quarters of it: loaded once for the four digit passes; a short row (Quest's
+      pages) takes a short step. A histogram costs its whole step, so a row just past a power
+      of two (2049 groups: a cache 16 tokens past 128K) takes steps of SELECT_BLOCK, as before
+      (decode step, H200: 56 us a selection; one step of 4096: 65; two of 2048: 67.5).
     - Candidates (a few per budget slot): steps of SELECT_BLOCK (SELECT_BLOCK_LARGE from a budget
       of LARGE_BUDGET when the rows fill the GPU), at most CANDIDATES_PER_BUDGET x budget.
     - Candidate gather: with at most half as many rows as SMs each program's chain of passes
@@ -490,8 +491,11 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
     select = scaled(SELECT_BLOCK_LARGE if budget >= LARGE_BUDGET and not few_rows else SELECT_BLOCK)
     select = min(select, max(scaled(SELECT_BLOCK_MIN), triton.next_power_of_2(CANDIDATES_PER_BUDGET * budget)))
     gather = scaled(GATHER_BLOCK_FEW_ROWS) if few_rows else select
-    group_block = min(scaled(GROUP_BLOCK_MAX if few_rows else GROUP_BLOCK_MAX_MANY_ROWS),
-                      triton.next_power_of_2(triton.cdiv(length, group)))
+    groups = triton.cdiv(length, group)
+    group_block = triton.next_power_of_2(groups)
+    if 4 * groups <= 3 * group_block:  # one step would be a quarter empty or more: steps of at most SELECT_BLOCK
+        group_block = min(group_block, scaled(SELECT_BLOCK))
+    group_block = min(group_block, scaled(GROUP_BLOCK_MAX if few_rows else GROUP_BLOCK_MAX_MANY_ROWS))
     return {"group_block": group_block, "select_block": select,
             "gather_block": min(gather, triton.next_power_of_2(budget * group))}
 

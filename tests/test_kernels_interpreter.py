@@ -242,6 +242,20 @@ def test_topk_plan_picks_the_faster_of_the_h200_sweep(monkeypatch):
     assert {shape: kernels.plan_topk(*shape, cuda).grouped for shape in grouped_faster} == grouped_faster
 
 
+def test_select_topk_refuses_group_keys_it_cannot_use():
+    """Group keys written beforehand (Quest's page scores) serve the grouped plan ranked by logit
+    only: with ranks by probability or the chunked plan, a ValueError names them."""
+    logits = torch.zeros(1, 2, 40)
+    summary = kernels.summarize_mask(None, 1, 40, logits.device)
+    grouped = kernels.plan_topk(2, 40, 4, logits.device, grouped=True)
+    keys = kernels.topk_group_keys(2, 40, grouped, logits.device)
+    with pytest.raises(ValueError, match="group_keys"):
+        kernels.select_topk(logits, logits[..., 0], summary, 4, 1, True, grouped, group_keys=keys)
+    chunked = kernels.plan_topk(2, 40, 4, logits.device, grouped=False)
+    with pytest.raises(ValueError, match="group_keys"):
+        kernels.select_topk(logits, logits[..., 0], summary, 4, 2, False, chunked, group_keys=keys)
+
+
 def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
     """(rows, length, budget, group) -> radix_select's (group, select, gather) steps: the group keys
     in one step up to GROUP_BLOCK_MAX (2048 with many rows) if they fill three quarters of it, the

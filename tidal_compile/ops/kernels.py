@@ -412,18 +412,25 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
     _, hkv, length, _ = sizes(key)
     pages = sizes(page_min)[2]
     summary = summary or summarize_mask(attn_mask, b, length, query.device)
-    scores = torch.empty(b, h, pages, dtype=torch.float32, device=query.device)
+    scores = _aligned_rows(b, h, length=pages, dtype=torch.float32, device=query.device)
+    # The top-k's rows are pages (the current token's page forced), bounded in the kernels; with the
+    # grouped plan the scores' launch also writes its group keys.
+    plan = plan_topk(b * h, pages, budget // page_size, query.device)
+    group_keys = topk_group_keys(b * h, pages, plan, query.device) if plan.grouped else None
     mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask, b, length, scores)
     q = query.contiguous()
+    block_p = QUEST_BLOCK_P if group_keys is None else max(QUEST_BLOCK_P, plan.group)  # whole groups per block
     kernel = codegen.load("quest_scores.py.jinja").quest_scores
-    wrap_triton(kernel)[(b * hkv, triton.cdiv(pages, QUEST_BLOCK_P))](
+    wrap_triton(kernel)[(b * hkv, triton.cdiv(pages, block_p))](
         Q=q, PageMin=page_min, PageMax=page_max, Mask=mask, KvLen=summary.kv_len, Scores=scores,
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_pb=page_min.stride(0), stride_ph=page_min.stride(1),
-        stride_pp=page_min.stride(2), stride_mb=stride_mb, stride_mn=stride_mn, stride_sb=scores.stride(0),
-        stride_sh=scores.stride(1), length=length, pages=pages, NUM_KV_HEADS=hkv, GROUP=h // hkv, PAGE=page_size,
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=QUEST_BLOCK_P, MASK_KIND=mask_kind, MASK_MIN=mask_min)
-    # The top-k's rows are pages (the current token's page forced), bounded in the kernels.
-    chosen = select_topk(scores, scores, summary, budget // page_size, h, rank_by_prob=False, page_size=page_size)
+        GroupKeys=scores if group_keys is None else group_keys, stride_qb=q.stride(0), stride_qh=q.stride(1),
+        stride_pb=page_min.stride(0), stride_ph=page_min.stride(1), stride_pp=page_min.stride(2), stride_mb=stride_mb,
+        stride_mn=stride_mn, stride_sb=scores.stride(0), stride_sh=scores.stride(1),
+        stride_gr=0 if group_keys is None else group_keys.stride(0), length=length, pages=pages, NUM_KV_HEADS=hkv,
+        GROUP=h // hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=block_p,
+        MASK_KIND=mask_kind, MASK_MIN=mask_min, TOPK_GROUP=0 if group_keys is None else plan.group)
+    chosen = select_topk(scores, scores, summary, budget // page_size, h, rank_by_prob=False, plan=plan,
+                         page_size=page_size, group_keys=group_keys)
     return sparse_decode(query, key, value, chosen, scale, attn_mask, page_size)
 
 
@@ -535,8 +542,16 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
                     **select)
 
 
+def topk_group_keys(rows: int, length: int, plan: TopkPlan, device: torch.device) -> Tensor:
+    """The grouped plan's group keys (int64 [rows, groups], aligned rows): radix_group_max writes
+    them, or a caller that has the ranks in hand (Quest's page scores) before `select_topk`."""
+    slots = triton.cdiv(triton.cdiv(length, plan.group), ROW_ALIGN) * ROW_ALIGN
+    return torch.empty(rows, slots, dtype=torch.int64, device=device)
+
+
 def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
-                rank_by_prob: bool, plan: Optional[TopkPlan] = None, page_size: int = 1) -> Tensor:
+                rank_by_prob: bool, plan: Optional[TopkPlan] = None, page_size: int = 1,
+                group_keys: Optional[Tensor] = None) -> Tensor:
     """The top-`budget` positions per index set from flash_decode's logits (int32 [B, S, k],
     ascending, -1 past the valid positions), by a radix select (no sort); `plan` defaults to
     `plan_topk`.
@@ -544,11 +559,14 @@ def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, 
     A set ranks by its head's logit (query_head) or, with `rank_by_prob`, by the sum over its
     H / S heads of softmax probabilities (kv_head, layer). With `page_size` > 1 the entries are
     Quest pages of that many positions (`summary` still in positions): the pages covering the
-    valid length, the last one (the current token's) forced, none by probability."""
+    valid length, the last one (the current token's) forced, none by probability. `group_keys`:
+    the grouped plan's first pass, already written (`topk_group_keys`; ranks by logit only)."""
     if page_size > 1 and rank_by_prob:
         raise ValueError("select_topk ranks pages by their own scores only (rank_by_prob=False)")
     b, h, length = sizes(logits)
     plan = plan or plan_topk(b * sets, length, budget, logits.device)
+    if group_keys is not None and (rank_by_prob or not plan.grouped):
+        raise ValueError("group_keys are the grouped plan's, ranked by logit (rank_by_prob=False)")
     heads_per_set = h // sets
     sets_args = dict(NUM_SETS=sets, NUM_HEADS=h, HEADS_PER_SET=heads_per_set,
                      HEADS_PAD=triton.next_power_of_2(heads_per_set))
@@ -557,7 +575,7 @@ def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, 
     out = torch.empty(b, sets, budget, dtype=torch.int32, device=logits.device)
     if plan.grouped:  # a block covers whole groups
         block = max(plan.group, prob_block) if rank_by_prob else plan.block
-        _select_grouped(logits, lse, summary, budget, rank_by_prob, plan, sets_args, block, page_size, out)
+        _select_grouped(logits, lse, summary, budget, rank_by_prob, plan, sets_args, block, page_size, out, group_keys)
     else:
         _select_chunked(logits, lse, summary, budget, rank_by_prob, plan, sets_args, max(16, prob_block), page_size,
                         out)
@@ -565,21 +583,23 @@ def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, 
 
 
 def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, rank_by_prob: bool,
-                    plan: TopkPlan, sets_args: dict[str, int], block: int, page_size: int, out: Tensor) -> None:
-    """Two launches (radix_topk.py.jinja): the largest key of each group of positions, then per
-    row the top groups and the top positions among them."""
+                    plan: TopkPlan, sets_args: dict[str, int], block: int, page_size: int, out: Tensor,
+                    group_keys: Optional[Tensor]) -> None:
+    """Two launches (radix_topk.py.jinja), one when `group_keys` are given: the largest key of
+    each group of positions, then per row the top groups and the top positions among them."""
     rows, length, device = out.shape[0] * out.shape[1], logits.shape[2], logits.device
     module = codegen.load("radix_topk.py.jinja")
-    group_slots = triton.cdiv(triton.cdiv(length, plan.group), ROW_ALIGN) * ROW_ALIGN  # aligned rows
-    group_max = torch.empty(rows, group_slots, dtype=torch.int64, device=device)
-    rank = (torch.empty(rows, group_slots * plan.group, dtype=torch.float32, device=device) if rank_by_prob
+    written = group_keys is not None
+    group_max = group_keys if written else topk_group_keys(rows, length, plan, device)
+    rank = (torch.empty(rows, group_max.shape[1] * plan.group, dtype=torch.float32, device=device) if rank_by_prob
             else group_max)
     row_args = dict(Logits=logits, Lse=lse, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
                     RecentStart=summary.recent_start, Rank=rank, GroupMax=group_max,
                     stride_xb=logits.stride(0), stride_xh=logits.stride(1), stride_gr=group_max.stride(0))
     constants = dict(**sets_args, BY_PROB=rank_by_prob, GROUP=plan.group, PAGE=page_size)
-    wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
-        **row_args, **constants, BLOCK=block, CHUNK=plan.chunk)
+    if not written:
+        wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
+            **row_args, **constants, BLOCK=block, CHUNK=plan.chunk)
     groups = torch.empty(rows, budget, dtype=torch.int32, device=device)
     slots = budget * plan.group if plan.group > 1 else 1
     cand_keys = torch.empty(rows, slots, dtype=torch.int64, device=device)

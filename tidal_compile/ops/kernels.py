@@ -422,7 +422,8 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
     block_p = QUEST_BLOCK_P if group_keys is None else max(QUEST_BLOCK_P, plan.group)  # whole groups per block
     kernel = codegen.load("quest_scores.py.jinja").quest_scores
     wrap_triton(kernel)[(b * hkv, triton.cdiv(pages, block_p))](
-        Q=q, PageMin=page_min, PageMax=page_max, Mask=mask, KvLen=summary.kv_len, Scores=scores,
+        Q=q, PageMin=page_min, PageMax=page_max, Mask=mask, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
+        RecentStart=summary.recent_start, Scores=scores,
         GroupKeys=scores if group_keys is None else group_keys, stride_qb=q.stride(0), stride_qh=q.stride(1),
         stride_pb=page_min.stride(0), stride_ph=page_min.stride(1), stride_pp=page_min.stride(2), stride_mb=stride_mb,
         stride_mn=stride_mn, stride_sb=scores.stride(0), stride_sh=scores.stride(1),
@@ -545,8 +546,7 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
 def topk_group_keys(rows: int, length: int, plan: TopkPlan, device: torch.device) -> Tensor:
     """The grouped plan's group keys (int64 [rows, groups], aligned rows): radix_group_max writes
     them, or a caller that has the ranks in hand (Quest's page scores) before `select_topk`."""
-    slots = triton.cdiv(triton.cdiv(length, plan.group), ROW_ALIGN) * ROW_ALIGN
-    return torch.empty(rows, slots, dtype=torch.int64, device=device)
+    return _aligned_rows(rows, length=triton.cdiv(length, plan.group), dtype=torch.int64, device=device)
 
 
 def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
@@ -591,7 +591,7 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     module = codegen.load("radix_topk.py.jinja")
     written = group_keys is not None
     group_max = group_keys if written else topk_group_keys(rows, length, plan, device)
-    rank = (torch.empty(rows, group_max.shape[1] * plan.group, dtype=torch.float32, device=device) if rank_by_prob
+    rank = (torch.empty(rows, group_max.stride(0) * plan.group, dtype=torch.float32, device=device) if rank_by_prob
             else group_max)
     row_args = dict(Logits=logits, Lse=lse, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
                     RecentStart=summary.recent_start, Rank=rank, GroupMax=group_max,

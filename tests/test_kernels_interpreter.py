@@ -186,6 +186,17 @@ def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group):
         assert all(row == expected + [-1] * (3 - len(expected)) for row in idx[b].tolist())
 
 
+def test_grouped_topk_ranks_ties_between_single_and_crowded_groups_by_position():
+    """Groups of 4, budget 3 (the candidate threshold: 5): [5, 5, -1, -1] has a runner-up at it (read
+    whole), [5, 1, -1, -1] does not (its largest taken from the first pass, before the others),
+    the last group holds the current token. Of the three 5s the two lowest positions win,
+    whatever the candidates' order."""
+    logits = torch.tensor([[[5.0, 5, -1, -1, 5, 1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1]]])
+    summary = kernels.summarize_mask(None, 1, 16, logits.device)
+    plan = kernels.plan_topk(1, 16, 3, logits.device, grouped=True, chunk=4, block=4, group=4)
+    assert kernels.select_topk(logits, logits[..., 0], summary, 3, 1, False, plan).tolist() == [[[0, 1, 15]]]
+
+
 def test_logits_rows_are_aligned_for_any_cache_length():
     """flash_decode's logits rows start 16-element aligned (Triton's stride specialization) for a
     cache length that is not a multiple of 16, and the top-k over them equals the reference."""

@@ -427,8 +427,7 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
         GroupKeys=scores if group_keys is None else group_keys, stride_qb=q.stride(0), stride_qh=q.stride(1),
         stride_pb=page_min.stride(0), stride_ph=page_min.stride(1), stride_pp=page_min.stride(2), stride_mb=stride_mb,
         stride_mn=stride_mn, stride_sb=scores.stride(0), stride_sh=scores.stride(1),
-        stride_gr=0 if group_keys is None else group_keys.stride(1),
-        info_offset=0 if group_keys is None else group_keys.stride(0), length=length, pages=pages, NUM_KV_HEADS=hkv,
+        stride_gr=0 if group_keys is None else group_keys.stride(0), length=length, pages=pages, NUM_KV_HEADS=hkv,
         GROUP=h // hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=block_p,
         MASK_KIND=mask_kind, MASK_MIN=mask_min, TOPK_GROUP=0 if group_keys is None else plan.group)
     chosen = select_topk(scores, scores, summary, budget // page_size, h, rank_by_prob=False, plan=plan,
@@ -545,10 +544,9 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
 
 
 def topk_group_keys(rows: int, length: int, plan: TopkPlan, device: torch.device) -> Tensor:
-    """The grouped plan's group keys (int64 [2, rows, groups], aligned rows: each group's largest
-    key, then its runner-up << 32 | the position of its largest): radix_group_max writes them, or
-    a caller that has the ranks in hand (Quest's page scores) before `select_topk`."""
-    return _aligned_rows(2, rows, length=triton.cdiv(length, plan.group), dtype=torch.int64, device=device)
+    """The grouped plan's group keys (int64 [rows, groups], aligned rows): radix_group_max writes
+    them, or a caller that has the ranks in hand (Quest's page scores) before `select_topk`."""
+    return _aligned_rows(rows, length=triton.cdiv(length, plan.group), dtype=torch.int64, device=device)
 
 
 def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
@@ -593,25 +591,23 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     module = codegen.load("radix_topk.py.jinja")
     written = group_keys is not None
     group_max = group_keys if written else topk_group_keys(rows, length, plan, device)
-    rank = (torch.empty(rows, group_max.stride(1) * plan.group, dtype=torch.float32, device=device) if rank_by_prob
+    rank = (torch.empty(rows, group_max.stride(0) * plan.group, dtype=torch.float32, device=device) if rank_by_prob
             else group_max)
     row_args = dict(Logits=logits, Lse=lse, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
                     RecentStart=summary.recent_start, Rank=rank, GroupMax=group_max,
-                    stride_xb=logits.stride(0), stride_xh=logits.stride(1), stride_gr=group_max.stride(1),
-                    info_offset=group_max.stride(0))
+                    stride_xb=logits.stride(0), stride_xh=logits.stride(1), stride_gr=group_max.stride(0))
     constants = dict(**sets_args, BY_PROB=rank_by_prob, GROUP=plan.group, PAGE=page_size)
     if not written:
         wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
             **row_args, **constants, BLOCK=block, CHUNK=plan.chunk)
-    groups, crowded = (torch.empty(rows, budget, dtype=torch.int32, device=device) for _ in range(2))
+    groups = torch.empty(rows, budget, dtype=torch.int32, device=device)
     slots = budget * plan.group if plan.group > 1 else 1
     cand_keys = torch.empty(rows, slots, dtype=torch.int64, device=device)
     cand_pos = torch.empty(rows, slots, dtype=torch.int32, device=device)
     wrap_triton(module.radix_select)[(rows,)](
-        **row_args, Groups=groups, Crowded=crowded, CandKeys=cand_keys, CandPos=cand_pos, Out=out,
-        stride_ob=out.stride(0), stride_os=out.stride(1), budget=budget, **constants, GROUP_BLOCK=plan.group_block,
-        BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block, SORT_BLOCK=triton.next_power_of_2(budget),
-        num_warps=plan.select_warps)
+        **row_args, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, Out=out, stride_ob=out.stride(0),
+        stride_os=out.stride(1), budget=budget, **constants, GROUP_BLOCK=plan.group_block, BLOCK=plan.select_block,
+        GATHER_BLOCK=plan.gather_block, num_warps=plan.select_warps)
 
 
 def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, rank_by_prob: bool,

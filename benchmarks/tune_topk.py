@@ -3,6 +3,7 @@ plan (group length, select and gather blocks, warps), side by side on flash_deco
 
     python benchmarks/tune_topk.py                 # every shape and budget of SHAPES
     python benchmarks/tune_topk.py --no-sweep      # the two plans and torch.topk only
+    python benchmarks/tune_topk.py --quick         # --no-sweep at the issue's target shapes only
 
 Per shape, budget and granularity: the grouped and the chunked plan's time (the one
 `kernels.plan_topk` picks marked *) and `torch.topk`'s on the same ranks (the logits for
@@ -28,6 +29,7 @@ from tidal_compile.ops import kernels
 SHAPES = [(1, 32, 8, 131072, (256, 2048)), (1, 32, 8, 32768, (256, 2048)), (8, 32, 8, 32768, (256, 2048)),
           (1, 32, 32, 102400, (256, 2048)), (1, 32, 8, 131072 + 16, (256,)), (1, 32, 8, 131072 + 17, (256,)),
           (1, 32, 8, 8192, (16,))]
+QUICK_SHAPES = [(1, 32, 8, 131072, (256, 2048)), (8, 32, 8, 32768, (256,))]  # issue 17's top-k targets
 GROUPS = (8, 16, 32, 64, 128)
 # (select_block, gather_block, select_warps)
 SELECT = ((1024, 1024, 8), (2048, 2048, 8), (1024, 1024, 4), (1024, 4096, 8), (2048, 8192, 8))
@@ -40,9 +42,11 @@ def us(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="the target shapes only, no sweep")
     args = parser.parse_args()
+    args.no_sweep |= args.quick
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    for batch, heads, kv_heads, length, budgets in SHAPES:
+    for batch, heads, kv_heads, length, budgets in QUICK_SHAPES if args.quick else SHAPES:
         q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, kv_heads, length, 128, device="cuda", dtype=torch.bfloat16)
         mask = torch.ones(batch, 1, 1, length, device="cuda", dtype=torch.bool)

@@ -186,11 +186,11 @@ def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group):
         assert all(row == expected + [-1] * (3 - len(expected)) for row in idx[b].tolist())
 
 
-def test_grouped_topk_ranks_ties_between_single_and_crowded_groups_by_position():
-    """Groups of 4, budget 3 (the candidate threshold: 5): [5, 5, -1, -1] has a runner-up at it (read
-    whole), [5, 1, -1, -1] does not (its largest taken from the first pass, before the others),
-    the last group holds the current token. Of the three 5s the two lowest positions win,
-    whatever the candidates' order."""
+def test_grouped_topk_breaks_ties_at_the_candidate_threshold_across_groups_by_position():
+    """Groups of 4, budget 3 (the candidate threshold: 5): the first group holds two 5s, the second
+    one 5 and its runner-up below the threshold, the last the current token. Of the three 5s the two
+    lowest positions win (a gather that lists candidates out of position order, as a group whose
+    largest key comes from the first pass would, must still rank the ties by position)."""
     logits = torch.tensor([[[5.0, 5, -1, -1, 5, 1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1]]])
     summary = kernels.summarize_mask(None, 1, 16, logits.device)
     plan = kernels.plan_topk(1, 16, 3, logits.device, grouped=True, chunk=4, block=4, group=4)

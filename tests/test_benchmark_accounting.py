@@ -107,3 +107,18 @@ def test_host_gaps_attribute_the_hosts_events_to_the_gpus_long_waits():
     assert gaps == [(10, 110)]
     inside = host_gaps.host_time_in_gaps(events, gaps)
     assert inside == {("cuda_runtime", "cudaGraphLaunch"): 60, ("cpu_op", "TorchDynamo Cache Lookup"): 20}
+
+
+def test_topk_phases_marks_every_phase_of_the_shipped_radix_select():
+    """benchmarks/topk_phases.py's timed copy of the top-k template finds each phase's statement
+    in the current radix_select (it asserts so) and still renders to valid Python."""
+    import ast
+
+    import jinja2
+    import topk_phases
+
+    source = jinja2.Environment(loader=jinja2.FileSystemLoader(str(topk_phases.timed_templates()))).get_template(
+        "radix_topk.py.jinja").render()
+    ast.parse(source)
+    select = source[source.index("def radix_select("):]
+    assert select.count("_clock()") == len(topk_phases.PHASES) + 1

@@ -48,12 +48,13 @@ def test_a_static_cache_writes_at_its_own_length_and_rewinds(cache_class):
 
 
 def test_call_arguments_name_positional_arguments_by_signature():
-    signature = inspect.signature(LlamaForCausalLM.forward)
+    names = hf_compat.positional_names(inspect.signature(LlamaForCausalLM.forward))
+    assert names[:2] == ("input_ids", "attention_mask") and "self" not in names
     tokens, mask = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2)
-    call = hf_compat.call_arguments(signature, (tokens, mask), {"use_cache": True})
+    call = hf_compat.call_arguments(names, (tokens, mask), {"use_cache": True})
     assert call["input_ids"] is tokens and call["attention_mask"] is mask and call["use_cache"]
     with pytest.raises(TypeError, match="several values for argument 'input_ids'"):
-        hf_compat.call_arguments(signature, (tokens,), {"input_ids": tokens})
+        hf_compat.call_arguments(names, (tokens,), {"input_ids": tokens})
     assert hf_compat.cache_argument({"past_key_values": 1}) == "past_key_values"
     assert hf_compat.cache_argument({"cache": 1}) == "cache"
     assert hf_compat.cache_argument({"cache": None}) is None

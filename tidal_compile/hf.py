@@ -69,10 +69,11 @@ class TidalForward:
         self.prefill = prefill or compiled
         self.interval = interval
         self.signature = signature or inspect.signature(compiled)
+        self.positional = hf_compat.positional_names(self.signature)
         self._warned_untracked = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        call = hf_compat.call_arguments(self.signature, args, kwargs)
+        call = hf_compat.call_arguments(self.positional, args, kwargs)
         name = hf_compat.cache_argument(call)
         cache = call.get(name) if name else None
         tokens = _new_tokens(call)
@@ -126,7 +127,7 @@ class TidalForward:
 
 
 def _check_fits(cache: TidalCache, length: int, tokens: int) -> None:
-    capacity = hf_compat.max_length(cache)
+    capacity = cache.capacity
     if 0 <= capacity < length + tokens:
         raise ValueError(f"tidal: the sequence needs {length + tokens} cache positions ({length} held + {tokens} "
                          f"new) but the TidalCache holds {capacity}; build it with a larger max_cache_len (or ask "

@@ -26,11 +26,15 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")
 """Names a model forward takes its KV cache under: the current one first."""
 
 
-def call_arguments(signature: inspect.Signature, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """A forward call's arguments by name (positional ones named by `signature`), so that the
-    call can be read and re-issued with keywords only."""
-    names = [p.name for p in signature.parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"]
+def positional_names(signature: inspect.Signature) -> tuple[str, ...]:
+    """The names a forward's positional arguments bind to (`self` left out)."""
+    return tuple(p.name for p in signature.parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self")
+
+
+def call_arguments(names: tuple[str, ...], args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A forward call's arguments by name (positional ones named by `names`, from
+    `positional_names`), so that the call can be read and re-issued with keywords only."""
     if len(args) > len(names):
         raise TypeError(f"forward takes {len(names)} positional arguments, got {len(args)}")
     named = dict(zip(names, args))

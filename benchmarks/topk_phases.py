@@ -20,10 +20,10 @@ from pathlib import Path
 
 import jinja2
 import torch
-from triton.testing import do_bench_cudagraph
 
 from tidal_compile import codegen
 from tidal_compile.ops import kernels
+from tune_topk import decode_logits, us  # benchmarks/, beside this script
 
 GHZ = 1.98
 # (batch, heads, kv heads, length, budget, plan overrides)
@@ -75,13 +75,9 @@ def main() -> None:
     codegen._load.cache_clear()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for batch, heads, kv_heads, length, budget, overrides in CASES:
-        q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(batch, kv_heads, length, 128, device="cuda", dtype=torch.bfloat16)
-        mask = torch.ones(batch, 1, 1, length, device="cuda", dtype=torch.bool)
-        _, _, logits = kernels.flash_decode(q, k, k, mask, 128 ** -0.5, emit_logits=True)
-        summary = kernels.summarize_mask(mask, batch, length, q.device)
+        _, logits, summary = decode_logits(batch, heads, kv_heads, length)
         rows = batch * heads
-        plan = kernels.plan_topk(rows, length, budget, q.device, grouped=True, **overrides)
+        plan = kernels.plan_topk(rows, length, budget, logits.device, grouped=True, **overrides)
         assert plan.group > 1, "the phases are those of a grouped top-k with groups of several positions"
         cycles = torch.zeros(rows * SLOTS, device="cuda")
 
@@ -90,13 +86,13 @@ def main() -> None:
 
         topk()
         per_row = cycles.view(rows, SLOTS).cpu().median(0).values
-        total = do_bench_cudagraph(topk, rep=30) * 1000
+        total = us(topk)
         slowest = cycles.view(rows, SLOTS)[:, :len(PHASES)].sum(1).max().item() / GHZ / 1e3
         phases = ", ".join(f"{name} {per_row[p] / GHZ / 1e3:.2f}" for p, name in enumerate(PHASES))
         print(f"B={batch} L={length} k={budget} {plan}: select_topk {total:.1f} us (radix_select's slowest row "
               f"{slowest:.1f}); radix_select per row (us): {phases}; candidates {per_row[-2]:.0f}, groups "
               f"{per_row[-1]:.0f}", flush=True)
-        del q, k, logits
+        del logits
         torch.cuda.empty_cache()
 
 

@@ -40,6 +40,16 @@ def us(fn) -> float:
     return do_bench_cudagraph(fn, rep=30) * 1000
 
 
+def decode_logits(batch: int, heads: int, kv_heads: int,
+                  length: int) -> tuple[torch.Tensor, torch.Tensor, kernels.MaskSummary]:
+    """(lse, logits, mask summary) of flash_decode over a random bf16 cache filled to `length`."""
+    q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, kv_heads, length, 128, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(batch, 1, 1, length, device="cuda", dtype=torch.bool)
+    _, lse, logits = kernels.flash_decode(q, k, k, mask, 128 ** -0.5, emit_logits=True)
+    return lse, logits, kernels.summarize_mask(mask, batch, length, logits.device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-sweep", action="store_true")
@@ -48,21 +58,17 @@ def main() -> None:
     args.no_sweep |= args.quick
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for batch, heads, kv_heads, length, budgets in QUICK_SHAPES if args.quick else SHAPES:
-        q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(batch, kv_heads, length, 128, device="cuda", dtype=torch.bfloat16)
-        mask = torch.ones(batch, 1, 1, length, device="cuda", dtype=torch.bool)
-        _, lse, logits = kernels.flash_decode(q, k, k, mask, 128 ** -0.5, emit_logits=True)
-        summary = kernels.summarize_mask(mask, batch, length, q.device)
+        lse, logits, summary = decode_logits(batch, heads, kv_heads, length)
         for budget, (granularity, sets) in itertools.product(budgets, (("query_head", heads), ("kv_head", kv_heads))):
             by_prob = granularity != "query_head"
             rank = (torch.exp(logits - lse[..., None]).view(batch, sets, -1, length).sum(2) if by_prob else logits)
             default = kernels.select_topk(logits, lse, summary, budget, sets, by_prob)
             times = {}
             for grouped in (True, False):
-                plan = kernels.plan_topk(batch * sets, length, budget, q.device, grouped=grouped)
+                plan = kernels.plan_topk(batch * sets, length, budget, logits.device, grouped=grouped)
                 assert torch.equal(kernels.select_topk(logits, lse, summary, budget, sets, by_prob, plan), default)
                 times[grouped] = us(lambda: kernels.select_topk(logits, lse, summary, budget, sets, by_prob, plan))
-            picked = kernels.plan_topk(batch * sets, length, budget, q.device)
+            picked = kernels.plan_topk(batch * sets, length, budget, logits.device)
             torch_topk = us(lambda: torch.topk(rank, budget, dim=-1))
             ours = times[picked.grouped]
             line = (f"B={batch} H={heads} Hkv={kv_heads} L={length} k={budget} {granularity}: grouped (group "
@@ -72,7 +78,7 @@ def main() -> None:
             if not args.no_sweep:
                 cells = []
                 for group, (select_block, gather_block, warps) in itertools.product(GROUPS, SELECT):
-                    plan = kernels.plan_topk(batch * sets, length, budget, q.device, grouped=True, group=group,
+                    plan = kernels.plan_topk(batch * sets, length, budget, logits.device, grouped=True, group=group,
                                              select_block=select_block, gather_block=gather_block,
                                              select_warps=warps)
 
@@ -85,7 +91,7 @@ def main() -> None:
                                         f"{'' if same else '!'}"))
                 line += "; group/block/gather/warps: " + " ".join(c for _, c in cells) + f"; best {min(cells)[1]}"
             print(line, flush=True)
-        del q, k, logits
+        del lse, logits
         torch.cuda.empty_cache()
 
 

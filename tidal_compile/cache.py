@@ -108,12 +108,12 @@ class TidalCache(StaticCache):
 
     def __init__(self, config: Any, max_cache_len: int, *, page_size: Optional[int] = None, **kwargs: Any):
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
-        self.capacity = hf_compat.max_length(self)
-        """Positions the cache holds (fixed when it is built; read before every decode step)."""
         self.page_size = page_size
         if page_size is not None:
             self.layers = [QuestPagesLayer(max_cache_len=layer.max_cache_len, page_size=page_size)
                            if type(layer) is StaticLayer else layer for layer in self.layers]
+        self.capacity = hf_compat.max_length(self)
+        """Positions the cache holds (fixed when it is built; read before every decode step)."""
         self.sequence = SequenceState()
 
     def reset(self) -> None:

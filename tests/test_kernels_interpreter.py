@@ -22,25 +22,21 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="kernels run on the CPU only in Triton's interpreter (set by conftest)")
 
 
-def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=16, group=4, fused=False, **select):
+def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=16, group=4, **select):
     """Selection through the kernels as the op runs them (the attention loop bounded by the valid
     length, logits past it poisoned here); small top-k chunks so that rows span several programs.
     `group`: the grouped top-k with groups of that many positions (1: one selection over the
-    positions), or None: the chunked top-k; `fused`: flash_decode writes its group keys
-    (query_head only); `select`: the grouped plan's select steps (TopkPlan)."""
+    positions), or None: the chunked top-k; `select`: the grouped plan's select steps (TopkPlan)."""
     b, h = p.query.shape[:2]
     summary = kernels.summarize_mask(p.mask, b, p.key.shape[2], p.query.device, sink, recent)
+    out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=True,
+                                            summary=summary)
+    for row, valid_length in enumerate(summary.kv_len.tolist()):  # unwritten: the top-k must not read it
+        logits[row, :, valid_length:] = float("inf")
     sets = index_sets(granularity, h, p.num_kv_heads)
     plan = kernels.plan_topk(b * sets, p.key.shape[2], budget, p.query.device, grouped=group is not None,
                              chunk=chunk, block=block, group=group, **select)
-    group_keys = (kernels.topk_group_keys(b * sets, p.key.shape[2], plan, p.query.device)
-                  if fused and plan.grouped and granularity == "query_head" else None)
-    out, lse, logits = kernels.flash_decode(p.query, p.key, p.value, p.mask, p.scale, emit_logits=True,
-                                            summary=summary, group_keys=group_keys, topk_group=plan.group)
-    for row, valid_length in enumerate(summary.kv_len.tolist()):  # unwritten: the top-k must not read it
-        logits[row, :, valid_length:] = float("inf")
-    return out, kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head", plan,
-                                    group_keys=group_keys)
+    return out, kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head", plan)
 
 
 small = dict(dtypes=(torch.float32, torch.float16), max_len=70)
@@ -132,84 +128,6 @@ def test_flash_decode_with_splits_over_the_valid_length_equals_reference(p, give
                                    rtol=1e-3, atol=1e-3)
 
 
-def expected_group_keys(logits, summary, group):
-    """radix_group_max's keys by their definition (radix_keys.py.jinja): per position below the
-    valid length the order-preserving 32-bit key of its logit (0: -inf), 0xFFFFFFFF at the sink
-    and recent positions; per group of `group` positions the largest ([B, H, groups])."""
-    b, h, length = logits.shape
-    bits = logits.contiguous().view(torch.int32).long()
-    unsigned = bits & 0xFFFFFFFF
-    key = torch.where(bits < 0, 0xFFFFFFFF - unsigned, unsigned + 0x80000000)
-    n = torch.arange(length)
-    forced = (n < summary.sink_end[:, None]) | (n >= summary.recent_start[:, None])
-    key = torch.where(forced[:, None, :], 0xFFFFFFFF, key)
-    key = torch.where((n < summary.kv_len[:, None])[:, None, :] & (logits > float("-inf")), key, 0)
-    groups = -(-length // group)
-    return torch.nn.functional.pad(key, (0, groups * group - length)).view(b, h, groups, group).amax(-1)
-
-
-@settings(max_examples=15, deadline=None)
-@given(p=decode_problems(dtypes=small["dtypes"], max_len=150), sink=st.integers(0, 3), recent=st.integers(0, 3),
-       group=st.sampled_from([1, 2, 4, 16, 32]), min_split=st.sampled_from([kernels.MIN_SPLIT, 8]),
-       additive=st.booleans(), hole=st.booleans())
-def test_flash_decode_writes_the_group_keys_of_its_logits(p, sink, recent, group, min_split, additive, hole):
-    """The grouped top-k's first pass written by flash_decode (fused) equals its definition over
-    the logits, for every group starting below the valid length: left padding (the unmasked run
-    starts inside a block), holes (no run), additive masks, several splits, sink and recent."""
-    b, h, length = p.query.shape[0], p.query.shape[1], p.key.shape[2]
-    mask = p.mask if p.mask is None else p.mask.clone()
-    for row in range(b if hole and mask is not None else 0):
-        valid = mask[row, 0, 0].nonzero().flatten()
-        if len(valid) >= 3:
-            mask[row, 0, 0, valid[1]] = False
-    if additive and mask is not None:
-        mask = torch.zeros(mask.shape, dtype=p.query.dtype).masked_fill(~mask, torch.finfo(p.query.dtype).min)
-    summary = kernels.summarize_mask(mask, b, length, p.query.device, sink, recent)
-    plan = kernels.plan_topk(b * h, length, 4, p.query.device, grouped=True, group=group, block=32)
-    group_keys = kernels.topk_group_keys(b * h, length, plan, p.query.device).fill_(-1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernels, "MIN_SPLIT", min_split)
-        _, _, logits = kernels.flash_decode(p.query, p.key, p.value, mask, p.scale, emit_logits=True,
-                                            summary=summary, group_keys=group_keys, topk_group=group)
-    expected = expected_group_keys(logits, summary, group)
-    for row, valid_length in enumerate(summary.kv_len.tolist()):
-        written = -(-valid_length // group)
-        assert torch.equal(group_keys.view(b, h, -1)[row, :, :written], expected[row, :, :written])
-
-
-def test_flash_decode_refuses_group_keys_it_cannot_write():
-    """Group keys need the logits, a given summary and groups dividing the tiles (32 positions here)."""
-    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 64, 16)
-    summary = kernels.summarize_mask(None, 1, 64, q.device)
-    plan = kernels.plan_topk(2, 64, 4, q.device, grouped=True, group=64)
-    keys = kernels.topk_group_keys(2, 64, plan, q.device)
-    for kwargs in (dict(summary=summary, topk_group=64), dict(emit_logits=False, summary=summary, topk_group=4),
-                   dict(topk_group=4)):
-        with pytest.raises(ValueError, match="group keys"):
-            kernels.flash_decode(q, k, k, None, 1.0, **{"emit_logits": True, **kwargs}, group_keys=keys)
-
-
-def test_selection_decode_writes_group_keys_in_the_attention_launch_where_they_fit(monkeypatch):
-    """The grouped query_head plan takes its group keys from flash_decode (no radix_group_max launch);
-    ranks by probability and groups longer than the tiles keep the top-k's own launch. Both equal
-    the reference."""
-    gen = torch.Generator().manual_seed(7)
-    q, k = torch.randint(-3, 4, (1, 4, 1, 16), generator=gen).float(), torch.randint(-3, 4, (1, 2, 300, 16), generator=gen).float()
-    summary = kernels.summarize_mask(None, 1, 300, q.device)
-    given = []
-    select = kernels.select_topk
-    monkeypatch.setattr(kernels, "select_topk", lambda *a, **kw: given.append(kw["group_keys"]) or select(*a, **kw))
-    for group, granularity, fused in ((8, "query_head", True), (64, "query_head", False), (8, "kv_head", False)):
-        sets = index_sets(granularity, 4, 2)
-        plan = kernels.plan_topk(sets, 300, 9, q.device, grouped=True, group=group)
-        _, idx = kernels.selection_decode(q, k, k, None, 1.0, 9, sets, granularity != "query_head", summary, plan)
-        assert (given.pop() is not None) == fused
-        if granularity == "query_head":
-            torch.testing.assert_close(idx, oracle.selection_indices(q, k, None, 1.0, 9, granularity), rtol=0, atol=0)
-        else:
-            oracle.assert_is_topk(idx, q, k, None, 1.0, 9, granularity, rel_tol=1e-4)
-
-
 def test_flash_decode_bounds_large_masked_launches_only(monkeypatch):
     """By default a masked launch without logits of at least BOUND_MIN_WORK sequence-head
     positions bounds the loop (computing the mask summary); smaller ones, unmasked ones and
@@ -234,23 +152,22 @@ def test_flash_decode_bounds_large_masked_launches_only(monkeypatch):
 
 @settings(max_examples=8, deadline=None)
 @given(p=decode_problems(integer_valued=True, max_len=70), budget=st.integers(1, 24),
-       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups, fused=st.booleans())
-def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent, group, fused):
+       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups)
+def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent, group):
     """Integer inputs make logits exact, so ties are real: the kernel must break them like the
-    reference (lower position first) and return the same sorted indices (the group keys written
-    by flash_decode or by the top-k's own launch)."""
+    reference (lower position first) and return the same sorted indices."""
     budget = max(budget, sink + max(recent, 1))
-    _, idx = kernel_selection(p, budget, "query_head", sink, recent, group=group, fused=fused)
+    _, idx = kernel_selection(p, budget, "query_head", sink, recent, group=group)
     expected = oracle.selection_indices(p.query, p.key, p.mask, p.scale, budget, "query_head", sink, recent)
     torch.testing.assert_close(idx, expected, rtol=0, atol=0)
 
 
 @settings(max_examples=12, deadline=None)
 @given(p=decode_problems(max_len=70), budget=st.integers(1, 24), granularity=granularities,
-       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups, fused=st.booleans())
-def test_radix_topk_is_a_topk_of_float_scores(p, budget, granularity, sink, recent, group, fused):
+       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups)
+def test_radix_topk_is_a_topk_of_float_scores(p, budget, granularity, sink, recent, group):
     budget = max(budget, sink + max(recent, 1))
-    _, idx = kernel_selection(p, budget, granularity, sink, recent, group=group, fused=fused)
+    _, idx = kernel_selection(p, budget, granularity, sink, recent, group=group)
     oracle.assert_is_topk(idx, p.query, p.key, p.mask, p.scale, budget, granularity, sink, recent, rel_tol=1e-4)
 
 

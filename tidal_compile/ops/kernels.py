@@ -68,13 +68,8 @@ def autotune_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("TIDAL_AUTOTUNE", "1") != "0"
 
 
-SWITCHES = ("MASK_KIND", "EMIT_LOGITS", "SKIP_MASKED_BLOCKS", "BOUND_LOOP", "UNMASKED_RUN", "TOPK_GROUP")
+SWITCHES = ("MASK_KIND", "EMIT_LOGITS", "SKIP_MASKED_BLOCKS", "BOUND_LOOP", "UNMASKED_RUN")
 """flash_decode's feature switches: part of the autotuning key (each variant is tuned apart)."""
-
-
-def _tuned_block_n(block_n: int, head_dim: int) -> int:
-    """A candidate's BLOCK_N at this head dim (TUNE_CANDIDATES' are for 128: tile bytes kept)."""
-    return max(16, block_n // max(1, triton.next_power_of_2(head_dim) // 128))
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,7 +77,8 @@ def _autotuned(kernel: triton.JITFunction, head_dim: int) -> triton.runtime.Auto
     """`kernel` under triton.autotune over TUNE_CANDIDATES (tile bytes kept for other head dims).
     Triton times the candidates at the first launch of each key and caches the winner per process;
     under torch.compile, Inductor autotunes the same configs and keeps the result in its cache."""
-    configs = [triton.Config({"BLOCK_N": _tuned_block_n(n, head_dim)}, num_warps=w, num_stages=st)
+    shrink = max(1, triton.next_power_of_2(head_dim) // 128)
+    configs = [triton.Config({"BLOCK_N": max(16, n // shrink)}, num_warps=w, num_stages=st)
                for n, w, st in TUNE_CANDIDATES]
     return triton.autotune(configs, key=["length", "split_len", "NUM_KV_HEADS", "GROUP", "HEAD_DIM", *SWITCHES])(kernel)
 
@@ -236,8 +232,7 @@ BOUND_MIN_WORK = 1 << 19  # B x Hkv x L from which a masked dense launch compute
 @dataclass(frozen=True)
 class FlashDecodePlan:
     """How one `flash_decode` launch runs: its grid (B x Hkv programs, `splits` splits of
-    `split_len` positions), its tiles (None: autotuned) and the kernel's feature switches
-    (`topk_group`: positions per group of the grouped top-k's keys it writes, 0: none)."""
+    `split_len` positions), its tiles (None: autotuned) and the kernel's feature switches."""
 
     splits: int
     split_len: int
@@ -247,7 +242,6 @@ class FlashDecodePlan:
     skip_masked_blocks: bool
     bound_loop: bool
     unmasked_run: bool
-    topk_group: int = 0
 
     def switches(self) -> dict[str, object]:
         """The kernel's tl.constexpr feature switches (the SWITCHES, from the fields of that name)."""
@@ -259,17 +253,10 @@ class FlashDecodePlan:
             return {}
         return dict(BLOCK_N=self.blocks.block_n, num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages)
 
-    def smallest_block_n(self, head_dim: int) -> int:
-        """The fewest positions per block of any tile this launch may run."""
-        if self.blocks is not None:
-            return self.blocks.block_n
-        return min(_tuned_block_n(n, head_dim) for n, _, _ in TUNE_CANDIDATES)
-
 
 def plan_flash_decode(batch: int, kv_heads: int, length: int, head_dim: int, device: torch.device, mask_kind: str,
                       emit_logits: bool, summary_given: bool, blocks: Optional[DecodeBlocks] = None,
-                      waves: Optional[int] = None, bound_loop: Optional[bool] = None,
-                      topk_group: int = 0) -> FlashDecodePlan:
+                      waves: Optional[int] = None, bound_loop: Optional[bool] = None) -> FlashDecodePlan:
     """The launch plan of `flash_decode` for these shapes (arguments as there)."""
     autotune = blocks is None and autotune_enabled(device)
     fixed = blocks or decode_blocks(head_dim, batch * kv_heads)
@@ -283,14 +270,12 @@ def plan_flash_decode(batch: int, kv_heads: int, length: int, head_dim: int, dev
     return FlashDecodePlan(splits=splits, split_len=split_len, blocks=None if autotune else fixed,
                            mask_kind=mask_kind, emit_logits=emit_logits,
                            skip_masked_blocks=not emit_logits and batch * kv_heads <= FEW_SEQUENCE_HEADS,
-                           bound_loop=bound_loop, unmasked_run=bound_loop and mask_kind == "bool",
-                           topk_group=topk_group)
+                           bound_loop=bound_loop, unmasked_run=bound_loop and mask_kind == "bool")
 
 
 def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: float,
                  emit_logits: bool = False, blocks: Optional[DecodeBlocks] = None, waves: Optional[int] = None,
-                 bound_loop: Optional[bool] = None, summary: Optional[MaskSummary] = None,
-                 group_keys: Optional[Tensor] = None, topk_group: int = 0
+                 bound_loop: Optional[bool] = None, summary: Optional[MaskSummary] = None
                  ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Exact decode attention. Returns (out [B, H, 1, D], lse [B, H] fp32, logits [B, H, L] fp32
     with -inf at masked positions, or None). Tiles are autotuned on CUDA (`autotune_enabled`),
@@ -303,22 +288,12 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     per sequence, the run is then read without the mask.
     None: bound when the summary is given, or for a masked launch without logits of at least
     BOUND_MIN_WORK sequence-head positions, where the mask costs more than the summary
-    (docs/benchmarks.md).
-
-    `group_keys` (`topk_group_keys` of a grouped query_head top-k plan, groups of `topk_group`
-    positions) are written as radix_group_max would from the logits (their sink and recent
-    positions from `summary`, which must be given): `select_topk(..., group_keys=)` then skips
-    that launch. `topk_group` must divide every tile's BLOCK_N (`FlashDecodePlan.smallest_block_n`)."""
+    (docs/benchmarks.md)."""
     b, h, _, d = sizes(query)
     _, hkv, length, _ = sizes(key)
     mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask, b, length, query)
     plan = plan_flash_decode(b, hkv, length, d, query.device, mask_kind, emit_logits, summary is not None, blocks,
-                             waves, bound_loop, topk_group if group_keys is not None else 0)
-    if group_keys is not None and not (emit_logits and plan.bound_loop and summary is not None
-                                       and topk_group > 0 and plan.smallest_block_n(d) % topk_group == 0):
-        raise ValueError(f"flash_decode writes group keys only with its logits, a given mask summary, a bounded "
-                         f"loop and groups dividing its tiles ({plan.smallest_block_n(d)} positions; group "
-                         f"{topk_group})")
+                             waves, bound_loop)
     if plan.bound_loop and summary is None:
         summary = summarize_mask(attn_mask, b, length, query.device)
     q = query.contiguous()
@@ -331,9 +306,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         kv_len, kv_start, valid_count = summary.kv_len if plan.bound_loop else part_lse, part_lse, part_lse
     wrap_triton(_autotuned(kernel, d) if plan.blocks is None else kernel)[(b * hkv, plan.splits)](
         Q=q, K=key, V=value, Mask=mask, KvLen=kv_len, KvStart=kv_start, ValidCount=valid_count,
-        SinkEnd=kv_len if group_keys is None else summary.sink_end,
-        RecentStart=kv_len if group_keys is None else summary.recent_start,
-        PartOut=part_out, PartLse=part_lse, Logits=logits, GroupKeys=part_lse if group_keys is None else group_keys,
+        PartOut=part_out, PartLse=part_lse, Logits=logits,
         stride_qb=q.stride(0), stride_qh=q.stride(1),
         stride_kb=key.stride(0), stride_kh=key.stride(1), stride_kn=key.stride(2),
         stride_vb=value.stride(0), stride_vh=value.stride(1), stride_vn=value.stride(2),
@@ -341,7 +314,6 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         stride_pb=part_out.stride(0), stride_ph=part_out.stride(1), stride_ps=part_out.stride(2),
         stride_lb=part_lse.stride(0), stride_lh=part_lse.stride(1),
         stride_xb=logits.stride(0), stride_xh=logits.stride(1) if emit_logits else 0,
-        stride_gr=0 if group_keys is None else group_keys.stride(0),
         scale=scale, length=length, split_len=plan.split_len,
         NUM_KV_HEADS=hkv, GROUP=h // hkv, GROUP_PAD=_group_pad(h // hkv), HEAD_DIM=d,
         BLOCK_D=triton.next_power_of_2(d), MASK_MIN=mask_min, DOT_PRECISION=_dot_precision(query.dtype),
@@ -667,22 +639,3 @@ def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     wrap_triton(module.radix_emit)[(rows, chunks)](
         **row_args, Counts=counts, Out=out, stride_ob=out.stride(0), stride_os=out.stride(1), CHUNKS_PAD=chunks_pad)
 
-
-
-def selection_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: float,
-                     budget: int, sets: int, rank_by_prob: bool, summary: MaskSummary,
-                     plan: Optional[TopkPlan] = None) -> tuple[Tensor, Tensor]:
-    """Exact decode attention and the top-`budget` positions per index set (`flash_decode`'s
-    logits, then `select_topk`; `plan` defaults to `plan_topk`). With the grouped plan ranking
-    by logit, flash_decode writes the group keys while it holds the logits (where the groups fit
-    its tiles): one launch over the logits fewer."""
-    b, _, _, d = sizes(query)
-    _, hkv, length, _ = sizes(key)
-    plan = plan or plan_topk(b * sets, length, budget, query.device)
-    attention = plan_flash_decode(b, hkv, length, d, query.device, _mask_args(attn_mask, b, length, query)[2],
-                                  emit_logits=True, summary_given=True)
-    fused = plan.grouped and not rank_by_prob and attention.smallest_block_n(d) % plan.group == 0
-    group_keys = topk_group_keys(b * sets, length, plan, query.device) if fused else None
-    out, lse, logits = flash_decode(query, key, value, attn_mask, scale, emit_logits=True, summary=summary,
-                                    group_keys=group_keys, topk_group=plan.group)
-    return out, select_topk(logits, lse, summary, budget, sets, rank_by_prob, plan, group_keys=group_keys)

@@ -127,9 +127,11 @@ def selection_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Op
     if _use_kernels(query, value, attn_mask):
         summary = kernels.MaskSummary.of(summary) or kernels.summarize_mask(
             attn_mask, query.shape[0], key.shape[2], query.device, sink, recent)
+        out, lse, logits = kernels.flash_decode(query, key, value, attn_mask, scale, emit_logits=True,
+                                                summary=summary)
         sets = index_sets(granularity, query.shape[1], key.shape[1])
-        return kernels.selection_decode(query, key, value, attn_mask, scale, budget, sets,
-                                        granularity != "query_head", summary)
+        indices = kernels.select_topk(logits, lse, summary, budget, sets, granularity != "query_head")
+        return out, indices
     return reference.selection_attention(query, key, value, attn_mask, scale, budget, granularity,
                                          sink, recent)
 

@@ -400,6 +400,12 @@ def inductor_patch(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a Python literal") from None
 
 
+def patch_sets(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The Inductor config patches each row runs with: --inductor-config's, after none with --beside-plain."""
+    patches = dict(args.inductor_config)
+    return [{}, patches] if args.beside_plain and patches else [patches]
+
+
 def trace_file(folder: Optional[str], stem: str) -> Optional[str]:
     """Where a row's Chrome trace goes (`folder/stem.json.gz`), if traces are asked for."""
     if folder is None:
@@ -440,6 +446,9 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="Llama-3-8B, batch 1, 32K: inductor, full, tidal:256; no floor, fewer steps")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
+    parser.add_argument("--beside-plain", action="store_true",
+                        help="with --inductor-config: also run every row without the patches, just before it (the "
+                        "patched rows are named METHOD+config: their 'vs full' is the patches' speed-up)")
     add_measure_arguments(parser)
     args = parser.parse_args()
     if args.quick:
@@ -467,14 +476,17 @@ def main() -> None:
             torch.cuda.empty_cache()
             longest = max(shape.long_context if c == 0 else c for c in args.contexts)
             model, built = build_model(shape, longest + 4096), shape_name
-        trace = trace_file(args.trace, f"{shape_name}-b{batch}-{context}-{method.file_name}")
-        rows.append(measure(model, method, shape_name, shape, batch, context, args.steps, args.warmup,
-                            args.profile_steps, trace=trace, guard_filter=args.guard_filter,
-                            inductor_config=dict(args.inductor_config)))
-        derive(rows, bandwidth)
-        print_row(rows[-1], progress.write)
-        if args.out:  # after every row: a long sweep cut short keeps what it measured
-            save(args.out, header, bandwidth, rows)
+        for patches in patch_sets(args):
+            trace = trace_file(args.trace, f"{shape_name}-b{batch}-{context}-{method.file_name}")
+            rows.append(measure(model, method, shape_name, shape, batch, context, args.steps, args.warmup,
+                                args.profile_steps, trace=trace, guard_filter=args.guard_filter,
+                                inductor_config=patches))
+            if patches and args.beside_plain:
+                rows[-1].method += "+config"
+            derive(rows, bandwidth)
+            print_row(rows[-1], progress.write)
+            if args.out:  # after every row: a long sweep cut short keeps what it measured
+                save(args.out, header, bandwidth, rows)
     progress.close()
     print("\nall rows:")
     for row in rows:

@@ -9,7 +9,9 @@ Per shape, budget and granularity: the grouped and the chunked plan's time (the 
 `kernels.plan_topk` picks marked *) and `torch.topk`'s on the same ranks (the logits for
 query_head, the summed probabilities for kv_head, computed outside its time), CUDA-graph replays
 (median), then each swept grouped plan's time; "!" marks a plan whose indices differ from the
-default's (it never should). The results feed `kernels.topk_grouped_is_faster`, `topk_group`
+default's (it never should). Where the picked plan ranks by logit, a second line times a whole
+selection layer (flash_decode with its logits, then the top-k) against flash_decode alone: the
+difference is the top-k's cost after the attention launch (its logits no longer in L2). The results feed `kernels.topk_grouped_is_faster`, `topk_group`
 and `topk_select_steps`.
 """
 
@@ -40,14 +42,39 @@ def us(fn) -> float:
     return do_bench_cudagraph(fn, rep=30) * 1000
 
 
-def decode_logits(batch: int, heads: int, kv_heads: int,
-                  length: int) -> tuple[torch.Tensor, torch.Tensor, kernels.MaskSummary]:
-    """(lse, logits, mask summary) of flash_decode over a random bf16 cache filled to `length`."""
+SCALE = 128 ** -0.5
+
+
+def decode_inputs(batch: int, heads: int, kv_heads: int, length: int):
+    """(query, cache (keys and values alike), mask, mask summary): random bf16, filled to `length`."""
     q = torch.randn(batch, heads, 1, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(batch, kv_heads, length, 128, device="cuda", dtype=torch.bfloat16)
     mask = torch.ones(batch, 1, 1, length, device="cuda", dtype=torch.bool)
-    _, lse, logits = kernels.flash_decode(q, k, k, mask, 128 ** -0.5, emit_logits=True)
-    return lse, logits, kernels.summarize_mask(mask, batch, length, logits.device)
+    return q, k, mask, kernels.summarize_mask(mask, batch, length, q.device)
+
+
+def decode_logits(batch: int, heads: int, kv_heads: int,
+                  length: int) -> tuple[torch.Tensor, torch.Tensor, kernels.MaskSummary]:
+    """(lse, logits, mask summary) of flash_decode over a random bf16 cache filled to `length`."""
+    q, k, mask, summary = decode_inputs(batch, heads, kv_heads, length)
+    _, lse, logits = kernels.flash_decode(q, k, k, mask, SCALE, emit_logits=True)
+    return lse, logits, summary
+
+
+def selection_line(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, summary: kernels.MaskSummary,
+                   budget: int) -> str:
+    """A query_head selection layer's time (as `tidal::selection_attention` runs it) against its
+    flash_decode alone."""
+    def attention():
+        return kernels.flash_decode(q, k, k, mask, SCALE, emit_logits=True, summary=summary)
+
+    def selection():
+        _, lse, logits = attention()
+        return kernels.select_topk(logits, lse, summary, budget, q.shape[1], False)
+
+    selection()  # compiles and tunes outside the timed graphs
+    alone, whole = us(attention), us(selection)
+    return f"  selection layer: flash_decode alone {alone:.1f} us, with the top-k {whole:.1f} (top-k {whole - alone:.1f})"
 
 
 def main() -> None:
@@ -58,7 +85,8 @@ def main() -> None:
     args.no_sweep |= args.quick
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for batch, heads, kv_heads, length, budgets in QUICK_SHAPES if args.quick else SHAPES:
-        lse, logits, summary = decode_logits(batch, heads, kv_heads, length)
+        q, k, mask, summary = decode_inputs(batch, heads, kv_heads, length)
+        _, lse, logits = kernels.flash_decode(q, k, k, mask, SCALE, emit_logits=True)
         for budget, (granularity, sets) in itertools.product(budgets, (("query_head", heads), ("kv_head", kv_heads))):
             by_prob = granularity != "query_head"
             rank = (torch.exp(logits - lse[..., None]).view(batch, sets, -1, length).sum(2) if by_prob else logits)
@@ -91,7 +119,9 @@ def main() -> None:
                                         f"{'' if same else '!'}"))
                 line += "; group/block/gather/warps: " + " ".join(c for _, c in cells) + f"; best {min(cells)[1]}"
             print(line, flush=True)
-        del lse, logits
+            if not by_prob:
+                print(selection_line(q, k, mask, summary, budget), flush=True)
+        del q, k, lse, logits
         torch.cuda.empty_cache()
 
 

@@ -93,6 +93,17 @@ def test_inductor_config_flag_parses_literals_and_rejects_bare_keys():
         parser.parse_args(["--inductor-config", "max_autotune"])
 
 
+def test_beside_plain_runs_each_row_without_then_with_the_patches_and_rates_the_patches():
+    args = argparse.Namespace(inductor_config=[("max_autotune_gemm", True)], beside_plain=True)
+    assert decode.patch_sets(args) == [{}, {"max_autotune_gemm": True}]
+    assert decode.patch_sets(argparse.Namespace(**{**vars(args), "beside_plain": False})) == [{"max_autotune_gemm": True}]
+    assert decode.patch_sets(argparse.Namespace(inductor_config=[], beside_plain=True)) == [{}]
+    plain, patched = (decode.Row("llama3-8b", 1, 1024, name, ms, 1.0, 0, ms - 1, {}, [], floor=True)
+                      for name, ms in (("full", 6.0), ("full+config", 5.0)))
+    decode.derive([plain, patched], bandwidth=1e12)
+    assert patched.speedup_vs_full == 6.0 / 5.0 and patched.kernel_speedup_vs_full == 5.0 / 4.0
+
+
 def test_host_gaps_attribute_the_hosts_events_to_the_gpus_long_waits():
     """A synthetic trace: two kernels 100 us apart (a long gap) and 5 us apart (a short one);
     host events count by their time inside the long gap only."""

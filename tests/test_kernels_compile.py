@@ -1,0 +1,134 @@
+"""Every kernel variant the launchers launch compiles for a Hopper GPU (sm_90), on the CPU.
+
+The launches of small problems are recorded while they run in Triton's interpreter; each distinct
+variant (kernel, constexpr switches, argument types, warps and stages) is then compiled to a cubin
+by Triton's own compiler and ptxas, which need no GPU or driver. The interpreter accepts code the
+compiler rejects (types, layouts, constexpr use); this finds it before a GPU run. Float16 inputs
+stand in for bfloat16 (the interpreter has no bfloat16 arithmetic): pointers are compiled as the
+GPU path's bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+kernels = pytest.importorskip("tidal_compile.ops.kernels")
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="launches are recorded in Triton's interpreter (set by conftest without a GPU)")
+
+Launch = tuple[Any, dict[str, Any]]  # (interpreted kernel, its keyword arguments)
+
+
+def recorded_launches(monkeypatch: pytest.MonkeyPatch, run: Callable[[], None]) -> list[Launch]:
+    """The launches `run` makes through `kernels.wrap_triton` (each still runs)."""
+    launches: list[Launch] = []
+    wrap = kernels.wrap_triton
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                launches.append((self.kernel, kwargs))
+                return wrap(self.kernel)[grid](**kwargs)
+            return launch
+
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "wrap_triton", Recording)
+        run()
+    return launches
+
+
+def described(launch: Launch) -> dict[str, Any]:
+    """A launch as `hopper_compile.py` takes it: template, kernel and each argument's value, or its
+    pointer type for a tensor (float16 as bfloat16)."""
+    kernel, kwargs = launch
+    arguments = {name: {"pointer": f"*{str(value.dtype).removeprefix('torch.')}".replace("float16", "bfloat16")}
+                 if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+    return {"template": kernel.fn.__module__.rsplit(".", 1)[-1].rsplit("_", 1)[0] + ".py.jinja",
+            "kernel": kernel.fn.__name__, "arguments": arguments}
+
+
+def assert_all_compile(run: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record `run`'s launches here (interpreted), compile their variants in a fresh process
+    (the interpreter patches triton.language for good in the process that ran it)."""
+    launches = [described(launch) for launch in recorded_launches(monkeypatch, run)]
+    assert launches, "the scenario launched no kernel"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py"))], env=env,
+                          input=json.dumps(launches), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "compiled" in done.stdout, done.stdout
+
+
+def decode_inputs(length: int = 600, head_dim: int = 128):
+    """A batch of two (GQA 4 query heads per KV head): left padding in one sequence, an unfilled
+    cache tail in the other."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 1, head_dim, generator=gen).half()
+    k, v = (torch.randn(2, 2, length, head_dim, generator=gen).half() for _ in range(2))
+    mask = torch.ones(2, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., :40] = False
+    mask[1, ..., length - 100:] = False
+    return q, k, v, mask
+
+
+def dense_launches() -> None:
+    q, k, v, mask = decode_inputs()
+    additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+    for attn_mask in (mask, additive, None):
+        for bound_loop in (False, True):
+            kernels.flash_decode(q, k, v, attn_mask, 0.1, bound_loop=bound_loop)
+    kernels.flash_decode(q[:, :2], k[:, :1], v[:, :1], mask, 0.1)  # one sequence-head per batch: the branch
+    kernels.flash_decode(q.float(), k.float(), v.float(), mask, 0.1)
+
+
+def selection_launches() -> None:
+    q, k, v, mask = decode_inputs()
+    summary = kernels.summarize_mask(mask, 2, k.shape[2], q.device, sink=4, recent=8)
+    for keep_logits in (False, True):
+        _, lse, logits = kernels.flash_decode(q, k, v, mask, 0.1, emit_logits=True, summary=summary,
+                                              keep_logits=keep_logits)
+    for sets, by_prob in ((8, False), (2, True), (1, True)):
+        for grouped in (True, False):
+            plan = kernels.plan_topk(2 * sets, k.shape[2], 64, q.device, grouped=grouped)
+            kernels.select_topk(logits, lse, summary, 64, sets, by_prob, plan)
+
+
+def sparse_launches() -> None:
+    q, k, v, _ = decode_inputs()
+    for sets in (8, 2, 1):
+        indices = torch.randperm(500)[:64].sort().values.int().expand(2, sets, 64).contiguous()
+        kernels.sparse_decode(q, k, v, indices, 0.1)
+
+
+def quest_launches() -> None:
+    q, k, v, mask = decode_inputs()
+    page_min, page_max = (torch.zeros(2, 2, k.shape[2] // 16 + 1, 128, dtype=k.dtype) for _ in range(2))
+    kernels.quest_update_metadata(k, mask, page_min, page_max, torch.zeros(2, dtype=torch.int32), 16)
+    summary = kernels.summarize_mask(mask, 2, k.shape[2], q.device)
+    for grouped in (True, False):
+        plan = kernels.plan_topk(16, page_min.shape[2], 4, q.device, grouped=grouped)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kernels, "plan_topk", lambda *args, **kw: plan)
+            kernels.quest_attention(q, k, v, mask, page_min, page_max, 0.1, 64, 16, summary)
+
+
+def test_every_launched_kernel_variant_compiles_for_hopper(monkeypatch):
+    """Dense (each mask kind, bounded or not, the one-sequence-head branch, fp32), selection (the
+    logits kept in L2 or not; both top-k plans at every granularity, sink and recent), sparse (each
+    index-set granularity) and Quest (metadata, both page top-k plans) launches: one compile run."""
+    def run():
+        for scenario in (dense_launches, selection_launches, sparse_launches, quest_launches):
+            scenario()
+    assert_all_compile(run, monkeypatch)

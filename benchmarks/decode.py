@@ -477,12 +477,12 @@ def main() -> None:
             longest = max(shape.long_context if c == 0 else c for c in args.contexts)
             model, built = build_model(shape, longest + 4096), shape_name
         for patches in patch_sets(args):
-            trace = trace_file(args.trace, f"{shape_name}-b{batch}-{context}-{method.file_name}")
+            suffix = "+config" if patches and args.beside_plain else ""
+            trace = trace_file(args.trace, f"{shape_name}-b{batch}-{context}-{method.file_name}{suffix}")
             rows.append(measure(model, method, shape_name, shape, batch, context, args.steps, args.warmup,
                                 args.profile_steps, trace=trace, guard_filter=args.guard_filter,
                                 inductor_config=patches))
-            if patches and args.beside_plain:
-                rows[-1].method += "+config"
+            rows[-1].method += suffix
             derive(rows, bandwidth)
             print_row(rows[-1], progress.write)
             if args.out:  # after every row: a long sweep cut short keeps what it measured

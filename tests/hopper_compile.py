@@ -17,12 +17,11 @@ from tidal_compile import codegen
 
 HOPPER = GPUTarget("cuda", 90, 32)
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
-POINTERS = {"*float32": "*fp32", "*bfloat16": "*bf16", "*int32": "*i32", "*int64": "*i64", "*bool": "*i1"}
 
 
 def argument_type(value) -> str:
-    if isinstance(value, dict):
-        return POINTERS[value["pointer"]]
+    if isinstance(value, dict):  # a tensor, by its pointer type
+        return value["pointer"]
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
@@ -35,16 +34,15 @@ def variant(launch: dict) -> tuple[tuple, ASTSource, dict]:
     options) of one launch."""
     jit = getattr(codegen.load(launch["template"]), launch["kernel"])
     arguments = launch["arguments"]
-    signature, constexprs = {}, {}
+    signature, constexprs, by_index = {}, {}, {}
     for i, param in enumerate(jit.params):
         value = arguments.get(param.name, param.default)
         if param.is_constexpr:
-            signature[param.name], constexprs[param.name] = "constexpr", value
+            signature[param.name], constexprs[param.name], by_index[(i,)] = "constexpr", value, value
         else:
             signature[param.name] = argument_type(value)
     options = {name: arguments[name] for name in LAUNCH_OPTIONS if name in arguments}
     key = (launch["kernel"], tuple(signature.items()), tuple(constexprs.items()), tuple(options.items()))
-    by_index = {(jit.arg_names.index(name),): value for name, value in constexprs.items()}
     return key, ASTSource(jit, signature, by_index), options
 
 

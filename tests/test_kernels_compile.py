@@ -3,9 +3,8 @@
 The launches of small problems are recorded while they run in Triton's interpreter; each distinct
 variant (kernel, constexpr switches, argument types, warps and stages) is then compiled to a cubin
 by Triton's own compiler and ptxas, which need no GPU or driver. The interpreter accepts code the
-compiler rejects (types, layouts, constexpr use); this finds it before a GPU run. Float16 inputs
-stand in for bfloat16 (the interpreter has no bfloat16 arithmetic): pointers are compiled as the
-GPU path's bfloat16.
+compiler rejects (types, layouts, constexpr use); this finds it before a GPU run. The problems are
+float16, as the interpreter tests' are; their pointers are compiled as the GPU path's bfloat16.
 """
 
 from __future__ import annotations
@@ -26,6 +25,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="launches are recorded in Triton's interpreter (set by conftest without a GPU)")
 
 Launch = tuple[Any, dict[str, Any]]  # (interpreted kernel, its keyword arguments)
+POINTERS = {torch.float32: "*fp32", torch.float16: "*bf16", torch.bfloat16: "*bf16", torch.int32: "*i32",
+            torch.int64: "*i64", torch.bool: "*i1"}
+"""Triton's pointer type of a tensor argument (float16 compiled as bfloat16)."""
 
 
 def recorded_launches(monkeypatch: pytest.MonkeyPatch, run: Callable[[], None]) -> list[Launch]:
@@ -51,10 +53,10 @@ def recorded_launches(monkeypatch: pytest.MonkeyPatch, run: Callable[[], None]) 
 
 def described(launch: Launch) -> dict[str, Any]:
     """A launch as `hopper_compile.py` takes it: template, kernel and each argument's value, or its
-    pointer type for a tensor (float16 as bfloat16)."""
+    Triton pointer type for a tensor (`POINTERS`)."""
     kernel, kwargs = launch
-    arguments = {name: {"pointer": f"*{str(value.dtype).removeprefix('torch.')}".replace("float16", "bfloat16")}
-                 if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+    arguments = {name: {"pointer": POINTERS[value.dtype]} if isinstance(value, torch.Tensor) else value
+                 for name, value in kwargs.items()}
     return {"template": kernel.fn.__module__.rsplit(".", 1)[-1].rsplit("_", 1)[0] + ".py.jinja",
             "kernel": kernel.fn.__name__, "arguments": arguments}
 

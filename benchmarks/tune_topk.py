@@ -11,10 +11,9 @@ query_head, the summed probabilities for kv_head, computed outside its time), CU
 (median), then each swept grouped plan's time; "!" marks a plan whose indices differ from the
 default's (it never should). Where the picked plan ranks by logit, a second line times a whole
 selection layer (flash_decode with its logits, then the top-k) against flash_decode alone: the
-difference is the top-k's cost after the attention launch (its logits no longer in L2), with the
-default cache policies and with `flash_decode(keep_logits=True)` (logits written evict-last, the
-cache read evict-first). The results feed `kernels.topk_grouped_is_faster`, `topk_group`
-and `topk_select_steps`.
+difference is the top-k's cost after the attention launch (higher than alone, and not for want of
+the logits in L2: writing them evict-last changed nothing, docs/benchmarks.md). The results feed
+`kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
 """
 
 from __future__ import annotations
@@ -66,23 +65,17 @@ def decode_logits(batch: int, heads: int, kv_heads: int,
 def selection_line(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, summary: kernels.MaskSummary,
                    budget: int) -> str:
     """A query_head selection layer's time (as `tidal::selection_attention` runs it) against its
-    flash_decode alone, with the default cache policies and with the logits kept in L2."""
-    line = "  selection layer:"
-    chosen = []
-    for keep in (False, True):
-        def attention():
-            return kernels.flash_decode(q, k, k, mask, SCALE, emit_logits=True, summary=summary, keep_logits=keep)
+    flash_decode alone."""
+    def attention():
+        return kernels.flash_decode(q, k, k, mask, SCALE, emit_logits=True, summary=summary)
 
-        def selection():
-            _, lse, logits = attention()
-            return kernels.select_topk(logits, lse, summary, budget, q.shape[1], False)
+    def selection():
+        _, lse, logits = attention()
+        return kernels.select_topk(logits, lse, summary, budget, q.shape[1], False)
 
-        chosen.append(selection())  # also compiles and tunes outside the timed graphs
-        alone, whole = us(attention), us(selection)
-        line += (f" {'logits kept in L2' if keep else 'default policies'}: flash_decode alone {alone:.1f} us, "
-                 f"with the top-k {whole:.1f} (top-k {whole - alone:.1f});")
-    assert torch.equal(*chosen)
-    return line
+    selection()  # compiles and tunes outside the timed graphs
+    alone, whole = us(attention), us(selection)
+    return f"  selection layer: flash_decode alone {alone:.1f} us, with the top-k {whole:.1f} (top-k {whole - alone:.1f})"
 
 
 def main() -> None:

@@ -97,9 +97,7 @@ def dense_launches() -> None:
 def selection_launches() -> None:
     q, k, v, mask = decode_inputs()
     summary = kernels.summarize_mask(mask, 2, k.shape[2], q.device, sink=4, recent=8)
-    for keep_logits in (False, True):
-        _, lse, logits = kernels.flash_decode(q, k, v, mask, 0.1, emit_logits=True, summary=summary,
-                                              keep_logits=keep_logits)
+    _, lse, logits = kernels.flash_decode(q, k, v, mask, 0.1, emit_logits=True, summary=summary)
     for sets, by_prob in ((8, False), (2, True), (1, True)):
         for grouped in (True, False):
             plan = kernels.plan_topk(2 * sets, k.shape[2], 64, q.device, grouped=grouped)
@@ -127,9 +125,8 @@ def quest_launches() -> None:
 
 def test_every_launched_kernel_variant_compiles_for_hopper(monkeypatch):
     """Dense (a bool mask bounded and not, an additive one, none, the one-sequence-head branch,
-    fp32), selection (the logits kept in L2 or not; both top-k plans at every granularity, sink and
-    recent), sparse (each index-set granularity) and Quest (metadata, both page top-k plans)
-    launches: one compile run (about a minute with Triton's cache empty)."""
+    fp32), selection (both top-k plans at every granularity, sink and recent), sparse (each
+    index-set granularity) and Quest (metadata, both page top-k plans) launches: one compile run (about a minute with Triton's cache empty)."""
     def run():
         for scenario in (dense_launches, selection_launches, sparse_launches, quest_launches):
             scenario()

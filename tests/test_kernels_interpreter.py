@@ -3,7 +3,6 @@ launchers called directly (torch.compile cannot trace interpreted launches on CP
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
@@ -97,15 +96,13 @@ def test_autotune_candidates_keep_tile_bytes_and_fit_the_split_alignment():
 
 @settings(max_examples=20, deadline=None)
 @given(p=decode_problems(dtypes=small["dtypes"], max_len=150), given_summary=st.booleans(),
-       min_split=st.sampled_from([kernels.MIN_SPLIT, 8]), emit_logits=st.booleans(), hole=st.booleans(),
-       keep_logits=st.booleans())
+       min_split=st.sampled_from([kernels.MIN_SPLIT, 8]), emit_logits=st.booleans(), hole=st.booleans())
 def test_flash_decode_with_splits_over_the_valid_length_equals_reference(p, given_summary, min_split, emit_logits,
-                                                                          hole, keep_logits):
+                                                                          hole):
     """Bounded launches spread their splits over each sequence's valid length (several splits
     with a small MIN_SPLIT) and read a single run of valid positions without the mask (a hole
     in the run keeps the mask); outputs, lse and the logits up to the valid length are exact,
-    and masked cache rows (here inf / nan) never weigh; with the logits kept in L2 as well (cache
-    policies only)."""
+    and masked cache rows (here inf / nan) never weigh."""
     b, length = p.query.shape[0], p.key.shape[2]
     mask = p.mask if p.mask is None else p.mask.clone()
     for row in range(b if hole and mask is not None else 0):
@@ -122,23 +119,13 @@ def test_flash_decode_with_splits_over_the_valid_length_equals_reference(p, give
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "MIN_SPLIT", min_split)
         out, lse, logits = kernels.flash_decode(p.query, key, value, mask, p.scale, emit_logits=emit_logits,
-                                                bound_loop=True, summary=summary if given_summary else None,
-                                                keep_logits=keep_logits)
+                                                bound_loop=True, summary=summary if given_summary else None)
     assert oracle.relative_error(out, expected) < TOLERANCE[p.query.dtype]
     expected_logits, _ = reference.attention_logits(p.query, p.key, mask, p.scale)
     torch.testing.assert_close(lse, torch.logsumexp(expected_logits, -1), rtol=1e-3, atol=1e-3)
     for row, valid_length in enumerate(summary.kv_len.tolist() if emit_logits else []):
         torch.testing.assert_close(logits[row, :, :valid_length], expected_logits[row, :, :valid_length].float(),
                                    rtol=1e-3, atol=1e-3)
-
-
-def test_keeping_logits_in_l2_sets_the_cache_policies_of_logit_writing_launches_only():
-    cpu = torch.device("cpu")
-    plan = functools.partial(kernels.plan_flash_decode, 1, 8, 4096, 128, cpu, "bool", summary_given=True)
-    assert (plan(True).kv_eviction, plan(True).logits_eviction) == ("", "")
-    kept = plan(True, keep_logits=True)
-    assert (kept.switches()["KV_EVICTION"], kept.switches()["LOGITS_EVICTION"]) == ("evict_first", "evict_last")
-    assert (plan(False, keep_logits=True).kv_eviction, plan(False, keep_logits=True).logits_eviction) == ("", "")
 
 
 def test_flash_decode_bounds_large_masked_launches_only(monkeypatch):

@@ -68,8 +68,7 @@ def autotune_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("TIDAL_AUTOTUNE", "1") != "0"
 
 
-SWITCHES = ("MASK_KIND", "EMIT_LOGITS", "SKIP_MASKED_BLOCKS", "BOUND_LOOP", "UNMASKED_RUN", "KV_EVICTION",
-            "LOGITS_EVICTION")
+SWITCHES = ("MASK_KIND", "EMIT_LOGITS", "SKIP_MASKED_BLOCKS", "BOUND_LOOP", "UNMASKED_RUN")
 """flash_decode's feature switches: part of the autotuning key (each variant is tuned apart)."""
 
 
@@ -233,9 +232,7 @@ BOUND_MIN_WORK = 1 << 19  # B x Hkv x L from which a masked dense launch compute
 @dataclass(frozen=True)
 class FlashDecodePlan:
     """How one `flash_decode` launch runs: its grid (B x Hkv programs, `splits` splits of
-    `split_len` positions), its tiles (None: autotuned) and the kernel's feature switches
-    (`kv_eviction` / `logits_eviction`: Triton's cache policies of the cache reads and logit
-    writes, "" for the default)."""
+    `split_len` positions), its tiles (None: autotuned) and the kernel's feature switches."""
 
     splits: int
     split_len: int
@@ -245,8 +242,6 @@ class FlashDecodePlan:
     skip_masked_blocks: bool
     bound_loop: bool
     unmasked_run: bool
-    kv_eviction: str = ""
-    logits_eviction: str = ""
 
     def switches(self) -> dict[str, object]:
         """The kernel's tl.constexpr feature switches (the SWITCHES, from the fields of that name)."""
@@ -261,8 +256,7 @@ class FlashDecodePlan:
 
 def plan_flash_decode(batch: int, kv_heads: int, length: int, head_dim: int, device: torch.device, mask_kind: str,
                       emit_logits: bool, summary_given: bool, blocks: Optional[DecodeBlocks] = None,
-                      waves: Optional[int] = None, bound_loop: Optional[bool] = None,
-                      keep_logits: bool = False) -> FlashDecodePlan:
+                      waves: Optional[int] = None, bound_loop: Optional[bool] = None) -> FlashDecodePlan:
     """The launch plan of `flash_decode` for these shapes (arguments as there)."""
     autotune = blocks is None and autotune_enabled(device)
     fixed = blocks or decode_blocks(head_dim, batch * kv_heads)
@@ -273,18 +267,16 @@ def plan_flash_decode(batch: int, kv_heads: int, length: int, head_dim: int, dev
             mask_kind != "none" and not emit_logits and batch * kv_heads * length >= BOUND_MIN_WORK)
     # Skipping all-masked blocks by a branch pays only for dense-only launches of few programs
     # (H100, docs/benchmarks.md); a skipped block would also owe its -inf logits.
-    kv_eviction, logits_eviction = ("evict_first", "evict_last") if keep_logits and emit_logits else ("", "")
     return FlashDecodePlan(splits=splits, split_len=split_len, blocks=None if autotune else fixed,
                            mask_kind=mask_kind, emit_logits=emit_logits,
                            skip_masked_blocks=not emit_logits and batch * kv_heads <= FEW_SEQUENCE_HEADS,
-                           bound_loop=bound_loop, unmasked_run=bound_loop and mask_kind == "bool",
-                           kv_eviction=kv_eviction, logits_eviction=logits_eviction)
+                           bound_loop=bound_loop, unmasked_run=bound_loop and mask_kind == "bool")
 
 
 def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], scale: float,
                  emit_logits: bool = False, blocks: Optional[DecodeBlocks] = None, waves: Optional[int] = None,
-                 bound_loop: Optional[bool] = None, summary: Optional[MaskSummary] = None,
-                 keep_logits: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+                 bound_loop: Optional[bool] = None, summary: Optional[MaskSummary] = None
+                 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Exact decode attention. Returns (out [B, H, 1, D], lse [B, H] fp32, logits [B, H, L] fp32
     with -inf at masked positions, or None). Tiles are autotuned on CUDA (`autotune_enabled`),
     else the defaults of `decode_blocks`; `blocks` fixes them and `waves` the split count.
@@ -296,16 +288,12 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
     per sequence, the run is then read without the mask.
     None: bound when the summary is given, or for a masked launch without logits of at least
     BOUND_MIN_WORK sequence-head positions, where the mask costs more than the summary
-    (docs/benchmarks.md).
-
-    `keep_logits` (with `emit_logits`): the cache is read evict-first and the logits written
-    evict-last, so that more of them are still in L2 when the top-k reads them (not the default:
-    `benchmarks/tune_topk.py` measures it against the default policies)."""
+    (docs/benchmarks.md)."""
     b, h, _, d = sizes(query)
     _, hkv, length, _ = sizes(key)
     mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask, b, length, query)
     plan = plan_flash_decode(b, hkv, length, d, query.device, mask_kind, emit_logits, summary is not None, blocks,
-                             waves, bound_loop, keep_logits)
+                             waves, bound_loop)
     if plan.bound_loop and summary is None:
         summary = summarize_mask(attn_mask, b, length, query.device)
     q = query.contiguous()

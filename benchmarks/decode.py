@@ -14,7 +14,8 @@ its own length), then `--steps` greedy decode steps are timed with CUDA events a
 ones (median), and a few more run under the profiler. The floor is the same model at a 1K context.
 
 Per row: ms per step; speed-up over inductor and over full (and over full by kernel time alone:
-the host's share of a step varies from run to run); attention time (step minus the floor)
+the host's share of a step varies from run to run); the ceiling of those two speed-ups (the
+step at the floor plus the method's KV bytes at the copy bandwidth); attention time (step minus the floor)
 against the time to read the KV bytes the method must read at the measured copy bandwidth;
 kernel time per step from the profiler split into weights (matrix products), attention,
 selection (top-k, Quest page scores) and other kernels; the step time outside kernels, and the
@@ -246,6 +247,10 @@ class Row:
     kernel_speedup_vs_full: Optional[float] = None  # by GPU kernel time alone (the host's share varies run to run)
     attention_ms: Optional[float] = None
     read_ms: Optional[float] = None  # attention_bytes at the copy bandwidth
+    # The speed-ups this method would reach with its step at the floor plus read_ms (its attention
+    # at the copy bandwidth), against the other methods as measured: what its kernels can still win
+    ceiling_vs_inductor: Optional[float] = None
+    ceiling_vs_full: Optional[float] = None
 
     @property
     def outside_ms(self) -> float:
@@ -357,9 +362,12 @@ def derive(rows: list[Row], bandwidth: float) -> None:
         row.speedup_vs_full = full.ms / row.ms if full else None
         row.kernel_speedup_vs_full = full.kernel_ms / row.kernel_ms if full else None
         floor = find(row, row.method, FLOOR_CONTEXT) or find(row, "full", FLOOR_CONTEXT)
+        row.read_ms = row.attention_bytes / bandwidth * 1e3
         if floor is not None and not row.floor:
             row.attention_ms = row.ms - floor.ms
-        row.read_ms = row.attention_bytes / bandwidth * 1e3
+            ideal = floor.ms + row.read_ms
+            row.ceiling_vs_inductor = inductor.ms / ideal if inductor else None
+            row.ceiling_vs_full = full.ms / ideal if full else None
 
 
 def print_row(row: Row, out: Callable[[str], None]) -> None:
@@ -371,7 +379,8 @@ def print_row(row: Row, out: Callable[[str], None]) -> None:
     c = row.categories
     out(f"{row.shape:10s} B={row.batch:<2d} L={row.context:<6d} {row.method:16s} {row.ms:7.3f} ms  "
         f"{ratio(row.speedup_vs_inductor)} vs inductor  {ratio(row.speedup_vs_full)} vs full "
-        f"({ratio(row.kernel_speedup_vs_full)} by kernel time)  {attention}  "
+        f"({ratio(row.kernel_speedup_vs_full)} by kernel time; ceiling {ratio(row.ceiling_vs_inductor)} / "
+        f"{ratio(row.ceiling_vs_full)})  {attention}  "
         f"| kernels {row.kernel_ms:6.3f} (w {c['weights']:.3f} a {c['attention']:.3f} s {c['selection']:.3f} "
         f"c {c['communication']:.3f} o {c['other']:.3f}) outside {row.outside_ms:6.3f} "
         f"(idle gaps: short {row.gaps.get('short_ms', 0):.3f} long {row.gaps.get('long_ms', 0):.3f} longest "

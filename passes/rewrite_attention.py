@@ -8,16 +8,18 @@ Before (layers 2 and 3 of a decode graph; `key_2` is `repeat_kv` of the layer's 
     attn_output_15 = torch._C._nn.scaled_dot_product_attention(q_embed_3, key_3, value_3, ...)
 
 After (selection at layer 2, sparse at layer 3; the index tensor is a graph edge, and the
-kernels read the un-expanded cache, so the repeat_kv views are gone; the mask is summarised once
-per graph, before its first use, and every op on it takes the summary)::
+kernels read the un-expanded cache, so the repeat_kv views are gone; a mask the graph computes is
+copied once, before its first use, and summarised once, and every op on it takes the copy and
+the summary)::
 
+    materialized_mask = torch.ops.tidal.materialized_mask.default(attention_mask_1)
     mask_summary = torch.ops.tidal.mask_summary.default(q_embed,
-        l_kwargs_past_key_values_layers_0_keys, attention_mask_1, 0, 0)
+        l_kwargs_past_key_values_layers_0_keys, materialized_mask, 0, 0)
     getitem = mask_summary[0] ... getitem_4 = mask_summary[4]
     ...
     selection_attention = torch.ops.tidal.selection_attention.default(q_embed_2,
         l_kwargs_past_key_values_layers_2_keys, l_kwargs_past_key_values_layers_2_values,
-        attention_mask_1, 0.25, 256, 'query_head', 0, 0, [getitem, ..., getitem_4])
+        materialized_mask, 0.25, 256, 'query_head', 0, 0, [getitem, ..., getitem_4])
     tidal_out_2 = selection_attention[0]
     tidal_indices_2 = selection_attention[1]
     ...
@@ -32,10 +34,10 @@ after the cache write, then attends over its chosen pages::
     quest_cache_write = torch.ops.tidal.quest_cache_write.default(keys_2, page_min_2, page_max_2,
         filled_2, sub_2)                                  # in the cache update: filled <= written from
     ...
-    tidal_quest_update_2 = torch.ops.tidal.quest_update_metadata.default(keys_2, attention_mask_1,
+    tidal_quest_update_2 = torch.ops.tidal.quest_update_metadata.default(keys_2, materialized_mask,
         page_min_2, page_max_2, filled_2, 16, [getitem, ..., getitem_4])
     tidal_out_2 = torch.ops.tidal.quest_attention.default(q_embed_2, keys_2, values_2,
-        attention_mask_1, page_min_2, page_max_2, 0.25, 256, 16, [getitem, ..., getitem_4])
+        materialized_mask, page_min_2, page_max_2, 0.25, 256, 16, [getitem, ..., getitem_4])
 
 Fused ATen SDPA variants return tuples; only their element 0 (the output) may be used.
 """
@@ -46,6 +48,7 @@ import dataclasses
 import logging
 import operator
 from collections import Counter
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -64,7 +67,7 @@ def rewrite_attention(gm: fx.GraphModule, decisions: list[LayerDecision], config
     """Rewrite `gm`'s graph in place; return how many nodes became each kind."""
     graph = gm.graph
     indices_of_layer: dict[int, fx.Node] = {}
-    summaries = MaskSummaries(graph)
+    masks = SharedMasks(graph)
     replaced: dict[fx.Node, fx.Node] = {}  # an erased attention output -> what replaced it
     counts: Counter = Counter()
     for decision in decisions:
@@ -76,16 +79,16 @@ def rewrite_attention(gm: fx.GraphModule, decisions: list[LayerDecision], config
             match decision.kind:
                 case LayerKind.DENSE:
                     out = graph.call_function(tidal.dense_attention.default, (
-                        *base, site.attn_mask, site.scale, summaries.of(site)))
+                        *base, masks.mask(site), site.scale, masks.summary(site)))
                 case LayerKind.QUEST:
-                    out = _quest_attention(graph, decision, config, summaries.of(site))
+                    out = _quest_attention(graph, decision, config, masks.mask(site), masks.summary(site))
                 case LayerKind.SPARSE:
                     indices = indices_of_layer[decision.source_layer]
                     out = graph.call_function(tidal.sparse_attention.default, (*base, indices, site.scale))
                 case LayerKind.SELECTION | LayerKind.ORACLE:
                     selected = graph.call_function(tidal.selection_attention.default, (
-                        *base, site.attn_mask, site.scale, config.budget, config.granularity,
-                        config.sink, config.recent, summaries.of(site, config.sink, config.recent)))
+                        *base, masks.mask(site), site.scale, config.budget, config.granularity,
+                        config.sink, config.recent, masks.summary(site, config.sink, config.recent)))
                     out = graph.call_function(operator.getitem, (selected, 0))
                     indices = graph.call_function(operator.getitem, (selected, 1))
                     if decision.kind == LayerKind.ORACLE:
@@ -100,36 +103,48 @@ def rewrite_attention(gm: fx.GraphModule, decisions: list[LayerDecision], config
     return counts
 
 
-class MaskSummaries:
-    """One `tidal::mask_summary` node per distinct (mask, sink, recent) of a graph, made before
-    the first attention that needs it; every later op on that mask takes its outputs."""
+class SharedMasks:
+    """What the tidal ops of a graph read of its masks, made once per distinct mask before the
+    first attention that needs it: the mask (`mask`) and one `tidal::mask_summary` per window
+    (`summary`)."""
 
     def __init__(self, graph: fx.Graph):
         self.graph = graph
-        self.outputs: dict[tuple, list[fx.Node]] = {}
+        self.copies: dict[fx.Node, fx.Node] = {}
+        self.summaries: dict[tuple, list[fx.Node]] = {}
 
-    def of(self, site: AttentionSite, sink: int = 0, recent: int = 0) -> list[fx.Node]:
-        """The summary outputs for `site`'s mask and these windows (made now, before `site`, if it
-        is the first); none when there is nothing to summarise (no mask and no window)."""
+    def mask(self, site: AttentionSite) -> Any:
+        """The mask `site`'s op reads: a graph input as it is, a mask the graph computes through
+        its one `tidal::materialized_mask` copy (else Inductor recomputes it for every reader)."""
+        mask = site.attn_mask
+        if not isinstance(mask, fx.Node) or mask.op == "placeholder":
+            return mask
+        if mask not in self.copies:
+            self.copies[mask] = self.graph.call_function(tidal.materialized_mask.default, (mask,))
+        return self.copies[mask]
+
+    def summary(self, site: AttentionSite, sink: int = 0, recent: int = 0) -> list[fx.Node]:
+        """The summary outputs for `site`'s mask and these windows; none when there is nothing to
+        summarise (no mask and no window)."""
         recent = recent if recent > 1 else 0  # recent <= 1 keeps only the current token: the same summary
         if site.attn_mask is None and sink == 0 and recent == 0:
             return []
         key = (site.attn_mask, sink, recent)
-        if key not in self.outputs:
+        if key not in self.summaries:
             node = self.graph.call_function(tidal.mask_summary.default, (
-                site.query, site.key, site.attn_mask, sink, recent))
-            self.outputs[key] = [self.graph.call_function(operator.getitem, (node, i)) for i in range(5)]
-        return self.outputs[key]
+                site.query, site.key, self.mask(site), sink, recent))
+            self.summaries[key] = [self.graph.call_function(operator.getitem, (node, i)) for i in range(5)]
+        return self.summaries[key]
 
 
-def _quest_attention(graph: fx.Graph, decision: LayerDecision, config: TidalConfig,
+def _quest_attention(graph: fx.Graph, decision: LayerDecision, config: TidalConfig, mask: Any,
                      summary: list[fx.Node]) -> fx.Node:
     site = decision.site
     page_min, page_max, filled = site.quest_pages
     graph.call_function(tidal.quest_update_metadata.default, (
-        site.key, site.attn_mask, page_min, page_max, filled, config.page_size, summary))
+        site.key, mask, page_min, page_max, filled, config.page_size, summary))
     return graph.call_function(tidal.quest_attention.default, (
-        site.query, site.key, site.value, site.attn_mask, page_min, page_max, site.scale, config.budget,
+        site.query, site.key, site.value, mask, page_min, page_max, site.scale, config.budget,
         config.page_size, summary))
 
 

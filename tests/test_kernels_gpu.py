@@ -88,6 +88,27 @@ def test_gpu_cuda_graph_decode_equals_eager():
                                   eager_prefill=True, cudagraphs=True)
 
 
+def test_gpu_decode_mask_is_computed_once_per_step():
+    """mode full: Inductor computes Hugging Face's decode mask (`arange` <= cache position) in one
+    launch a step, not once per attention layer that reads it (`tidal::materialized_mask`)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from models import greedy_decode, prompts, tiny_model
+
+    torch._dynamo.reset()
+    model = tiny_model("llama", layers=6).cuda()
+    prompt, padding = prompts(2, 12, True, device="cuda")
+    forward = torch.compile(model, backend="tidal", options={"mode": "full"})
+    _, codes = run_and_get_code(lambda: greedy_decode(forward, model, prompt, 2, 32, padding, prefill=model))
+    assert codes
+    for code in codes:  # each decode graph Inductor compiled
+        launches = re.findall(r"(triton_\w+)\.run\(", code)
+        mask_launches = [name for name in launches if "arange" in name and "_le_" in name]
+        assert len(mask_launches) == 1, mask_launches
+
+
 def test_gpu_ops_under_reduce_overhead_equal_eager():
     """torch.compile(fn, backend="tidal", mode="reduce-overhead") over the ops: replays equal eager
     (indices exactly)."""

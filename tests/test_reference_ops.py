@@ -168,6 +168,15 @@ def test_opcheck_sparse():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("mask", [torch.ones(1, 1, 1, 9, dtype=torch.bool).expand(2, 1, 1, 9),
+                                  torch.zeros(2, 1, 1, 9, dtype=torch.bfloat16).masked_fill_(
+                                      torch.arange(9) < 3, torch.finfo(torch.bfloat16).min)])
+def test_materialized_mask_is_a_contiguous_copy(mask):
+    copy = tidal.materialized_mask(mask)
+    assert torch.equal(copy, mask) and copy.is_contiguous() and copy.data_ptr() != mask.data_ptr()
+    torch.library.opcheck(tidal.materialized_mask.default, (mask,), test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(query=torch.randn(1, 4, 2, 8)), "one query token"),
     (dict(query=torch.randn(1, 3, 1, 8)), "multiple of KV heads"),

@@ -80,6 +80,20 @@ def test_sliding_window_layers_get_the_summary_of_their_own_mask():
         assert _summary_node(node.args[5]).args[2] is node.args[3], "the summary is of the mask it attends under"
 
 
+def test_a_computed_mask_is_copied_once_and_every_op_reads_the_copy():
+    """The sliding layers' mask is computed in the graph (the input mask and a window): one
+    `tidal::materialized_mask` of it feeds its summary and its three ops; the input mask is read
+    as it is."""
+    model = ToyDecoder(num_layers=6, sliding=(1, 3, 5), window=4)
+    gm, _, _ = rewritten(model, TidalConfig(mode="full"))
+    (copy,) = calls(gm, tidal.materialized_mask.default)
+    assert copy.args[0].op != "placeholder"
+    masks = [n.args[3] for n in calls(gm, tidal.dense_attention.default)]
+    assert masks[1] is masks[3] is masks[5] is copy
+    assert masks[0] is masks[2] is masks[4] and masks[0].op == "placeholder"
+    assert {s.args[2] for s in calls(gm, tidal.mask_summary.default)} == {masks[0], copy}
+
+
 def test_prefill_graph_is_untouched():
     model = ToyDecoder()
     gm, result, _ = rewritten(model, TidalConfig(budget=4), q_len=3)

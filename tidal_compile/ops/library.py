@@ -173,6 +173,20 @@ def _(positions, capacity):
     return torch.empty_like(positions)
 
 
+@torch.library.custom_op("tidal::materialized_mask", mutates_args=())
+def materialized_mask(attn_mask: Tensor) -> Tensor:
+    """A copy of an attention mask that the graph computes, made once for every tidal op that
+    reads it: an op of its own, so that Inductor cannot fuse the mask's computation (Hugging
+    Face's decode mask: `arange` against the cache positions) into each reader, a launch per
+    layer."""
+    return attn_mask.clone(memory_format=torch.contiguous_format)
+
+
+@materialized_mask.register_fake
+def _(attn_mask):
+    return torch.empty_like(attn_mask, memory_format=torch.contiguous_format)
+
+
 @torch.library.custom_op("tidal::quest_cache_write", mutates_args=("filled",))
 def quest_cache_write(key: Tensor, page_min: Tensor, page_max: Tensor, filled: Tensor, written_from: Tensor) -> None:
     """A KV-cache layer `key` was written from position `written_from` on: the page metadata of

@@ -15,7 +15,8 @@ ones (median), and a few more run under the profiler. The floor is the same mode
 
 Per row: ms per step; speed-up over inductor and over full (and over full by kernel time alone:
 the host's share of a step varies from run to run); the ceiling of those two speed-ups (the
-step at the floor plus the method's KV bytes at the copy bandwidth); attention time (step minus the floor)
+step at the floor less its KV reads, plus the method's KV bytes, at the copy bandwidth); attention
+time (step minus the floor)
 against the time to read the KV bytes the method must read at the measured copy bandwidth;
 kernel time per step from the profiler split into weights (matrix products), attention,
 selection (top-k, Quest page scores) and other kernels; the step time outside kernels, and the
@@ -247,8 +248,8 @@ class Row:
     kernel_speedup_vs_full: Optional[float] = None  # by GPU kernel time alone (the host's share varies run to run)
     attention_ms: Optional[float] = None
     read_ms: Optional[float] = None  # attention_bytes at the copy bandwidth
-    # The speed-ups this method would reach with its step at the floor plus read_ms (its attention
-    # at the copy bandwidth), against the other methods as measured: what its kernels can still win
+    # The speed-ups this method would reach with its step at the floor without the floor's own KV
+    # reads, plus read_ms (its attention at the copy bandwidth), against the other methods as measured
     ceiling_vs_inductor: Optional[float] = None
     ceiling_vs_full: Optional[float] = None
 
@@ -365,7 +366,7 @@ def derive(rows: list[Row], bandwidth: float) -> None:
         row.read_ms = row.attention_bytes / bandwidth * 1e3
         if floor is not None and not row.floor:
             row.attention_ms = row.ms - floor.ms
-            ideal = floor.ms + row.read_ms
+            ideal = floor.ms - floor.attention_bytes / bandwidth * 1e3 + row.read_ms
             row.ceiling_vs_inductor = inductor.ms / ideal if inductor else None
             row.ceiling_vs_full = full.ms / ideal if full else None
 

@@ -3,8 +3,9 @@
     python benchmarks/plot_decode.py docs/results/decode-*.json --out-dir docs
 
 Writes `decode_latency.png` (ms per step against context, one line per method, one panel per
-shape and batch) and `decode_breakdown.png` (each row's step split into weights, attention,
-selection, other kernels and time outside kernels, stacked).
+shape (rows) and batch (columns)) and `decode_breakdown.png` (each row's step split into weights,
+attention, selection, other kernels and time outside kernels, stacked). A row of a later file
+replaces an earlier file's row of the same shape, batch, context and method.
 """
 
 from __future__ import annotations
@@ -23,19 +24,26 @@ PARTS = ("weights", "attention", "selection", "communication", "other", "outside
 
 
 def load_rows(paths: list[str]) -> list[dict]:
-    rows = []
+    rows = {}
     for path in paths:
         with open(path) as f:
-            rows += json.load(f)["rows"]
-    return rows
+            for row in json.load(f)["rows"]:
+                rows[(row["shape"], row["batch"], row["context"], row["method"])] = row
+    return list(rows.values())
 
 
 def plot_latency(rows: list[dict], path: str) -> None:
     panels = defaultdict(lambda: defaultdict(dict))  # (shape, batch) -> method -> context -> ms
     for row in rows:
         panels[(row["shape"], row["batch"])][row["method"]][row["context"]] = row["ms"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, ((shape, batch), methods) in zip(axes[0], sorted(panels.items())):
+    shapes = sorted({shape for shape, _ in panels})
+    batches = sorted({batch for _, batch in panels})
+    fig, axes = plt.subplots(len(shapes), len(batches), figsize=(5 * len(batches), 4 * len(shapes)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for (shape, batch), methods in panels.items():
+        ax = axes[shapes.index(shape)][batches.index(batch)]
+        ax.set_visible(True)
         for method, points in sorted(methods.items()):
             contexts = sorted(points)
             ax.plot(contexts, [points[c] for c in contexts], marker="o", label=method)

@@ -19,8 +19,9 @@ step at the floor less its KV reads, plus the method's KV bytes, at the copy ban
 time (step minus the floor)
 against the time to read the KV bytes the method must read at the measured copy bandwidth;
 kernel time per step from the profiler split into weights (matrix products), attention,
-selection (top-k, Quest page scores) and other kernels; the step time outside kernels, and the
-GPU's idle gaps between kernels (short: kernel to kernel; long: waiting for the host).
+selection (top-k, Quest page scores) and other kernels, and the launches a step (the JSON has
+each kernel's time and launches); the step time outside kernels, and the GPU's idle gaps between
+kernels (short: kernel to kernel; long: waiting for the host).
 Methods: inductor, inductor+where (Inductor with tidal's boolean-mask-as-`where` pass, which keeps
 tensor-parallel graphs capturable in CUDA graphs: benchmarks/decode_tp.py), full, tidal:K, quest:K,
 topk_oracle:K (K the budget). Each row counts the graphs Inductor did not capture. Plots:
@@ -199,9 +200,8 @@ def idle_gaps(intervals: list[tuple[float, float]], steps: int) -> dict[str, flo
 
 
 def profile_kernels(step: Callable[[], None], steps: int, trace: Optional[str] = None) -> dict[str, Any]:
-    """GPU kernel time per step (ms) by category, the ten longest kernels and the idle gaps
-    between kernels (`idle_gaps`), over `steps` steps; with `trace`, host activity too, written
-    there as a Chrome trace (`.json.gz`: compressed)."""
+    """`kernel_summary` of `steps` profiled steps; with `trace`, host activity too, written there
+    as a Chrome trace (`.json.gz`: compressed)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace else [])
@@ -210,19 +210,25 @@ def profile_kernels(step: Callable[[], None], steps: int, trace: Optional[str] =
             step()
     if trace:
         prof.export_chrome_trace(trace)
+    return kernel_summary([(event.name, event.time_range.start, event.time_range.end) for event in prof.events()
+                           if event.device_type == DeviceType.CUDA], steps)
+
+
+def kernel_summary(kernels: list[tuple[str, float, float]], steps: int) -> dict[str, Any]:
+    """From the GPU kernels (name, start, end in us) of `steps` steps: kernel time per step (ms) by
+    category, every kernel's time and launches per step (longest first), launches per step and the
+    idle gaps between kernels (`idle_gaps`)."""
     by_category = dict.fromkeys(("weights", "attention", "selection", "communication", "other"), 0.0)
-    by_kernel: dict[str, float] = {}
-    intervals = []
-    for event in prof.events():
-        if event.device_type != DeviceType.CUDA:
-            continue
-        intervals.append((event.time_range.start, event.time_range.end))
-        ms = event.time_range.elapsed_us() / 1e3 / steps
-        by_category[kernel_category(event.name)] += ms
-        by_kernel[event.name] = by_kernel.get(event.name, 0.0) + ms
-    top = sorted(by_kernel.items(), key=lambda item: -item[1])[:10]
-    return dict(kernel_ms=sum(by_category.values()), categories=by_category,
-                top_kernels=[dict(name=name[:120], ms=ms) for name, ms in top], gaps=idle_gaps(intervals, steps))
+    by_name: dict[str, dict[str, Any]] = {}
+    for name, start, end in kernels:
+        ms = (end - start) / 1e3 / steps
+        by_category[kernel_category(name)] += ms
+        entry = by_name.setdefault(name[:120], dict(name=name[:120], ms=0.0, launches=0.0))
+        entry["ms"] += ms
+        entry["launches"] += 1 / steps
+    return dict(kernel_ms=sum(by_category.values()), categories=by_category, launches=len(kernels) / steps,
+                kernels=sorted(by_name.values(), key=lambda entry: -entry["ms"]),
+                gaps=idle_gaps([(start, end) for _, start, end in kernels], steps))
 
 
 # ------------------------------------------------------------------------------- one row
@@ -239,7 +245,8 @@ class Row:
     attention_bytes: int
     kernel_ms: float
     categories: dict[str, float]
-    top_kernels: list[dict[str, Any]]
+    kernels: list[dict[str, Any]]  # each kernel's name, ms and launches per step, longest first
+    launches: float = 0.0  # kernel launches per step
     gaps: dict[str, float] = field(default_factory=dict)  # idle_gaps of the profiled steps
     cudagraph_skips: int = 0  # graphs Inductor ran without CUDA graphs
     floor: bool = False
@@ -383,7 +390,7 @@ def print_row(row: Row, out: Callable[[str], None]) -> None:
         f"({ratio(row.kernel_speedup_vs_full)} by kernel time; ceiling {ratio(row.ceiling_vs_inductor)} / "
         f"{ratio(row.ceiling_vs_full)})  {attention}  "
         f"| kernels {row.kernel_ms:6.3f} (w {c['weights']:.3f} a {c['attention']:.3f} s {c['selection']:.3f} "
-        f"c {c['communication']:.3f} o {c['other']:.3f}) outside {row.outside_ms:6.3f} "
+        f"c {c['communication']:.3f} o {c['other']:.3f}; {row.launches:.0f} launches) outside {row.outside_ms:6.3f} "
         f"(idle gaps: short {row.gaps.get('short_ms', 0):.3f} long {row.gaps.get('long_ms', 0):.3f} longest "
         f"{row.gaps.get('longest_ms', 0):.3f})  [compile {row.compile_s:.0f} s]"
         + (f"  NO CUDA GRAPHS in {row.cudagraph_skips} graph(s)" if row.cudagraph_skips else ""))

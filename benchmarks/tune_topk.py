@@ -12,7 +12,8 @@ query_head, the summed probabilities for kv_head, computed outside its time), CU
 default's (it never should). Where the picked plan ranks by logit, a second line times a whole
 selection layer (flash_decode with its logits, then the top-k) against flash_decode alone: the
 difference is the top-k's cost after the attention launch (higher than alone, and not for want of
-the logits in L2: writing them evict-last changed nothing, docs/benchmarks.md). The results feed
+the logits in L2: writing them evict-last changed nothing, docs/benchmarks.md), then the top-k's
+kernels in the layer and alone (CUDA-graph replays under the profiler). The results feed
 `kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
 """
 
@@ -22,8 +23,10 @@ import argparse
 import itertools
 
 import torch
+from torch.autograd import DeviceType
 from triton.testing import do_bench_cudagraph
 
+from decode import kernel_summary  # benchmarks/, beside this script
 from tidal_compile.ops import kernels
 
 # (batch, heads, kv heads, length, budgets); the last three: a cache a few tokens past 128K (decode.py's
@@ -73,9 +76,33 @@ def selection_line(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, summary
         _, lse, logits = attention()
         return kernels.select_topk(logits, lse, summary, budget, q.shape[1], False)
 
-    selection()  # compiles and tunes outside the timed graphs
+    def topk():
+        return kernels.select_topk(logits, lse, summary, budget, q.shape[1], False)
+
+    _, lse, logits = attention()  # also compiles and tunes outside the timed graphs
+    selection()
     alone, whole = us(attention), us(selection)
-    return f"  selection layer: flash_decode alone {alone:.1f} us, with the top-k {whole:.1f} (top-k {whole - alone:.1f})"
+    in_layer, by_itself = kernel_us(selection), kernel_us(topk)
+    split = ", ".join(f"{name} {in_layer[name]:.1f} ({by_itself[name]:.1f})" for name in by_itself)
+    return (f"  selection layer: flash_decode alone {alone:.1f} us, with the top-k {whole:.1f} (top-k "
+            f"{whole - alone:.1f}); its top-k kernels in the layer (alone): {split}")
+
+
+def kernel_us(fn, replays: int = 20) -> dict[str, float]:
+    """us per run of each kernel of `fn`, from `replays` replays of a CUDA graph of it under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    launched = [(event.name, event.time_range.start, event.time_range.end) for event in prof.events()
+                if event.device_type == DeviceType.CUDA]
+    return {k["name"]: k["ms"] * 1e3 for k in kernel_summary(launched, replays)["kernels"]}
 
 
 def main() -> None:

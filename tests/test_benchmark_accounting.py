@@ -146,3 +146,15 @@ def test_the_ceiling_is_the_speed_up_of_a_step_at_the_floor_less_its_reads_plus_
     assert tidal.read_ms == 0.5 and tidal.attention_ms == 1.0
     assert tidal.ceiling_vs_full == 11.0 / 6.4 and tidal.ceiling_vs_inductor == 50.0 / 6.4
     assert full.ceiling_vs_full == 11.0 / 7.9 and floor.ceiling_vs_full is None
+
+
+def test_kernel_summary_counts_each_kernels_time_and_launches_per_step():
+    # two steps: a matrix product and two top-k launches each; times in us
+    kernels = [("nvjet_sm90_tst", 0, 1000), ("radix_select", 1000, 1040), ("radix_select", 1050, 1090),
+               ("nvjet_sm90_tst", 2000, 3000), ("radix_select", 3000, 3040), ("radix_select", 3050, 3090)]
+    summary = decode.kernel_summary(kernels, steps=2)
+    assert summary["launches"] == 3
+    assert summary["kernels"] == [dict(name="nvjet_sm90_tst", ms=1.0, launches=1.0),
+                                  dict(name="radix_select", ms=pytest.approx(0.08), launches=2.0)]
+    assert summary["categories"]["weights"] == 1.0 and summary["categories"]["selection"] == pytest.approx(0.08)
+    assert summary["kernel_ms"] == pytest.approx(1.08)

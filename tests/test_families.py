@@ -83,3 +83,32 @@ def test_gemma2_attention_without_sdpa_is_named_and_left_alone():
         tokens, logits = greedy_decode(compiled, model, prompt, 4, CACHE_LEN)
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, masks", [("llama", 1), ("qwen2", 1), ("mistral_sliding_window", 1),
+                                           ("gemma3_mixed_sliding", 2)])
+def test_decode_graph_reads_one_copy_of_each_mask(family, masks):
+    """Hugging Face builds a decode step's mask once per attention kind: the rewritten graph copies
+    each once (`tidal::materialized_mask`, so Inductor does not recompute it per layer) and every
+    layer reads its kind's copy. A transformers release that rebuilt or sliced the mask per layer
+    would multiply the copies and fail here."""
+    from tidal_compile.backend import tidal_backend
+
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        compiled = tidal_backend(gm, example_inputs, options=dict(mode="full", inner_backend="eager"))
+        graphs.append(gm)
+        return compiled
+
+    model = build(family)
+    prompt, padding = prompts(2, PROMPT, True)
+    torch._dynamo.reset()
+    greedy_decode(torch.compile(model, backend=keep_graph), model, prompt, 2, CACHE_LEN, padding)
+    dense = torch.ops.tidal.dense_attention.default
+    decode = [gm.graph for gm in graphs if any(n.target == dense for n in gm.graph.nodes)]
+    assert decode
+    for graph in decode:
+        copies = [n for n in graph.nodes if n.target == torch.ops.tidal.materialized_mask.default]
+        read = {n.args[3] for n in graph.nodes if n.target == dense}
+        assert len(copies) == masks and read == set(copies), graph

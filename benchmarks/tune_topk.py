@@ -23,10 +23,9 @@ import argparse
 import itertools
 
 import torch
-from torch.autograd import DeviceType
 from triton.testing import do_bench_cudagraph
 
-from decode import kernel_summary  # benchmarks/, beside this script
+from decode import profile_kernels  # benchmarks/, beside this script
 from tidal_compile.ops import kernels
 
 # (batch, heads, kv heads, length, budgets); the last three: a cache a few tokens past 128K (decode.py's
@@ -90,19 +89,11 @@ def selection_line(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, summary
 
 def kernel_us(fn, replays: int = 20) -> dict[str, float]:
     """us per run of each kernel of `fn`, from `replays` replays of a CUDA graph of it under the profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
     graph.replay()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            graph.replay()
-        torch.cuda.synchronize()
-    launched = [(event.name, event.time_range.start, event.time_range.end) for event in prof.events()
-                if event.device_type == DeviceType.CUDA]
-    return {k["name"]: k["ms"] * 1e3 for k in kernel_summary(launched, replays)["kernels"]}
+    return {k["name"]: k["ms"] * 1e3 for k in profile_kernels(graph.replay, replays)["kernels"]}
 
 
 def main() -> None:

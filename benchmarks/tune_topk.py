@@ -46,6 +46,7 @@ def us(fn) -> float:
 
 
 SCALE = 128 ** -0.5
+L2_FLUSH_BYTES = 256 << 20  # more than an H100's or H200's L2 (50 / 60 MB)
 
 
 def decode_inputs(batch: int, heads: int, kv_heads: int, length: int):
@@ -83,10 +84,24 @@ def selection_line(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, summary
     _, lse, logits = attention()  # also compiles and tunes outside the timed graphs
     selection()
     alone, whole = us(attention), us(selection)
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=q.device)
+
+    def flushed_topk():  # the L2 emptied (a write of more than it holds) before the top-k ...
+        flush.zero_()
+        return topk()
+
+    def refetched_topk():  # ... and then the logits read back into it
+        flush.zero_()
+        logits.sum()
+        return topk()
+
     in_layer, by_itself = kernel_us(selection), kernel_us(topk)
-    split = ", ".join(f"{name} {in_layer[name]:.1f} ({by_itself[name]:.1f})" for name in by_itself)
+    flushed, refetched = kernel_us(flushed_topk), kernel_us(refetched_topk)
+    split = ", ".join(f"{name} {in_layer[name]:.1f} ({by_itself[name]:.1f}; {flushed[name]:.1f}; {refetched[name]:.1f})"
+                      for name in by_itself)
     return (f"  selection layer: flash_decode alone {alone:.1f} us, with the top-k {whole:.1f} (top-k "
-            f"{whole - alone:.1f}); its top-k kernels in the layer (alone): {split}")
+            f"{whole - alone:.1f}); its top-k kernels in the layer (alone; alone after an L2 flush; after a "
+            f"flush and a read of the logits): {split}")
 
 
 def kernel_us(fn, replays: int = 20) -> dict[str, float]:

@@ -24,14 +24,15 @@ kernels = pytest.importorskip("tidal_compile.ops.kernels")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="launches are recorded in Triton's interpreter (set by conftest without a GPU)")
 
-Launch = tuple[Any, dict[str, Any]]  # (interpreted kernel, its keyword arguments)
+Launch = tuple[Any, dict[str, Any], set[str]]  # (interpreted kernel, its keyword arguments, those it changed)
 POINTERS = {torch.float32: "*fp32", torch.float16: "*bf16", torch.bfloat16: "*bf16", torch.int32: "*i32",
             torch.int64: "*i64", torch.bool: "*i1"}
 """Triton's pointer type of a tensor argument (float16 compiled as bfloat16)."""
 
 
 def recorded_launches(monkeypatch: pytest.MonkeyPatch, run: Callable[[], None]) -> list[Launch]:
-    """The launches `run` makes through `kernels.wrap_triton` (each still runs)."""
+    """The launches `run` makes through `kernels.wrap_triton` (each still runs), each with the
+    names of the tensor arguments it changed."""
     launches: list[Launch] = []
     wrap = kernels.wrap_triton
 
@@ -41,8 +42,11 @@ def recorded_launches(monkeypatch: pytest.MonkeyPatch, run: Callable[[], None]) 
 
         def __getitem__(self, grid):
             def launch(**kwargs):
-                launches.append((self.kernel, kwargs))
-                return wrap(self.kernel)[grid](**kwargs)
+                tensors = {name: value for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+                before = {name: bits(value) for name, value in tensors.items()}
+                wrap(self.kernel)[grid](**kwargs)
+                changed = {name for name, value in tensors.items() if not torch.equal(bits(value), before[name])}
+                launches.append((self.kernel, kwargs, changed))
             return launch
 
     with monkeypatch.context() as patch:
@@ -51,10 +55,15 @@ def recorded_launches(monkeypatch: pytest.MonkeyPatch, run: Callable[[], None]) 
     return launches
 
 
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor`'s elements as bytes (compares NaNs, and garbage, bit for bit)."""
+    return tensor.contiguous().view(-1).view(torch.uint8).clone()
+
+
 def described(launch: Launch) -> dict[str, Any]:
     """A launch as `hopper_compile.py` takes it: template, kernel and each argument's value, or its
     Triton pointer type for a tensor (`POINTERS`)."""
-    kernel, kwargs = launch
+    kernel, kwargs, _ = launch
     arguments = {name: {"pointer": POINTERS[value.dtype]} if isinstance(value, torch.Tensor) else value
                  for name, value in kwargs.items()}
     return {"template": kernel.fn.__module__.rsplit(".", 1)[-1].rsplit("_", 1)[0] + ".py.jinja",
@@ -123,11 +132,28 @@ def quest_launches() -> None:
             kernels.quest_attention(q, k, v, mask, page_min, page_max, 0.1, 64, 16, summary)
 
 
+def every_scenario() -> None:
+    for scenario in (dense_launches, selection_launches, sparse_launches, quest_launches):
+        scenario()
+
+
 def test_every_launched_kernel_variant_compiles_for_hopper(monkeypatch):
     """Dense (a bool mask bounded and not, an additive one, none, the one-sequence-head branch,
     fp32), selection (both top-k plans at every granularity, sink and recent), sparse (each
-    index-set granularity) and Quest (metadata, both page top-k plans) launches: one compile run (about a minute with Triton's cache empty)."""
-    def run():
-        for scenario in (dense_launches, selection_launches, sparse_launches, quest_launches):
-            scenario()
-    assert_all_compile(run, monkeypatch)
+    index-set granularity) and Quest (metadata, both page top-k plans) launches: one compile run
+    (about a minute with Triton's cache empty)."""
+    assert_all_compile(every_scenario, monkeypatch)
+
+
+def test_no_launch_writes_into_part_of_a_buffer(monkeypatch):
+    """Every tensor a kernel writes is a whole buffer, not a view of part of one: under
+    torch.compile Inductor copies a written view out of its buffer and back around the launch
+    (five launches a Quest layer on the H200, docs/benchmarks.md)."""
+    def part_of_a_buffer(tensor: torch.Tensor) -> bool:
+        return tensor.numel() * tensor.element_size() < tensor.untyped_storage().nbytes()
+
+    launches = recorded_launches(monkeypatch, every_scenario)
+    assert any(changed for _, _, changed in launches), "no launch wrote a tensor: the check cannot fail"
+    written_views = {f"{kernel.fn.__name__}.{name}" for kernel, kwargs, changed in launches for name in changed
+                     if part_of_a_buffer(kwargs[name])}
+    assert not written_views

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from torch._dynamo.backends.common import aot_autograd
 
 import tidal_compile
 from tidal_compile import TidalCache, hf_compat
@@ -93,6 +94,24 @@ def _write(filled: torch.Tensor, position: int) -> None:
 def _written_from(step: int, mask: torch.Tensor) -> int:
     """Step 0 is the prefill (writes from 0), every later step writes its token at the end."""
     return 0 if step == 0 else int(reference.valid_length(mask[:, 0, 0]).max()) - 1
+
+
+def test_cache_write_traces_into_tensor_ops_inductor_can_fuse():
+    """Under torch.compile `tidal::quest_cache_write` is its torch ops (a minimum and a copy), which
+    Inductor fuses into a neighbouring kernel; an opaque op cost two launches a layer on the H200
+    (docs/benchmarks.md)."""
+    graphs = []
+
+    def capture(graph: torch.fx.GraphModule, _inputs):
+        graphs.append(graph)
+        return graph
+
+    filled = torch.full((2,), 9, dtype=torch.int32)
+    torch.compile(_write, backend=aot_autograd(fw_compiler=capture))(filled, 5)
+    assert filled.tolist() == [5, 5]
+    targets = {node.target for node in graphs[0].graph.nodes}
+    assert torch.ops.aten.minimum.default in targets
+    assert not any(isinstance(target, torch._ops.OpOverload) and target.namespace == "tidal" for target in targets)
 
 
 @settings(max_examples=25, deadline=None)

@@ -195,10 +195,12 @@ ROW_ALIGN = 16  # positions: Triton specializes strides divisible by 16 (aligned
 
 
 def _aligned_rows(*leading: int, length: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised [*leading, length] tensor whose rows start a multiple of ROW_ALIGN
-    elements apart (padded past `length`): row strides stay divisible by 16 for any cache length."""
+    """An uninitialised [*leading, padded] tensor, rows of `length` padded to a multiple of
+    ROW_ALIGN elements: row strides stay divisible by 16 for any cache length. A kernel that
+    writes it takes it whole; readers may take the `[..., :length]` view. (Under torch.compile a
+    kernel writing a view of a buffer copies the view in and out: five launches a Quest layer.)"""
     padded = triton.cdiv(length, ROW_ALIGN) * ROW_ALIGN
-    return torch.empty(*leading, padded, dtype=dtype, device=device)[..., :length]
+    return torch.empty(*leading, padded, dtype=dtype, device=device)
 
 
 def _combine(part_out: Tensor, part_lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -319,7 +321,7 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         BLOCK_D=triton.next_power_of_2(d), MASK_MIN=mask_min, DOT_PRECISION=_dot_precision(query.dtype),
         **plan.switches(), **plan.tiles())
     out, lse = _combine(part_out, part_lse, query.dtype)
-    return out, lse, logits if emit_logits else None
+    return out, lse, logits[..., :length] if emit_logits else None
 
 
 @dataclass(frozen=True)
@@ -384,7 +386,7 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
 
 
 QUEST_METADATA_PROGRAMS = 16  # programs per (sequence, KV head) when the whole cache is summarised
-QUEST_BLOCK_P = 64
+QUEST_BLOCK_P = 64  # pages per quest_scores program (H200: 64 over 128, 4 warps over 8; docs/benchmarks.md)
 
 
 def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
@@ -429,8 +431,9 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
         stride_mn=stride_mn, stride_sb=scores.stride(0), stride_sh=scores.stride(1),
         stride_gr=0 if group_keys is None else group_keys.stride(0), length=length, pages=pages, NUM_KV_HEADS=hkv,
         GROUP=h // hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=block_p,
-        MASK_KIND=mask_kind, MASK_MIN=mask_min, TOPK_GROUP=0 if group_keys is None else plan.group)
-    chosen = select_topk(scores, scores, summary, budget // page_size, h, rank_by_prob=False, plan=plan,
+        MASK_KIND=mask_kind, MASK_MIN=mask_min, TOPK_GROUP=0 if group_keys is None else plan.group,
+        GROUP_PAD=_group_pad(h // hkv), DOT_PRECISION=_dot_precision(query.dtype))
+    chosen = select_topk(scores[..., :pages], scores, summary, budget // page_size, h, rank_by_prob=False, plan=plan,
                          page_size=page_size, group_keys=group_keys)
     return sparse_decode(query, key, value, chosen, scale, attn_mask, page_size)
 
@@ -544,8 +547,8 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
 
 
 def topk_group_keys(rows: int, length: int, plan: TopkPlan, device: torch.device) -> Tensor:
-    """The grouped plan's group keys (int64 [rows, groups], aligned rows): radix_group_max writes
-    them, or a caller that has the ranks in hand (Quest's page scores) before `select_topk`."""
+    """The grouped plan's group keys (int64 [rows, groups padded], `_aligned_rows`): radix_group_max
+    writes them, or a caller that has the ranks in hand (Quest's page scores) before `select_topk`."""
     return _aligned_rows(rows, length=triton.cdiv(length, plan.group), dtype=torch.int64, device=device)
 
 

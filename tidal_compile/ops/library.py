@@ -187,18 +187,14 @@ def _(attn_mask):
     return torch.empty_like(attn_mask, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("tidal::quest_cache_write", mutates_args=("filled",))
+@torch.library.triton_op("tidal::quest_cache_write", mutates_args=("filled",))
 def quest_cache_write(key: Tensor, page_min: Tensor, page_max: Tensor, filled: Tensor, written_from: Tensor) -> None:
     """A KV-cache layer `key` was written from position `written_from` on: the page metadata of
     those pages is stale, so `filled` (int32 [B], positions summarised) drops to at most it.
     Called by `TidalCache` layers on every write; the tidal pass finds a layer's page metadata
-    (`page_min`, `page_max`, `filled`) on this node, by the cache tensor `key`."""
-    torch.minimum(filled, written_from.to(filled.dtype), out=filled)
-
-
-@quest_cache_write.register_fake
-def _(key, page_min, page_max, filled, written_from) -> None:
-    return None
+    (`page_min`, `page_max`, `filled`) on this node, by the cache tensor `key`. Torch ops only:
+    Inductor fuses them into a neighbouring kernel (as an opaque op: two launches a layer)."""
+    filled.copy_(torch.minimum(filled, written_from.to(filled.dtype)))
 
 
 @torch.library.triton_op("tidal::quest_update_metadata", mutates_args=("page_min", "page_max", "filled"))

@@ -145,6 +145,42 @@ def test_every_launched_kernel_variant_compiles_for_hopper(monkeypatch):
     assert_all_compile(every_scenario, monkeypatch)
 
 
+OVERCOUNTED = {"radix_select": {"Logits", "Lse", "Rank", "GroupMax"}, "radix_emit": {"Rank", "Hist"}}
+"""Arguments Inductor counts as written that these kernels only read: their helpers' results
+decide where they store, and the analysis then counts every pointer the helpers read
+(templates/radix_keys.py.jinja). Harmless while each is a buffer of the layer's own that no other
+argument shares and nothing reads after the launch, as the launchers pass them."""
+
+
+def inductor_writes(launches: list[Launch]) -> list[set[str]]:
+    """The arguments of each launch that Inductor counts as written (tests/inductor_writes.py, in a
+    fresh process: the interpreter patches triton.language for good in the process that ran it)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("inductor_writes.py"))], env=env,
+                          input=json.dumps([described(launch) for launch in launches]), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [set(names) for names in json.loads(done.stdout)]
+
+
+def test_inductor_sees_each_launch_write_only_what_it_writes(monkeypatch):
+    """Under torch.compile Inductor copies an argument a kernel writes, by its analysis of the
+    kernel, when another argument or a later reader shares it: every written argument, as Inductor
+    sees it, is one the launch changes (but OVERCOUNTED), and no two share a buffer. Guards the
+    mask summary, which every layer reads, and buffers passed twice (Quest's scores, the group keys;
+    three copies a Quest layer on the H200, docs/benchmarks.md)."""
+    launches = recorded_launches(monkeypatch, every_scenario)
+    problems = []
+    for (kernel, kwargs, changed), written in zip(launches, inductor_writes(launches), strict=True):
+        name = kernel.fn.__name__
+        if written - changed - OVERCOUNTED.get(name, set()):
+            problems.append(f"{name} seen writing {sorted(written - changed)} (changed: {sorted(changed)})")
+        buffers = [kwargs[arg].untyped_storage().data_ptr() for arg in written]
+        if len(set(buffers)) < len(buffers):
+            problems.append(f"{name} writes {sorted(written)}, of which some share a buffer")
+    assert not problems, "\n".join(problems)
+
+
 def test_no_launch_writes_into_part_of_a_buffer(monkeypatch):
     """Every tensor a kernel writes is a whole buffer, not a view of part of one: under
     torch.compile Inductor copies a written view out of its buffer and back around the launch

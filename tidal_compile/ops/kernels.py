@@ -203,6 +203,13 @@ def _aligned_rows(*leading: int, length: int, dtype: torch.dtype, device: torch.
     return torch.empty(*leading, padded, dtype=dtype, device=device)
 
 
+def _unread(device: torch.device) -> Tensor:
+    """A buffer of its own for a tensor argument the launch does not read. Inductor may count an
+    argument of the top-k kernels as written when it is not (radix_keys.py.jinja): one that
+    shared another argument's buffer would be copied around the launch."""
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
 def _combine(part_out: Tensor, part_lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Merge split partials into (out [B, H, 1, D] in `dtype`, lse [B, H] fp32). One split is
     already the result (`_partials` gave it the output's dtype): no launch."""
@@ -433,8 +440,8 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
         GROUP=h // hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=block_p,
         MASK_KIND=mask_kind, MASK_MIN=mask_min, TOPK_GROUP=0 if group_keys is None else plan.group,
         GROUP_PAD=_group_pad(h // hkv), DOT_PRECISION=_dot_precision(query.dtype))
-    chosen = select_topk(scores[..., :pages], scores, summary, budget // page_size, h, rank_by_prob=False, plan=plan,
-                         page_size=page_size, group_keys=group_keys)
+    chosen = select_topk(scores[..., :pages], _unread(query.device), summary, budget // page_size, h,
+                         rank_by_prob=False, plan=plan, page_size=page_size, group_keys=group_keys)
     return sparse_decode(query, key, value, chosen, scale, attn_mask, page_size)
 
 
@@ -595,7 +602,7 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     written = group_keys is not None
     group_max = group_keys if written else topk_group_keys(rows, length, plan, device)
     rank = (torch.empty(rows, group_max.stride(0) * plan.group, dtype=torch.float32, device=device) if rank_by_prob
-            else group_max)
+            else _unread(device))
     row_args = dict(Logits=logits, Lse=lse, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
                     RecentStart=summary.recent_start, Rank=rank, GroupMax=group_max,
                     stride_xb=logits.stride(0), stride_xh=logits.stride(1), stride_gr=group_max.stride(0))

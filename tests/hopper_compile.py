@@ -37,7 +37,7 @@ def variant(launch: dict) -> tuple[tuple, ASTSource, dict]:
     signature, constexprs, by_index = {}, {}, {}
     for i, param in enumerate(jit.params):
         value = arguments.get(param.name, param.default)
-        if param.is_constexpr:
+        if param.is_constexpr or value is None:  # Triton specializes a None argument as a constant
             signature[param.name], constexprs[param.name], by_index[(i,)] = "constexpr", value, value
         else:
             signature[param.name] = argument_type(value)

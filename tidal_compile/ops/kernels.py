@@ -203,13 +203,6 @@ def _aligned_rows(*leading: int, length: int, dtype: torch.dtype, device: torch.
     return torch.empty(*leading, padded, dtype=dtype, device=device)
 
 
-def _unread(device: torch.device) -> Tensor:
-    """A buffer of its own for a tensor argument the launch does not read. Inductor may count an
-    argument of the top-k kernels as written when it is not (radix_keys.py.jinja): one that
-    shared another argument's buffer would be copied around the launch."""
-    return torch.empty(1, dtype=torch.float32, device=device)
-
-
 def _combine(part_out: Tensor, part_lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Merge split partials into (out [B, H, 1, D] in `dtype`, lse [B, H] fp32). One split is
     already the result (`_partials` gave it the output's dtype): no launch."""
@@ -440,7 +433,7 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
         GROUP=h // hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_P=block_p,
         MASK_KIND=mask_kind, MASK_MIN=mask_min, TOPK_GROUP=0 if group_keys is None else plan.group,
         GROUP_PAD=_group_pad(h // hkv), DOT_PRECISION=_dot_precision(query.dtype))
-    chosen = select_topk(scores[..., :pages], _unread(query.device), summary, budget // page_size, h,
+    chosen = select_topk(scores[..., :pages], None, summary, budget // page_size, h,
                          rank_by_prob=False, plan=plan, page_size=page_size, group_keys=group_keys)
     return sparse_decode(query, key, value, chosen, scale, attn_mask, page_size)
 
@@ -559,7 +552,7 @@ def topk_group_keys(rows: int, length: int, plan: TopkPlan, device: torch.device
     return _aligned_rows(rows, length=triton.cdiv(length, plan.group), dtype=torch.int64, device=device)
 
 
-def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, sets: int,
+def select_topk(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary, budget: int, sets: int,
                 rank_by_prob: bool, plan: Optional[TopkPlan] = None, page_size: int = 1,
                 group_keys: Optional[Tensor] = None) -> Tensor:
     """The top-`budget` positions per index set from flash_decode's logits (int32 [B, S, k],
@@ -570,7 +563,10 @@ def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, 
     H / S heads of softmax probabilities (kv_head, layer). With `page_size` > 1 the entries are
     Quest pages of that many positions (`summary` still in positions): the pages covering the
     valid length, the last one (the current token's) forced, none by probability. `group_keys`:
-    the grouped plan's first pass, already written (`topk_group_keys`; ranks by logit only)."""
+    the grouped plan's first pass, already written (`topk_group_keys`; ranks by logit only).
+    `lse` is read with `rank_by_prob` only (None otherwise: no buffer for Inductor to copy)."""
+    if rank_by_prob and lse is None:
+        raise ValueError("select_topk ranks by probability from the logits' log-sum-exps: lse is required")
     if page_size > 1 and rank_by_prob:
         raise ValueError("select_topk ranks pages by their own scores only (rank_by_prob=False)")
     b, h, length = sizes(logits)
@@ -592,7 +588,7 @@ def select_topk(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, 
     return out
 
 
-def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, rank_by_prob: bool,
+def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary, budget: int, rank_by_prob: bool,
                     plan: TopkPlan, sets_args: dict[str, int], block: int, page_size: int, out: Tensor,
                     group_keys: Optional[Tensor]) -> None:
     """Two launches (radix_topk.py.jinja), one when `group_keys` are given: the largest key of
@@ -602,7 +598,7 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
     written = group_keys is not None
     group_max = group_keys if written else topk_group_keys(rows, length, plan, device)
     rank = (torch.empty(rows, group_max.stride(0) * plan.group, dtype=torch.float32, device=device) if rank_by_prob
-            else _unread(device))
+            else None)  # unread: Inductor counts the top-k's pointers as written, a shared one is copied
     row_args = dict(Logits=logits, Lse=lse, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
                     RecentStart=summary.recent_start, Rank=rank, GroupMax=group_max,
                     stride_xb=logits.stride(0), stride_xh=logits.stride(1), stride_gr=group_max.stride(0))
@@ -620,7 +616,7 @@ def _select_grouped(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: i
         GATHER_BLOCK=plan.gather_block, num_warps=plan.select_warps)
 
 
-def _select_chunked(logits: Tensor, lse: Tensor, summary: MaskSummary, budget: int, rank_by_prob: bool,
+def _select_chunked(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary, budget: int, rank_by_prob: bool,
                     plan: TopkPlan, sets_args: dict[str, int], prob_block: int, page_size: int, out: Tensor
                     ) -> None:
     """Seven launches or fewer (radix_topk_chunked.py.jinja), each on (rows, chunks) programs:

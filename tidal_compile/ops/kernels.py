@@ -132,18 +132,20 @@ def summarize_mask(attn_mask: Optional[Tensor], batch: int, length: int, device:
     one_pass = sink == 0 and recent <= 1  # no boundary to count: parallel over the row
     # The one pass merges its chunks by atomics: max / add into zeros, min into the length.
     make = torch.zeros if one_pass else torch.empty
-    kv_len, sink_end, recent_start, valid_count = (make(batch, dtype=torch.int32, device=device) for _ in range(4))
+    kv_len, recent_start, valid_count = (make(batch, dtype=torch.int32, device=device) for _ in range(3))
+    sink_end = torch.empty(batch, dtype=torch.int32, device=device)
     kv_start = (torch.full((batch,), length, dtype=torch.int32, device=device) if one_pass
                 else torch.empty(batch, dtype=torch.int32, device=device))
     mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask, batch, length, kv_len)
     module = codegen.load("mask_summary.py.jinja")
-    args = dict(Mask=mask, KvLen=kv_len, KvStart=kv_start, ValidCount=valid_count, RecentStart=recent_start,
-                stride_mb=stride_mb, stride_mn=stride_mn, length=length, MASK_KIND=mask_kind, MASK_MIN=mask_min)
+    args = dict(Mask=mask, KvLen=kv_len, KvStart=kv_start, ValidCount=valid_count, SinkEnd=sink_end,
+                RecentStart=recent_start, stride_mb=stride_mb, stride_mn=stride_mn, length=length,
+                MASK_KIND=mask_kind, MASK_MIN=mask_min)
     if one_pass:
         wrap_triton(module.mask_valid_length)[(batch, triton.cdiv(length, SUMMARY_CHUNK))](
             **args, BLOCK=1024, CHUNK=SUMMARY_CHUNK)
     else:
-        wrap_triton(module.mask_summary)[(batch,)](**args, SinkEnd=sink_end, sink=sink, recent=recent, BLOCK=4096)
+        wrap_triton(module.mask_summary)[(batch,)](**args, sink=sink, recent=recent, BLOCK=4096)
     return MaskSummary(kv_len, sink_end, recent_start, kv_start, valid_count)
 
 

@@ -11,9 +11,10 @@ query_head, the summed probabilities for kv_head, computed outside its time), CU
 (median), then each swept grouped plan's time; "!" marks a plan whose indices differ from the
 default's (it never should). Where the picked plan ranks by logit, a second line times a whole
 selection layer (flash_decode with its logits, then the top-k) against flash_decode alone: the
-difference is the top-k's cost after the attention launch (higher than alone, and not for want of
-the logits in L2: writing them evict-last changed nothing, docs/benchmarks.md), then the top-k's
-kernels in the layer and alone (CUDA-graph replays under the profiler). The results feed
+difference is the top-k's cost after the attention launch (higher than alone), then the top-k's
+kernels in the layer, alone, alone after an L2 flush, and after a flush and a read of the logits
+(CUDA-graph replays under the profiler; alone, each replay finds the lines its predecessor gathered
+still in L2, so the figure in the layer is the one a decode step pays). The results feed
 `kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
 """
 

@@ -1,6 +1,8 @@
 """Which arguments of each kernel launch Inductor counts as written, by torch's own analysis of a
 user Triton kernel (as torch.compile runs it: it copies a written argument that another argument
-or a later reader shares around the launch), for a Hopper GPU without one. Reads a JSON list of
+or a later reader shares around the launch), for a Hopper GPU without one. The analysis is
+torch's private `triton_kernel_wrap.identify_accessed_tensors` (`identify_mutated_tensors` in
+older releases). Reads a JSON list of
 launches (tests/test_kernels_compile.py's `described`) on stdin, prints a JSON list of the
 written argument names of each."""
 

@@ -132,16 +132,28 @@ def quest_launches() -> None:
             kernels.quest_attention(q, k, v, mask, page_min, page_max, 0.1, 64, 16, summary)
 
 
+def small_head_dim_launches() -> None:
+    """Each attention op at head dim 8, below tl.dot's smallest dimension (16; tiny test models)."""
+    q, k, v, mask = decode_inputs(head_dim=8)
+    summary = kernels.summarize_mask(mask, 2, k.shape[2], q.device)
+    _, lse, logits = kernels.flash_decode(q, k, v, mask, 0.1, emit_logits=True, summary=summary)
+    indices = kernels.select_topk(logits, lse, summary, 64, 2, True)
+    kernels.sparse_decode(q, k, v, indices, 0.1)
+    page_min, page_max = (torch.zeros(2, 2, k.shape[2] // 16 + 1, 8, dtype=k.dtype) for _ in range(2))
+    kernels.quest_update_metadata(k, mask, page_min, page_max, torch.zeros(2, dtype=torch.int32), 16)
+    kernels.quest_attention(q, k, v, mask, page_min, page_max, 0.1, 64, 16, summary)
+
+
 def every_scenario() -> None:
-    for scenario in (dense_launches, selection_launches, sparse_launches, quest_launches):
+    for scenario in (dense_launches, selection_launches, sparse_launches, quest_launches, small_head_dim_launches):
         scenario()
 
 
 def test_every_launched_kernel_variant_compiles_for_hopper(monkeypatch):
     """Dense (a bool mask bounded and not, an additive one, none, the one-sequence-head branch,
     fp32), selection (both top-k plans at every granularity, sink and recent), sparse (each
-    index-set granularity) and Quest (metadata, both page top-k plans) launches: one compile run
-    (about a minute with Triton's cache empty)."""
+    index-set granularity), Quest (metadata, both page top-k plans) and head dim 8 launches: one
+    compile run (about a minute with Triton's cache empty)."""
     assert_all_compile(every_scenario, monkeypatch)
 
 

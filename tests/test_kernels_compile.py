@@ -32,9 +32,15 @@ POINTERS = {torch.float32: "*fp32", torch.float16: "*bf16", torch.bfloat16: "*bf
 
 def recorded_launches(monkeypatch: pytest.MonkeyPatch, run: Callable[[], None]) -> list[Launch]:
     """The launches `run` makes through `kernels.wrap_triton` (each still runs), each with the
-    names of the tensor arguments it changed."""
+    names of the tensor arguments it changed. Uninitialised buffers (`torch.empty`) come filled
+    with a fixed byte pattern, so that a kernel's write of zeros into one shows as a change."""
     launches: list[Launch] = []
-    wrap = kernels.wrap_triton
+    wrap, empty = kernels.wrap_triton, torch.empty
+
+    def patterned_empty(*args, **kwargs) -> torch.Tensor:
+        tensor = empty(*args, **kwargs)
+        tensor.view(-1).view(torch.uint8).fill_(0x5A)
+        return tensor
 
     class Recording:
         def __init__(self, kernel):
@@ -51,6 +57,7 @@ def recorded_launches(monkeypatch: pytest.MonkeyPatch, run: Callable[[], None]) 
 
     with monkeypatch.context() as patch:
         patch.setattr(kernels, "wrap_triton", Recording)
+        patch.setattr(torch, "empty", patterned_empty)
         run()
     return launches
 
@@ -70,16 +77,22 @@ def described(launch: Launch) -> dict[str, Any]:
             "kernel": kernel.fn.__name__, "arguments": arguments}
 
 
-def assert_all_compile(run: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Record `run`'s launches here (interpreted), compile their variants in a fresh process
-    (the interpreter patches triton.language for good in the process that ran it)."""
-    launches = [described(launch) for launch in recorded_launches(monkeypatch, run)]
-    assert launches, "the scenario launched no kernel"
+def in_fresh_process(script: str, launches: list[Launch]) -> str:
+    """The output of tests/`script` given the launches (JSON on stdin), run in a fresh process without
+    the interpreter (it patches triton.language for good in the process that ran it)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py"))], env=env,
-                          input=json.dumps(launches), capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name(script))], env=env,
+                          input=json.dumps([described(launch) for launch in launches]), capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "compiled" in done.stdout, done.stdout
+    return done.stdout
+
+
+def assert_all_compile(run: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record `run`'s launches here (interpreted), compile their variants for sm_90."""
+    launches = recorded_launches(monkeypatch, run)
+    assert launches, "the scenario launched no kernel"
+    assert "compiled" in in_fresh_process("hopper_compile.py", launches)
 
 
 def decode_inputs(length: int = 300, head_dim: int = 128):
@@ -165,14 +178,8 @@ argument shares and nothing reads after the launch, as the launchers pass them."
 
 
 def inductor_writes(launches: list[Launch]) -> list[set[str]]:
-    """The arguments of each launch that Inductor counts as written (tests/inductor_writes.py, in a
-    fresh process: the interpreter patches triton.language for good in the process that ran it)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("inductor_writes.py"))], env=env,
-                          input=json.dumps([described(launch) for launch in launches]), capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return [set(names) for names in json.loads(done.stdout)]
+    """The arguments of each launch that Inductor counts as written (tests/inductor_writes.py)."""
+    return [set(names) for names in json.loads(in_fresh_process("inductor_writes.py", launches))]
 
 
 def test_inductor_sees_each_launch_write_only_what_it_writes(monkeypatch):

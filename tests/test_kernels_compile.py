@@ -1,4 +1,5 @@
-"""Every kernel variant the launchers launch compiles for a Hopper GPU (sm_90), on the CPU.
+"""Every kernel variant the launchers launch compiles for a Hopper GPU (sm_90), on the CPU, and
+writes only what Inductor can leave in place under torch.compile (no copies around the launch).
 
 The launches of small problems are recorded while they run in Triton's interpreter; each distinct
 variant (kernel, constexpr switches, argument types, warps and stages) is then compiled to a cubin
@@ -68,8 +69,8 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def described(launch: Launch) -> dict[str, Any]:
-    """A launch as `hopper_compile.py` takes it: template, kernel and each argument's value, or its
-    Triton pointer type for a tensor (`POINTERS`)."""
+    """A launch as `hopper_compile.py` and `inductor_writes.py` take it: template, kernel and each
+    argument's value, or its Triton pointer type for a tensor (`POINTERS`)."""
     kernel, kwargs, _ = launch
     arguments = {name: {"pointer": POINTERS[value.dtype]} if isinstance(value, torch.Tensor) else value
                  for name, value in kwargs.items()}

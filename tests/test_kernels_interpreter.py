@@ -267,6 +267,15 @@ def test_select_topk_refuses_group_keys_it_cannot_use():
         kernels.select_topk(logits, logits[..., 0], summary, 4, 2, False, chunked, group_keys=keys)
 
 
+def test_select_topk_by_probability_without_lse_is_refused():
+    """Ranks by probability need the logits' log-sum-exps; `lse` may be None only when ranking by
+    logit (Quest's page scores), and a missing one is named, not read as None inside a kernel."""
+    logits = torch.zeros(1, 2, 40)
+    summary = kernels.summarize_mask(None, 1, 40, logits.device)
+    with pytest.raises(ValueError, match="lse is required"):
+        kernels.select_topk(logits, None, summary, 4, 1, True)
+
+
 def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
     """(rows, length, budget, group) -> radix_select's (group, select, gather) steps: the group keys
     in one step up to GROUP_BLOCK_MAX (2048 with many rows) if they fill three quarters of it, the

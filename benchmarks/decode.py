@@ -160,7 +160,7 @@ QUICK = dict(shapes=["llama3-8b"], batches=[1], contexts=[32768], methods=["indu
 WEIGHT_KERNELS = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "triton_tem", "matmul")
 SELECTION_KERNELS = ("radix_", "quest_scores")
 COMMUNICATION_KERNELS = ("nccl", "allreduce", "all_reduce", "cross_device")
-ATTENTION_KERNELS = ("flash_decode", "sparse_decode", "combine_splits", "mask_", "quest_metadata", "flash",
+ATTENTION_KERNELS = ("flash_decode", "sparse_decode", "combine_splits", "mask_", "flash",
                      "fmha", "attention", "efficient")
 
 

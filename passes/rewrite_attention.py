@@ -28,16 +28,14 @@ the summary)::
         tidal_indices_2, 0.25)
 
 Mode quest: each Quest layer's page metadata comes with its KV cache (a `TidalCache`: graph
-inputs, found on the cache's `tidal::quest_cache_write` node); the layer brings it up to date
-after the cache write, then attends over its chosen pages::
+inputs, found on the cache's `tidal::quest_cache_write` node); the layer's op brings it up to
+date after the cache write, then attends over its chosen pages::
 
     quest_cache_write = torch.ops.tidal.quest_cache_write.default(keys_2, page_min_2, page_max_2,
         filled_2, sub_2)                                  # in the cache update: filled <= written from
     ...
-    tidal_quest_update_2 = torch.ops.tidal.quest_update_metadata.default(keys_2, materialized_mask,
-        page_min_2, page_max_2, filled_2, 16, [getitem, ..., getitem_4])
     tidal_out_2 = torch.ops.tidal.quest_attention.default(q_embed_2, keys_2, values_2,
-        materialized_mask, page_min_2, page_max_2, 0.25, 256, 16, [getitem, ..., getitem_4])
+        materialized_mask, page_min_2, page_max_2, filled_2, 0.25, 256, 16, [getitem, ..., getitem_4])
 
 Fused ATen SDPA variants return tuples; only their element 0 (the output) may be used.
 """
@@ -140,12 +138,9 @@ class SharedMasks:
 def _quest_attention(graph: fx.Graph, decision: LayerDecision, config: TidalConfig, mask: Any,
                      summary: list[fx.Node]) -> fx.Node:
     site = decision.site
-    page_min, page_max, filled = site.quest_pages
-    graph.call_function(tidal.quest_update_metadata.default, (
-        site.key, mask, page_min, page_max, filled, config.page_size, summary))
     return graph.call_function(tidal.quest_attention.default, (
-        site.query, site.key, site.value, mask, page_min, page_max, site.scale, config.budget,
-        config.page_size, summary))
+        site.query, site.key, site.value, mask, *site.quest_pages, site.scale, config.budget, config.page_size,
+        summary))
 
 
 def _with_current_inputs(site: AttentionSite, replaced: dict[fx.Node, fx.Node]) -> AttentionSite:

@@ -136,14 +136,16 @@ def sparse_launches() -> None:
 
 def quest_launches() -> None:
     q, k, v, mask = decode_inputs()
-    page_min, page_max = (torch.zeros(2, 2, k.shape[2] // 16 + 1, 128, dtype=k.dtype) for _ in range(2))
-    kernels.quest_update_metadata(k, mask, page_min, page_max, torch.zeros(2, dtype=torch.int32), 16)
     summary = kernels.summarize_mask(mask, 2, k.shape[2], q.device)
+    pages = k.shape[2] // 16 + 1
     for grouped in (True, False):
-        plan = kernels.plan_topk(16, page_min.shape[2], 4, q.device, grouped=grouped)
+        plan = kernels.plan_topk(16, pages, 4, q.device, grouped=grouped)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(kernels, "plan_topk", lambda *args, **kw: plan)
-            kernels.quest_attention(q, k, v, mask, page_min, page_max, 0.1, 64, 16, summary)
+            # Nothing summarised yet: the launch summarises every page, then scores them.
+            page_min, page_max = (torch.zeros(2, 2, pages, 128, dtype=k.dtype) for _ in range(2))
+            filled = torch.zeros(2, dtype=torch.int32)
+            kernels.quest_attention(q, k, v, mask, page_min, page_max, filled, 0.1, 64, 16, summary)
 
 
 def small_head_dim_launches() -> None:
@@ -154,8 +156,7 @@ def small_head_dim_launches() -> None:
     indices = kernels.select_topk(logits, lse, summary, 64, 2, True)
     kernels.sparse_decode(q, k, v, indices, 0.1)
     page_min, page_max = (torch.zeros(2, 2, k.shape[2] // 16 + 1, 8, dtype=k.dtype) for _ in range(2))
-    kernels.quest_update_metadata(k, mask, page_min, page_max, torch.zeros(2, dtype=torch.int32), 16)
-    kernels.quest_attention(q, k, v, mask, page_min, page_max, 0.1, 64, 16, summary)
+    kernels.quest_attention(q, k, v, mask, page_min, page_max, torch.zeros(2, dtype=torch.int32), 0.1, 64, 16, summary)
 
 
 def every_scenario() -> None:
@@ -166,7 +167,7 @@ def every_scenario() -> None:
 def test_every_launched_kernel_variant_compiles_for_hopper(monkeypatch):
     """Dense (a bool mask bounded and not, an additive one, none, the one-sequence-head branch,
     fp32), selection (both top-k plans at every granularity, sink and recent), sparse (each
-    index-set granularity), Quest (metadata, both page top-k plans) and head dim 8 launches: one
+    index-set granularity), Quest (metadata and scores, both page top-k plans) and head dim 8 launches: one
     compile run (about a minute with Triton's cache empty)."""
     assert_all_compile(every_scenario, monkeypatch)
 

@@ -155,12 +155,12 @@ def test_gpu_quest_ops_equal_reference(length, budget, page_size):
     pages = -(-k.shape[2] // page_size)
     page_min = torch.zeros(2, 8, pages, 128, dtype=torch.bfloat16, device="cuda")
     page_max, filled = torch.zeros_like(page_min), torch.zeros(2, dtype=torch.int32, device="cuda")
-    tidal.quest_update_metadata(k, mask, page_min, page_max, filled, page_size, [])
+    out = tidal.quest_attention(q, k, v, mask, page_min, page_max, filled, 128 ** -0.5, budget, page_size, [])
     expected_min, expected_max = reference.quest_page_metadata(k, mask, page_size)
-    used = reference.pages_valid(reference.valid_positions(mask, 2, k.shape[2], k.device), page_size, pages)
-    used = used[:, None].expand(-1, 8, -1)
+    valid = reference.valid_positions(mask, 2, k.shape[2], k.device)
+    used = reference.pages_valid(valid, page_size, pages)[:, None].expand(-1, 8, -1)
     assert torch.equal(page_min[used], expected_min[used]) and torch.equal(page_max[used], expected_max[used])
-    out = tidal.quest_attention(q, k, v, mask, page_min, page_max, 128 ** -0.5, budget, page_size, [])
+    assert torch.equal(filled, reference.valid_length(valid).to(filled.dtype))
     expected = reference.quest_attention(q, k, v, mask, page_min, page_max, 128 ** -0.5, budget, page_size)
     assert oracle.relative_error(out, expected) < 1e-2
 

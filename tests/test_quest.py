@@ -139,29 +139,46 @@ def test_incremental_metadata_equals_full_recompute(page_size, length, data):
 
 @interpreted
 @settings(max_examples=12, deadline=None)
-@given(page_size=page_sizes, length=st.integers(2, 70), data=st.data())
-def test_metadata_kernel_equals_reference_step_by_step(page_size, length, data):
+@given(page_size=st.sampled_from([4, 8, 16]), length=st.integers(2, 70), block_pages=st.sampled_from([16, 64]),
+       data=st.data())
+def test_quest_kernel_keeps_metadata_and_attends_as_reference_step_by_step(page_size, length, block_pages, data):
+    """The page-score launch brings the stale pages of its block of pages up to date first: after
+    a prefill (every page, across blocks when `block_pages` is below the page count) and then one
+    page a decode step, the metadata, `filled` and the output equal the reference update followed by
+    the reference attention."""
     key, masks, ours = _draw_growing_cache(data, length, page_size, head_dim=16, max_batch=2)
     theirs = [t.clone() for t in ours]
-    for step, mask in enumerate(masks[:6]):
-        for state in (ours, theirs):
-            _write(state[2], _written_from(step, mask))
-        kernels.quest_update_metadata(key, mask, *ours, page_size)
-        reference.quest_update_metadata(key, mask, *theirs, page_size=page_size)
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    value = torch.randn(key.shape, generator=generator)
+    budget = page_size * data.draw(st.integers(1, 3))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "QUEST_BLOCK_P", block_pages)
+        for step, mask in enumerate(masks[:6]):
+            query = torch.randn(key.shape[0], 4, 1, 16, generator=generator)
+            for state in (ours, theirs):
+                _write(state[2], _written_from(step, mask))
+            out = kernels.quest_attention(query, key, value, mask, *ours, 0.25, budget, page_size)
+            reference.quest_update_metadata(key, mask, *theirs, page_size=page_size)
+            expected = reference.quest_attention(query, key, value, mask, *theirs[:2], 0.25, budget, page_size)
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
 
 
 @interpreted
 @settings(max_examples=15, deadline=None)
 @given(problem=decode_problems(max_len=90), page_size=page_sizes, pages=st.integers(2, 5))
 def test_quest_kernel_equals_reference(problem, page_size, pages):
+    """From a cache never summarised (`filled` 0): the launch summarises every page, then attends."""
     p = problem
     budget = pages * page_size
     meta = reference.quest_page_metadata(p.key, p.mask, page_size)
-    out = kernels.quest_attention(p.query, p.key, p.value, p.mask, *meta, p.scale, budget, page_size)
+    ours = [torch.zeros_like(meta[0]), torch.zeros_like(meta[1]), torch.zeros(p.key.shape[0], dtype=torch.int32)]
+    out = kernels.quest_attention(p.query, p.key, p.value, p.mask, *ours, p.scale, budget, page_size)
     expected = reference.quest_attention(p.query, p.key, p.value, p.mask, *meta, p.scale, budget, page_size)
     torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    valid = reference.valid_positions(p.mask, p.key.shape[0], p.key.shape[2], p.key.device)
+    assert ours[2].tolist() == reference.valid_length(valid).tolist()
 
 
 @interpreted
@@ -209,10 +226,13 @@ def test_quest_tiny_model_equals_layer_by_layer_patch(page_size):
 def test_quest_ops_reject_bad_metadata_and_page_size():
     q, k = torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 20, 8)
     meta = reference.quest_page_metadata(k, None, 4)
+    filled = torch.zeros(1, dtype=torch.int32)
     with pytest.raises(ValueError, match="page_size must be a power of two"):
-        torch.ops.tidal.quest_attention(q, k, k, None, *meta, 1.0, 12, 6, [])
+        torch.ops.tidal.quest_attention(q, k, k, None, *meta, filled, 1.0, 12, 6, [])
     with pytest.raises(ValueError, match="page_min must be"):
-        torch.ops.tidal.quest_attention(q, k, k, None, meta[0][:, :, :2], meta[1], 1.0, 8, 4, [])
+        torch.ops.tidal.quest_attention(q, k, k, None, meta[0][:, :, :2], meta[1], filled, 1.0, 8, 4, [])
+    with pytest.raises(ValueError, match=r"filled must be int32 \[B\]"):
+        torch.ops.tidal.quest_attention(q, k, k, None, *meta, filled.long(), 1.0, 8, 4, [])
 
 
 def test_quest_without_a_tidal_cache_stays_dense_and_says_how_to_fix_it():

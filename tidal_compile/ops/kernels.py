@@ -396,31 +396,16 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
     return _combine(part_out, part_lse, query.dtype)[0]
 
 
-QUEST_METADATA_PROGRAMS = 16  # programs per (sequence, KV head) when the whole cache is summarised
 QUEST_BLOCK_P = 64  # pages per quest_scores program (H200: 64 over 128, 4 warps over 8; docs/benchmarks.md)
 
 
-def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
-                          filled: Tensor, page_size: int, summary: Optional[MaskSummary] = None) -> None:
-    """Summarise the pages from the one holding position `filled` to the valid length, in place."""
-    b, hkv, length, d = sizes(key)
-    kv_len = (summary or summarize_mask(attn_mask, b, length, key.device)).kv_len
-    mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask, b, length, kv_len)
-    kernel = codegen.load("quest_metadata.py.jinja").quest_metadata
-    wrap_triton(kernel)[(b * hkv, QUEST_METADATA_PROGRAMS)](
-        K=key, Mask=mask, PageMin=page_min, PageMax=page_max, Filled=filled, KvLen=kv_len,
-        stride_kb=key.stride(0), stride_kh=key.stride(1), stride_kn=key.stride(2), stride_mb=stride_mb,
-        stride_mn=stride_mn, stride_pb=page_min.stride(0), stride_ph=page_min.stride(1), stride_pp=page_min.stride(2),
-        length=length, NUM_KV_HEADS=hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=_block_d(d),
-        NPROG=QUEST_METADATA_PROGRAMS, MASK_KIND=mask_kind, MASK_MIN=mask_min)
-    filled.copy_(kv_len)
-
-
 def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,
-                    page_max: Tensor, scale: float, budget: int, page_size: int,
+                    page_max: Tensor, filled: Tensor, scale: float, budget: int, page_size: int,
                     summary: Optional[MaskSummary] = None) -> Tensor:
-    """Quest decode attention: page scores, per-head top pages (the current one forced), then
-    attention over the chosen pages' valid positions."""
+    """Quest decode attention: the page metadata brought up to date in place (the pages from the
+    one holding position `filled` to the valid length, which `filled` then becomes) and the page
+    scores in one launch, per-head top pages (the current one forced), then attention over the
+    chosen pages' valid positions."""
     b, h, _, d = sizes(query)
     _, hkv, length, _ = sizes(key)
     pages = sizes(page_min)[2]
@@ -435,15 +420,17 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
     block_p = QUEST_BLOCK_P if group_keys is None else max(QUEST_BLOCK_P, plan.group)  # whole groups per block
     kernel = codegen.load("quest_scores.py.jinja").quest_scores
     wrap_triton(kernel)[(b * hkv, triton.cdiv(pages, block_p))](
-        Q=q, PageMin=page_min, PageMax=page_max, Mask=mask, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
-        RecentStart=summary.recent_start, Scores=scores,
+        Q=q, K=key, PageMin=page_min, PageMax=page_max, Filled=filled, Mask=mask, KvLen=summary.kv_len,
+        SinkEnd=summary.sink_end, RecentStart=summary.recent_start, Scores=scores,
         GroupKeys=scores if group_keys is None else group_keys, stride_qb=q.stride(0), stride_qh=q.stride(1),
+        stride_kb=key.stride(0), stride_kh=key.stride(1), stride_kn=key.stride(2),
         stride_pb=page_min.stride(0), stride_ph=page_min.stride(1), stride_pp=page_min.stride(2), stride_mb=stride_mb,
         stride_mn=stride_mn, stride_sb=scores.stride(0), stride_sh=scores.stride(1),
         stride_gr=0 if group_keys is None else group_keys.stride(0), length=length, pages=pages, NUM_KV_HEADS=hkv,
         GROUP=h // hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_P=block_p,
         MASK_KIND=mask_kind, MASK_MIN=mask_min, TOPK_GROUP=0 if group_keys is None else plan.group,
         GROUP_PAD=_group_pad(h // hkv), DOT_PRECISION=_dot_precision(query.dtype))
+    filled.copy_(summary.kv_len)
     chosen = select_topk(scores[..., :pages], None, summary, budget // page_size, h,
                          rank_by_prob=False, plan=plan, page_size=page_size, group_keys=group_keys)
     return sparse_decode(query, key, value, chosen, scale, attn_mask, page_size)

@@ -12,8 +12,7 @@ traced with fake tensors, which gives the ops their shapes under torch.compile.
         -> (out, indices)
     tidal::sparse_attention(q, k, v, indices, scale) -> out
     tidal::quest_cache_write(k, page_min, page_max, filled!, written_from)
-    tidal::quest_update_metadata(k, mask, page_min!, page_max!, filled!, page_size, summary)
-    tidal::quest_attention(q, k, v, mask, page_min, page_max, scale, budget, page_size, summary) -> out
+    tidal::quest_attention(q, k, v, mask, page_min!, page_max!, filled!, scale, budget, page_size, summary) -> out
 
 q is `[B, H, 1, D]`, k/v the un-expanded KV cache `[B, Hkv, L, D]`, indices `int32 [B, S, k]`.
 `summary` is what the kernels need to know of `mask` per sequence: the five int32 [B] tensors of
@@ -146,7 +145,7 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, indices: Tensor,
     return reference.sparse_attention(query, key, value, indices, scale)
 
 
-def _check_page_metadata(key: Tensor, page_min: Tensor, page_max: Tensor, page_size: int) -> None:
+def _check_page_metadata(key: Tensor, page_min: Tensor, page_max: Tensor, filled: Tensor, page_size: int) -> None:
     if page_size <= 0 or page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
     b, hkv, length, d = key.shape
@@ -155,6 +154,8 @@ def _check_page_metadata(key: Tensor, page_min: Tensor, page_max: Tensor, page_s
         if tuple(t.shape) != expected:
             raise ValueError(f"{name} must be [B, Hkv, ceil(L / page_size), D] = {list(expected)}, got "
                              f"{list(t.shape)}")
+    if tuple(filled.shape) != (b,) or filled.dtype != torch.int32:
+        raise ValueError(f"filled must be int32 [B] = [{b}], got {filled.dtype} {list(filled.shape)}")
 
 
 @torch.library.custom_op("tidal::checked_cache_positions", mutates_args=())
@@ -197,21 +198,6 @@ def quest_cache_write(key: Tensor, page_min: Tensor, page_max: Tensor, filled: T
     filled.copy_(torch.minimum(filled, written_from.to(filled.dtype)))
 
 
-@torch.library.triton_op("tidal::quest_update_metadata", mutates_args=("page_min", "page_max", "filled"))
-def quest_update_metadata(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
-                          filled: Tensor, page_size: int, summary: Sequence[Tensor]) -> None:
-    """Bring Quest's page metadata (`page_min`/`page_max` [B, Hkv, P, D]) up to date with the
-    cache in place: the pages from the one holding position `filled` (int32 [B]: summarised up
-    to there; every cache write lowers it to where it wrote) to the valid length, which
-    `filled` then becomes."""
-    _check_page_metadata(key, page_min, page_max, page_size)
-    if _use_kernels(key, key, attn_mask):
-        kernels.quest_update_metadata(key, attn_mask, page_min, page_max, filled, page_size,
-                                      kernels.MaskSummary.of(summary))
-        return
-    quest_update_metadata_reference(key, attn_mask, page_min, page_max, filled, page_size)
-
-
 @torch.library.custom_op("tidal::quest_update_metadata_reference", mutates_args=("page_min", "page_max", "filled"))
 def quest_update_metadata_reference(key: Tensor, attn_mask: Optional[Tensor], page_min: Tensor, page_max: Tensor,
                                     filled: Tensor, page_size: int) -> None:
@@ -224,17 +210,21 @@ def _(key, attn_mask, page_min, page_max, filled, page_size) -> None:
     return None
 
 
-@torch.library.triton_op("tidal::quest_attention", mutates_args=())
+@torch.library.triton_op("tidal::quest_attention", mutates_args=("page_min", "page_max", "filled"))
 def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,
-                    page_max: Tensor, scale: float, budget: int, page_size: int,
+                    page_max: Tensor, filled: Tensor, scale: float, budget: int, page_size: int,
                     summary: Sequence[Tensor]) -> Tensor:
     """Quest decode attention over the `budget // page_size` most critical pages per query head
-    (the current token's page always among them), from up-to-date page metadata."""
+    (the current token's page always among them). First brings the layer's page metadata
+    (`page_min`/`page_max` [B, Hkv, P, D], kept with its KV cache) up to date in place: the pages
+    from the one holding position `filled` (int32 [B]: summarised up to there; every cache write
+    lowers it to where it wrote) to the valid length, which `filled` then becomes."""
     check_decode_inputs(query, key, value)
-    _check_page_metadata(key, page_min, page_max, page_size)
+    _check_page_metadata(key, page_min, page_max, filled, page_size)
     if budget < page_size:
         raise ValueError(f"budget ({budget}) must hold at least one page of {page_size} positions")
     if _use_kernels(query, value, attn_mask):
-        return kernels.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size,
-                                       kernels.MaskSummary.of(summary))
+        return kernels.quest_attention(query, key, value, attn_mask, page_min, page_max, filled, scale, budget,
+                                       page_size, kernels.MaskSummary.of(summary))
+    quest_update_metadata_reference(key, attn_mask, page_min, page_max, filled, page_size)
     return reference.quest_attention(query, key, value, attn_mask, page_min, page_max, scale, budget, page_size)

@@ -150,19 +150,25 @@ def test_gpu_generate_with_cuda_graphs_and_correction_equals_eager():
 
 @pytest.mark.parametrize("length, budget, page_size", [(1000, 256, 16), (33000, 2048, 16), (131072, 256, 32)])
 def test_gpu_quest_ops_equal_reference(length, budget, page_size):
+    """A first call summarises every page (after a prefill), a decode step's call the page it
+    wrote; each time the metadata, `filled` and the output match the reference."""
     tidal = torch.ops.tidal
     q, k, v, mask = _real_problem(2, 32, 8, length, torch.bfloat16)
     pages = -(-k.shape[2] // page_size)
     page_min = torch.zeros(2, 8, pages, 128, dtype=torch.bfloat16, device="cuda")
     page_max, filled = torch.zeros_like(page_min), torch.zeros(2, dtype=torch.int32, device="cuda")
-    out = tidal.quest_attention(q, k, v, mask, page_min, page_max, filled, 128 ** -0.5, budget, page_size, [])
-    expected_min, expected_max = reference.quest_page_metadata(k, mask, page_size)
-    valid = reference.valid_positions(mask, 2, k.shape[2], k.device)
-    used = reference.pages_valid(valid, page_size, pages)[:, None].expand(-1, 8, -1)
-    assert torch.equal(page_min[used], expected_min[used]) and torch.equal(page_max[used], expected_max[used])
-    assert torch.equal(filled, reference.valid_length(valid).to(filled.dtype))
-    expected = reference.quest_attention(q, k, v, mask, page_min, page_max, 128 ** -0.5, budget, page_size)
-    assert oracle.relative_error(out, expected) < 1e-2
+    for step in range(2):
+        if step:  # a decode step: its token written at the first unfilled slot
+            mask[..., length] = True
+            tidal.quest_cache_write(k, page_min, page_max, filled, torch.tensor(length, device="cuda"))
+        out = tidal.quest_attention(q, k, v, mask, page_min, page_max, filled, 128 ** -0.5, budget, page_size, [])
+        expected_min, expected_max = reference.quest_page_metadata(k, mask, page_size)
+        valid = reference.valid_positions(mask, 2, k.shape[2], k.device)
+        used = reference.pages_valid(valid, page_size, pages)[:, None].expand(-1, 8, -1)
+        assert torch.equal(page_min[used], expected_min[used]) and torch.equal(page_max[used], expected_max[used])
+        assert torch.equal(filled, reference.valid_length(valid).to(filled.dtype))
+        expected = reference.quest_attention(q, k, v, mask, page_min, page_max, 128 ** -0.5, budget, page_size)
+        assert oracle.relative_error(out, expected) < 1e-2
 
 
 def test_gpu_quest_compiled_tiny_model_equals_eager():

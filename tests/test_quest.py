@@ -167,17 +167,21 @@ def test_quest_kernel_keeps_metadata_and_attends_as_reference_step_by_step(page_
 
 @interpreted
 @settings(max_examples=15, deadline=None)
-@given(problem=decode_problems(max_len=90), page_size=page_sizes, pages=st.integers(2, 5))
-def test_quest_kernel_equals_reference(problem, page_size, pages):
-    """From a cache never summarised (`filled` 0): the launch summarises every page, then attends."""
+@given(problem=decode_problems(max_len=90), page_size=page_sizes, pages=st.integers(2, 5), additive=st.booleans())
+def test_quest_kernel_equals_reference(problem, page_size, pages, additive):
+    """From a cache never summarised (`filled` 0): the launch summarises every page, then attends;
+    under a boolean mask or its additive form."""
     p = problem
+    mask = p.mask
+    if mask is not None and additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     budget = pages * page_size
-    meta = reference.quest_page_metadata(p.key, p.mask, page_size)
+    meta = reference.quest_page_metadata(p.key, mask, page_size)
     ours = [torch.zeros_like(meta[0]), torch.zeros_like(meta[1]), torch.zeros(p.key.shape[0], dtype=torch.int32)]
-    out = kernels.quest_attention(p.query, p.key, p.value, p.mask, *ours, p.scale, budget, page_size)
-    expected = reference.quest_attention(p.query, p.key, p.value, p.mask, *meta, p.scale, budget, page_size)
+    out = kernels.quest_attention(p.query, p.key, p.value, mask, *ours, p.scale, budget, page_size)
+    expected = reference.quest_attention(p.query, p.key, p.value, mask, *meta, p.scale, budget, page_size)
     torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
-    valid = reference.valid_positions(p.mask, p.key.shape[0], p.key.shape[2], p.key.device)
+    valid = reference.valid_positions(mask, p.key.shape[0], p.key.shape[2], p.key.device)
     assert ours[2].tolist() == reference.valid_length(valid).tolist()
 
 

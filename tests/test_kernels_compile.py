@@ -31,7 +31,7 @@ POINTERS = {torch.float32: "*fp32", torch.float16: "*bf16", torch.bfloat16: "*bf
 """Triton's pointer type of a tensor argument (float16 compiled as bfloat16)."""
 
 
-def recorded_launches(monkeypatch: pytest.MonkeyPatch, run: Callable[[], None]) -> list[Launch]:
+def recorded_launches(run: Callable[[], None]) -> list[Launch]:
     """The launches `run` makes through `kernels.wrap_triton` (each still runs), each with the
     names of the tensor arguments it changed. Uninitialised buffers (`torch.empty`) come filled
     with a fixed byte pattern, so that a kernel's write of zeros into one shows as a change."""
@@ -56,7 +56,7 @@ def recorded_launches(monkeypatch: pytest.MonkeyPatch, run: Callable[[], None]) 
                 launches.append((self.kernel, kwargs, changed))
             return launch
 
-    with monkeypatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "wrap_triton", Recording)
         patch.setattr(torch, "empty", patterned_empty)
         run()
@@ -87,13 +87,6 @@ def in_fresh_process(script: str, launches: list[Launch]) -> str:
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
-
-
-def assert_all_compile(run: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Record `run`'s launches here (interpreted), compile their variants for sm_90."""
-    launches = recorded_launches(monkeypatch, run)
-    assert launches, "the scenario launched no kernel"
-    assert "compiled" in in_fresh_process("hopper_compile.py", launches)
 
 
 def decode_inputs(length: int = 300, head_dim: int = 128):
@@ -164,12 +157,20 @@ def every_scenario() -> None:
         scenario()
 
 
-def test_every_launched_kernel_variant_compiles_for_hopper(monkeypatch):
+@pytest.fixture(scope="module")
+def scenario_launches() -> list[Launch]:
+    """`every_scenario`'s launches, recorded once (interpreted) for the tests below."""
+    launches = recorded_launches(every_scenario)
+    assert launches, "the scenarios launched no kernel"
+    return launches
+
+
+def test_every_launched_kernel_variant_compiles_for_hopper(scenario_launches):
     """Dense (a bool mask bounded and not, an additive one, none, the one-sequence-head branch,
     fp32), selection (both top-k plans at every granularity, sink and recent), sparse (each
-    index-set granularity), Quest (metadata and scores, both page top-k plans) and head dim 8 launches: one
-    compile run (about a minute with Triton's cache empty)."""
-    assert_all_compile(every_scenario, monkeypatch)
+    index-set granularity), Quest (metadata and scores, both page top-k plans) and head dim 8 launches
+    compile for sm_90 in a fresh process: one compile run (about a minute with Triton's cache empty)."""
+    assert "compiled" in in_fresh_process("hopper_compile.py", scenario_launches)
 
 
 OVERCOUNTED = {"radix_select": {"Logits", "Lse", "Rank", "GroupMax"}, "radix_emit": {"Rank", "Hist"}}
@@ -184,15 +185,15 @@ def inductor_writes(launches: list[Launch]) -> list[set[str]]:
     return [set(names) for names in json.loads(in_fresh_process("inductor_writes.py", launches))]
 
 
-def test_inductor_sees_each_launch_write_only_what_it_writes(monkeypatch):
+def test_inductor_sees_each_launch_write_only_what_it_writes(scenario_launches):
     """Under torch.compile Inductor copies an argument a kernel writes, by its analysis of the
     kernel, when another argument or a later reader shares it: every written argument, as Inductor
     sees it, is one the launch changes (but OVERCOUNTED), and no two share a buffer. Guards the
     mask summary, which every layer reads, and buffers passed twice (Quest's scores, the group keys;
     three copies a Quest layer on the H200, docs/benchmarks.md)."""
-    launches = recorded_launches(monkeypatch, every_scenario)
     problems = []
-    for (kernel, kwargs, changed), written in zip(launches, inductor_writes(launches), strict=True):
+    for (kernel, kwargs, changed), written in zip(scenario_launches, inductor_writes(scenario_launches),
+                                                  strict=True):
         name = kernel.fn.__name__
         if written - changed - OVERCOUNTED.get(name, set()):
             problems.append(f"{name} seen writing {sorted(written - changed)} (changed: {sorted(changed)})")
@@ -202,15 +203,14 @@ def test_inductor_sees_each_launch_write_only_what_it_writes(monkeypatch):
     assert not problems, "\n".join(problems)
 
 
-def test_no_launch_writes_into_part_of_a_buffer(monkeypatch):
+def test_no_launch_writes_into_part_of_a_buffer(scenario_launches):
     """Every tensor a kernel writes is a whole buffer, not a view of part of one: under
     torch.compile Inductor copies a written view out of its buffer and back around the launch
     (five launches a Quest layer on the H200, docs/benchmarks.md)."""
     def part_of_a_buffer(tensor: torch.Tensor) -> bool:
         return tensor.numel() * tensor.element_size() < tensor.untyped_storage().nbytes()
 
-    launches = recorded_launches(monkeypatch, every_scenario)
-    assert any(changed for _, _, changed in launches), "no launch wrote a tensor: the check cannot fail"
-    written_views = {f"{kernel.fn.__name__}.{name}" for kernel, kwargs, changed in launches for name in changed
-                     if part_of_a_buffer(kwargs[name])}
+    assert any(changed for _, _, changed in scenario_launches), "no launch wrote a tensor: the check cannot fail"
+    written_views = {f"{kernel.fn.__name__}.{name}" for kernel, kwargs, changed in scenario_launches
+                     for name in changed if part_of_a_buffer(kwargs[name])}
     assert not written_views

@@ -215,7 +215,8 @@ def test_radix_topk_on_a_row_longer_than_a_block():
     candidate gather in longer steps than its selections): several blocks per chunk, all radix
     levels (kv_len > budget)."""
     gen = torch.Generator().manual_seed(3)
-    q, k = torch.randint(-3, 4, (1, 4, 1, 16), generator=gen).float(), torch.randint(-3, 4, (1, 2, 700, 16), generator=gen).float()
+    q = torch.randint(-3, 4, (1, 4, 1, 16), generator=gen).float()
+    k = torch.randint(-3, 4, (1, 2, 700, 16), generator=gen).float()
     p = type("P", (), dict(query=q, key=k, value=k, mask=None, scale=1.0, num_kv_heads=2))
     plans = ({"group": None}, {"group": kernels.topk_group(700, 37)},
              {"group": kernels.topk_group(700, 37), "select_block": 64, "gather_block": 256})
@@ -277,21 +278,22 @@ def test_select_topk_by_probability_without_lse_is_refused():
 
 
 def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
-    """(rows, length, budget, group) -> radix_select's (group, select, gather) steps: the group keys
+    """(rows, length, budget, group) -> radix_select's (group, select, gather) steps and warps: the group keys
     in one step up to GROUP_BLOCK_MAX (2048 with many rows) if they fill three quarters of it, the
     candidate and gather steps as measured best on an H200 (132 SMs; benchmarks/tune_topk.py,
     docs/results/tune-topk-h200-2026-11-30-*.log), short steps for small budgets (Quest's page
-    rows), all scaled down with the group-max block."""
+    rows), all scaled down with the group-max block; 16 warps with at most 66 rows."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    expected = {(32, 131072, 256, 64): (2048, 1024, 4096), (8, 131072, 256, 64): (2048, 1024, 4096),
-                (32, 131072 + 16, 256, 64): (1024, 1024, 4096), (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 4096),
-                (64, 32768, 256, 16): (2048, 1024, 4096), (64, 32768, 2048, 8): (4096, 1024, 4096),
-                (256, 32768, 256, 16): (2048, 1024, 1024), (256, 32768, 2048, 8): (2048, 2048, 2048),
-                (32, 131072, 2048, 8): (4096, 1024, 4096), (32, 8192, 16, 64): (128, 128, 1024),
-                (32, 8192 + 1, 16, 64): (256, 128, 1024)}
+    expected = {(32, 131072, 256, 64): (2048, 1024, 4096, 16), (8, 131072, 256, 64): (2048, 1024, 4096, 16),
+                (32, 131072 + 16, 256, 64): (1024, 1024, 4096, 16),
+                (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 4096, 16),
+                (64, 32768, 256, 16): (2048, 1024, 4096, 16), (64, 32768, 2048, 8): (4096, 2048, 4096, 16),
+                (256, 32768, 256, 16): (2048, 1024, 1024, 8), (256, 32768, 2048, 8): (2048, 2048, 2048, 8),
+                (32, 131072, 2048, 8): (4096, 2048, 4096, 16), (32, 8192, 16, 64): (128, 128, 1024, 16),
+                (32, 8192 + 1, 16, 64): (256, 128, 1024, 16)}
     assert {shape: tuple(kernels.topk_select_steps(*shape, cuda).values()) for shape in expected} == expected
-    assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64)
+    assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64, 16)
 
 
 def test_topk_chunk_picks_the_swept_best_on_an_h100(monkeypatch):

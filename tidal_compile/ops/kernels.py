@@ -441,7 +441,7 @@ TOPK_CHUNK = 4096  # the longest chunk of a row one top-k program takes
 TOPK_PROGRAMS_PER_SM = 8  # chunks shrink (to TOPK_BLOCK) until rows x chunks reaches this per SM
 TOPK_MAX_GROUP = 128
 SELECT_BLOCK = 1024  # candidate keys per step of radix_select (benchmarks/tune_topk.py on an H200) ...
-SELECT_BLOCK_LARGE = 2048  # ... and from a budget of LARGE_BUDGET on (more candidates) ...
+SELECT_BLOCK_LARGE = 2048  # ... and from a budget of LARGE_BUDGET on (more candidates; with 16 warps for few rows) ...
 LARGE_BUDGET = 1024
 SELECT_BLOCK_MIN = 128  # ... but no more than CANDIDATES_PER_BUDGET x budget (at least this)
 CANDIDATES_PER_BUDGET = 4
@@ -449,6 +449,7 @@ GATHER_BLOCK_FEW_ROWS = 4096  # with at most half as many rows as SMs: SELECT_BL
 GROUP_BLOCK_MAX = 4096  # radix_select's first selection holds up to this many group keys in registers ...
 GROUP_BLOCK_MAX_MANY_ROWS = 2048  # ... this many when the rows fill the GPU (4096: B8 32K k=2048 193 us, not 121)
 SELECT_WARPS = 8
+SELECT_WARPS_FEW_ROWS = 16  # at most half as many rows as SMs: one program's chain of phases decides the time
 RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
 
 
@@ -481,23 +482,27 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
 
 def topk_select_steps(rows: int, length: int, budget: int, group: int, device: torch.device,
                       block: int = TOPK_BLOCK) -> dict[str, int]:
-    """radix_select's steps (TopkPlan's group_block, select_block, gather_block) for a group-max
-    step of `block` (TOPK_BLOCK; smaller blocks scale the constants down).
+    """radix_select's steps and warps (TopkPlan's group_block, select_block, gather_block,
+    select_warps) for a group-max step of `block` (TOPK_BLOCK; smaller blocks scale the constants
+    down).
     - Group keys: in one step where they fit (GROUP_BLOCK_MAX, fewer when the rows fill the GPU)
       and fill three quarters of it: loaded once for the four digit passes; a short row (Quest's
       pages) takes a short step. A histogram costs its whole step, so a row just past a power
       of two (2049 groups: a cache 16 tokens past 128K) takes steps of SELECT_BLOCK, as before
       (decode step, H200: 56 us a selection; one step of 4096: 65; two of 2048: 67.5).
     - Candidates (a few per budget slot): steps of SELECT_BLOCK (SELECT_BLOCK_LARGE from a budget
-      of LARGE_BUDGET when the rows fill the GPU), at most CANDIDATES_PER_BUDGET x budget.
+      of LARGE_BUDGET), at most CANDIDATES_PER_BUDGET x budget.
     - Candidate gather: with at most half as many rows as SMs each program's chain of passes
       decides and long steps pay (5-7 us at 128K, k = 256); at most the chosen groups' length.
+    - Warps: with at most half as many rows as SMs, SELECT_WARPS_FEW_ROWS (in a selection layer at
+      B1 128K: k = 256 62.3 -> 56.8 us, k = 2048 140.7 -> 123.2 us with steps of 2048 candidates;
+      docs/results/topk-warps-h200-2026-12-01.log), else SELECT_WARPS.
     Fitted to benchmarks/tune_topk.py on an H200 (docs/results/tune-topk-h200-2026-11-30-*.log)."""
     def scaled(step: int) -> int:
         return max(1, step * block // TOPK_BLOCK)
 
     few_rows = rows <= _sm_count(device) // 2
-    select = scaled(SELECT_BLOCK_LARGE if budget >= LARGE_BUDGET and not few_rows else SELECT_BLOCK)
+    select = scaled(SELECT_BLOCK_LARGE if budget >= LARGE_BUDGET else SELECT_BLOCK)
     select = min(select, max(scaled(SELECT_BLOCK_MIN), triton.next_power_of_2(CANDIDATES_PER_BUDGET * budget)))
     gather = scaled(GATHER_BLOCK_FEW_ROWS) if few_rows else select
     groups = triton.cdiv(length, group)
@@ -506,7 +511,8 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
         group_block = min(group_block, scaled(SELECT_BLOCK))
     group_block = min(group_block, scaled(GROUP_BLOCK_MAX if few_rows else GROUP_BLOCK_MAX_MANY_ROWS))
     return {"group_block": group_block, "select_block": select,
-            "gather_block": min(gather, triton.next_power_of_2(budget * group))}
+            "gather_block": min(gather, triton.next_power_of_2(budget * group)),
+            "select_warps": SELECT_WARPS_FEW_ROWS if few_rows else SELECT_WARPS}
 
 
 @dataclass(frozen=True)
@@ -535,7 +541,7 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
               chunk: Optional[int] = None, block: int = TOPK_BLOCK, group: Optional[int] = None,
               **select: int) -> TopkPlan:
     """The launch plan of `select_topk` (defaults: `topk_grouped_is_faster`, `topk_chunk`,
-    TOPK_BLOCK, `topk_group` (at most the block), `topk_select_steps`, SELECT_WARPS)."""
+    TOPK_BLOCK, `topk_group` (at most the block), `topk_select_steps`)."""
     if grouped is None:
         grouped = topk_grouped_is_faster(rows, length, budget, device)
     group = min(group or topk_group(length, budget), block)

@@ -278,11 +278,12 @@ def test_select_topk_by_probability_without_lse_is_refused():
 
 
 def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
-    """(rows, length, budget, group) -> radix_select's (group, select, gather) steps and warps: the group keys
-    in one step up to GROUP_BLOCK_MAX (2048 with many rows) if they fill three quarters of it, the
+    """(rows, length, budget, group) -> radix_select's (group, select, gather) steps and warps: the
+    group keys in one step up to GROUP_BLOCK_MAX (2048 with many rows) if they fill three quarters of it, the
     candidate and gather steps as measured best on an H200 (132 SMs; benchmarks/tune_topk.py,
     docs/results/tune-topk-h200-2026-11-30-*.log), short steps for small budgets (Quest's page
-    rows), all scaled down with the group-max block; 16 warps with at most 66 rows."""
+    rows), all scaled down with the group-max block; 16 warps with at most 66 rows and gathers of
+    4096 positions."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     expected = {(32, 131072, 256, 64): (2048, 1024, 4096, 16), (8, 131072, 256, 64): (2048, 1024, 4096, 16),
@@ -290,8 +291,8 @@ def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
                 (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 4096, 16),
                 (64, 32768, 256, 16): (2048, 1024, 4096, 16), (64, 32768, 2048, 8): (4096, 2048, 4096, 16),
                 (256, 32768, 256, 16): (2048, 1024, 1024, 8), (256, 32768, 2048, 8): (2048, 2048, 2048, 8),
-                (32, 131072, 2048, 8): (4096, 2048, 4096, 16), (32, 8192, 16, 64): (128, 128, 1024, 16),
-                (32, 8192 + 1, 16, 64): (256, 128, 1024, 16)}
+                (32, 131072, 2048, 8): (4096, 2048, 4096, 16), (32, 8192, 16, 64): (128, 128, 1024, 8),
+                (32, 8192 + 1, 16, 64): (256, 128, 1024, 8)}
     assert {shape: tuple(kernels.topk_select_steps(*shape, cuda).values()) for shape in expected} == expected
     assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64, 16)
 

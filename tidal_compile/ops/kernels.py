@@ -449,7 +449,7 @@ GATHER_BLOCK_FEW_ROWS = 4096  # with at most half as many rows as SMs: SELECT_BL
 GROUP_BLOCK_MAX = 4096  # radix_select's first selection holds up to this many group keys in registers ...
 GROUP_BLOCK_MAX_MANY_ROWS = 2048  # ... this many when the rows fill the GPU (4096: B8 32K k=2048 193 us, not 121)
 SELECT_WARPS = 8
-SELECT_WARPS_FEW_ROWS = 16  # at most half as many rows as SMs: one program's chain of phases decides the time
+SELECT_WARPS_LONG_ROWS = 16  # few rows with long gathers: one program's chain of phases decides the time
 RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
 
 
@@ -494,9 +494,11 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
       of LARGE_BUDGET), at most CANDIDATES_PER_BUDGET x budget.
     - Candidate gather: with at most half as many rows as SMs each program's chain of passes
       decides and long steps pay (5-7 us at 128K, k = 256); at most the chosen groups' length.
-    - Warps: with at most half as many rows as SMs, SELECT_WARPS_FEW_ROWS (in a selection layer at
-      B1 128K: k = 256 62.3 -> 56.8 us, k = 2048 140.7 -> 123.2 us with steps of 2048 candidates;
-      docs/results/topk-warps-h200-2026-12-01.log), else SELECT_WARPS.
+    - Warps: SELECT_WARPS_LONG_ROWS with at most half as many rows as SMs and a gather of at
+      least GATHER_BLOCK_FEW_ROWS positions (in a selection layer at B1 128K: k = 256 62.3 -> 56.8
+      us, k = 2048 140.7 -> 123.2 us with steps of 2048 candidates; docs/results/
+      topk-warps-h200-2026-12-01.log), else SELECT_WARPS (Quest's page rows at B1 128K, 1024-
+      position gathers: 12.9 us a launch with 8 warps, 17.6 with 16).
     Fitted to benchmarks/tune_topk.py on an H200 (docs/results/tune-topk-h200-2026-11-30-*.log)."""
     def scaled(step: int) -> int:
         return max(1, step * block // TOPK_BLOCK)
@@ -510,9 +512,10 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
     if 4 * groups <= 3 * group_block:  # one step would be a quarter empty or more: steps of at most SELECT_BLOCK
         group_block = min(group_block, scaled(SELECT_BLOCK))
     group_block = min(group_block, scaled(GROUP_BLOCK_MAX if few_rows else GROUP_BLOCK_MAX_MANY_ROWS))
-    return {"group_block": group_block, "select_block": select,
-            "gather_block": min(gather, triton.next_power_of_2(budget * group)),
-            "select_warps": SELECT_WARPS_FEW_ROWS if few_rows else SELECT_WARPS}
+    gather = min(gather, triton.next_power_of_2(budget * group))
+    long_rows = few_rows and gather >= scaled(GATHER_BLOCK_FEW_ROWS)
+    return {"group_block": group_block, "select_block": select, "gather_block": gather,
+            "select_warps": SELECT_WARPS_LONG_ROWS if long_rows else SELECT_WARPS}
 
 
 @dataclass(frozen=True)

@@ -11,25 +11,17 @@ replaces an earlier file's row of the same shape, batch, context and method.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections import defaultdict
 
 import matplotlib
 
+from decode_table import load_rows  # benchmarks/, beside this script
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PARTS = ("weights", "attention", "selection", "communication", "other", "outside")
-
-
-def load_rows(paths: list[str]) -> list[dict]:
-    rows = {}
-    for path in paths:
-        with open(path) as f:
-            for row in json.load(f)["rows"]:
-                rows[(row["shape"], row["batch"], row["context"], row["method"])] = row
-    return list(rows.values())
 
 
 def plot_latency(rows: list[dict], path: str) -> None:

@@ -4,6 +4,8 @@ read and the kernel categories of a profile (CPU; the timing itself needs a GPU)
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import decode  # noqa: E402
+import decode_table  # noqa: E402
 
 LLAMA3 = decode.SHAPES["llama3-8b"]
 LAYER_BYTES_128K = 2 * 8 * 131072 * 128 * 2  # K and V of one layer, batch 1, bf16
@@ -158,3 +161,29 @@ def test_kernel_summary_counts_each_kernels_time_and_launches_per_step():
                                   dict(name="radix_select", ms=pytest.approx(0.08), launches=2.0)]
     assert summary["categories"]["weights"] == 1.0 and summary["categories"]["selection"] == pytest.approx(0.08)
     assert summary["kernel_ms"] == pytest.approx(1.08)
+
+
+
+def test_decode_table_shows_each_rows_latest_figure_with_its_own_runs_floor_and_ratios(tmp_path):
+    def run(name, *rows):  # one decode.py run: its rows derived together, written as decode.py writes them
+        decode.derive(list(rows), bandwidth=2e12)
+        with open(tmp_path / name, "w") as f:
+            json.dump({"rows": [dict(dataclasses.asdict(r), outside_ms=r.outside_ms) for r in rows]}, f)
+        return str(tmp_path / name)
+
+    def row(method, context, ms):
+        return decode.Row("llama3-8b", 1, context, method, ms, 1.0, int(1e9), ms - 1, {}, [],
+                          floor=context == decode.FLOOR_CONTEXT)
+
+    paths = [run("decode-c.json", row("inductor", 131072, 50.0)),
+             run("decode-a.json", row("full", 1024, 6.0), row("full", 131072, 11.0), row("tidal:256", 131072, 8.0)),
+             run("decode-b.json", row("full", 1024, 5.0), row("tidal:256", 131072, 7.0), row("full", 131072, 10.5))]
+    lines = decode_table.table(decode_table.load_rows(paths)).splitlines()
+    assert len(lines) == 3  # header, rule, one line: the floors are a column
+    header, cells = ([c.strip() for c in line.strip("|").split("|")] for line in (lines[0], lines[2]))
+    line = dict(zip(header, cells))
+    assert (line["inductor"], line["full"], line["tidal:256"], line["quest:256"]) == ("50.00", "10.50", "7.00", "-")
+    assert line["floor (1K, same run)"] == "5.00"
+    assert line["tidal:256 / full (by kernels)"] == "1.50x (1.58x)"  # run b: 10.5 / 7.0 and 9.5 / 6.0
+    assert line["tidal:256 / inductor"] == "-"  # no Inductor in tidal's run
+    assert line["from"] == "`b`, `c`"

@@ -1,0 +1,82 @@
+"""The latest figure of every decode row, as one markdown table (runs anywhere, no GPU, no torch).
+
+    python benchmarks/decode_table.py docs/results/decode-*.json
+
+Reads JSON files written by `benchmarks/decode.py --out`, in the order given: a row of a later file
+replaces an earlier file's row of the same shape, batch, context and method. Prints one line per
+shape, batch and context: ms per step of each method, the floor (full attention at a 1K context,
+same shape and batch, in tidal k=256's run, else in full's), and tidal k=256's speed-ups and
+ceiling as its own run measured them (baselines from that same process), then the files the
+line's rows come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+METHODS = ("inductor", "full", "tidal:256", "tidal:2048", "quest:256", "topk_oracle:256")
+HEADLINE = "tidal:256"
+Key = tuple[str, int, int, str]  # shape, batch, context, method
+
+
+def load_rows(paths: list[str]) -> list[dict]:
+    """Every row of the files, a later file's row replacing an earlier one's; each row keeps its
+    file's name (without `decode-` and `.json`) under "file"."""
+    rows: dict[Key, dict] = {}
+    for path in paths:
+        with open(path) as f:
+            for row in json.load(f)["rows"]:
+                name = Path(path).stem
+                rows[(row["shape"], row["batch"], row["context"], row["method"])] = dict(
+                    row, file=name.removeprefix("decode-"))
+    return list(rows.values())
+
+
+def _ms(row: Optional[dict]) -> str:
+    return "-" if row is None else f"{row['ms']:.2f}"
+
+
+def _floor(*rows: Optional[dict]) -> str:
+    """The floor of the first row whose run had one (its step minus its attention time)."""
+    for row in rows:
+        if row is not None and row.get("attention_ms") is not None:
+            return f"{row['ms'] - row['attention_ms']:.2f}"
+    return "-"
+
+
+def _ratio(row: Optional[dict], field: str) -> str:
+    value = None if row is None else row.get(field)
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of `rows` (load_rows), lines sorted by shape, batch and context."""
+    by_key = {(r["shape"], r["batch"], r["context"], r["method"]): r for r in rows}
+    lines = sorted({(r["shape"], r["batch"], r["context"]) for r in rows if not r["floor"]})
+    head = ["shape", "B", "L", "floor (1K, same run)", *METHODS, f"{HEADLINE} / full (by kernels)",
+            f"{HEADLINE} / inductor", f"{HEADLINE} ceiling / full", "from"]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for shape, batch, context in lines:
+        cells = [by_key.get((shape, batch, context, m)) for m in METHODS]
+        tidal = by_key.get((shape, batch, context, HEADLINE))
+        by_kernels = _ratio(tidal, "kernel_speedup_vs_full")
+        files = sorted({r["file"] for r in cells if r is not None})
+        out.append("| " + " | ".join([
+            shape, str(batch), f"{context // 1024}K", _floor(tidal, by_key.get((shape, batch, context, "full"))),
+            *map(_ms, cells),
+            f"{_ratio(tidal, 'speedup_vs_full')} ({by_kernels})", _ratio(tidal, "speedup_vs_inductor"),
+            _ratio(tidal, "ceiling_vs_full"), ", ".join(f"`{f}`" for f in files)]) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="JSON files written by benchmarks/decode.py --out, oldest first")
+    print(table(load_rows(parser.parse_args().results)))
+
+
+if __name__ == "__main__":
+    main()

@@ -27,11 +27,10 @@ def load_rows(paths: list[str]) -> list[dict]:
     file's name (without `decode-` and `.json`) under "file"."""
     rows: dict[Key, dict] = {}
     for path in paths:
+        name = Path(path).stem.removeprefix("decode-")
         with open(path) as f:
             for row in json.load(f)["rows"]:
-                name = Path(path).stem
-                rows[(row["shape"], row["batch"], row["context"], row["method"])] = dict(
-                    row, file=name.removeprefix("decode-"))
+                rows[(row["shape"], row["batch"], row["context"], row["method"])] = dict(row, file=name)
     return list(rows.values())
 
 

@@ -177,14 +177,11 @@ def sizes(t: Tensor) -> tuple[int, ...]:
 DOT_MIN = 16  # tl.dot's smallest dimension
 
 
-def _group_pad(group: int) -> int:
-    return max(DOT_MIN, triton.next_power_of_2(group))
-
-
-def _block_d(head_dim: int) -> int:
-    """The head-dim tile: a power of two, at least tl.dot's smallest dimension (head dims below 16:
-    tiny test models), the lanes past the head dim masked."""
-    return max(DOT_MIN, triton.next_power_of_2(head_dim))
+def _dot_tile(size: int) -> int:
+    """A tile of a tl.dot operand covering `size` (a query-head group, a head dim): a power of two,
+    at least tl.dot's smallest dimension (head dims below 16: tiny test models), the lanes past
+    `size` masked."""
+    return max(DOT_MIN, triton.next_power_of_2(size))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -228,7 +225,7 @@ def _combine(part_out: Tensor, part_lse: Tensor, dtype: torch.dtype) -> tuple[Te
         stride_pb=part_out.stride(0), stride_ph=part_out.stride(1), stride_ps=part_out.stride(2),
         stride_lb=part_lse.stride(0), stride_lh=part_lse.stride(1), stride_ob=out.stride(0), stride_oh=out.stride(1),
         NUM_HEADS=h, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-        HEAD_DIM=d, BLOCK_D=_block_d(d))
+        HEAD_DIM=d, BLOCK_D=_dot_tile(d))
     return out, lse
 
 
@@ -328,8 +325,8 @@ def flash_decode(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[
         stride_lb=part_lse.stride(0), stride_lh=part_lse.stride(1),
         stride_xb=logits.stride(0), stride_xh=logits.stride(1) if emit_logits else 0,
         scale=scale, length=length, split_len=plan.split_len,
-        NUM_KV_HEADS=hkv, GROUP=h // hkv, GROUP_PAD=_group_pad(h // hkv), HEAD_DIM=d,
-        BLOCK_D=_block_d(d), MASK_MIN=mask_min, DOT_PRECISION=_dot_precision(query.dtype),
+        NUM_KV_HEADS=hkv, GROUP=h // hkv, GROUP_PAD=_dot_tile(h // hkv), HEAD_DIM=d,
+        BLOCK_D=_dot_tile(d), MASK_MIN=mask_min, DOT_PRECISION=_dot_precision(query.dtype),
         **plan.switches(), **plan.tiles())
     out, lse = _combine(part_out, part_lse, query.dtype)
     return out, lse, logits[..., :length] if emit_logits else None
@@ -389,8 +386,8 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
         stride_pb=part_out.stride(0), stride_ph=part_out.stride(1), stride_ps=part_out.stride(2),
         stride_lb=part_lse.stride(0), stride_lh=part_lse.stride(1),
         scale=scale, split_len=plan.split_len, budget=slots, length=length,
-        NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_group_pad(group if plan.shared else 1), HEAD_DIM=d,
-        BLOCK_D=_block_d(d), BLOCK_N=plan.blocks.block_n, SETS=sets, PAGE=max(page_size, 1),
+        NUM_KV_HEADS=hkv, GROUP=group, GROUP_PAD=_dot_tile(group if plan.shared else 1), HEAD_DIM=d,
+        BLOCK_D=_dot_tile(d), BLOCK_N=plan.blocks.block_n, SETS=sets, PAGE=max(page_size, 1),
         MASK_MIN=mask_min, DOT_PRECISION=_dot_precision(query.dtype), **plan.switches(),
         num_warps=plan.blocks.num_warps, num_stages=plan.blocks.num_stages)
     return _combine(part_out, part_lse, query.dtype)[0]
@@ -427,9 +424,9 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
         stride_pb=page_min.stride(0), stride_ph=page_min.stride(1), stride_pp=page_min.stride(2), stride_mb=stride_mb,
         stride_mn=stride_mn, stride_sb=scores.stride(0), stride_sh=scores.stride(1),
         stride_gr=0 if group_keys is None else group_keys.stride(0), length=length, pages=pages, NUM_KV_HEADS=hkv,
-        GROUP=h // hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_P=block_p,
+        GROUP=h // hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=_dot_tile(d), BLOCK_P=block_p,
         MASK_KIND=mask_kind, MASK_MIN=mask_min, TOPK_GROUP=0 if group_keys is None else plan.group,
-        GROUP_PAD=_group_pad(h // hkv), DOT_PRECISION=_dot_precision(query.dtype))
+        GROUP_PAD=_dot_tile(h // hkv), DOT_PRECISION=_dot_precision(query.dtype))
     filled.copy_(summary.kv_len)
     chosen = select_topk(scores[..., :pages], None, summary, budget // page_size, h,
                          rank_by_prob=False, plan=plan, page_size=page_size, group_keys=group_keys)

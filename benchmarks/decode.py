@@ -457,7 +457,8 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 0],
                         help="0: the shape's long context (100K for Llama-2-7B, 128K otherwise)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--floor-methods", nargs="*", default=["inductor", "full"], help="none: no floor rows")
+    parser.add_argument("--floor-methods", nargs="*", default=["inductor", "full"],
+                        help="methods run at the 1K floor; the flag alone (no methods): no floor rows")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--profile-steps", type=int, default=5)

@@ -18,19 +18,18 @@ from collections import defaultdict
 
 import matplotlib
 
-from decode_table import load_rows  # benchmarks/, beside this script
+from decode_table import METHODS, load_rows  # benchmarks/, beside this script
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 PARTS = ("weights", "attention", "selection", "communication", "other", "outside")
-METHOD_ORDER = ("inductor", "full", "tidal:256", "tidal:2048", "quest:256", "topk_oracle:256")
 
 
 def method_key(method: str) -> tuple[int, str]:
     """Sort key: the usual methods in a fixed order, any other method after them by name."""
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    return (METHODS.index(method) if method in METHODS else len(METHODS), method)
 
 
 def method_colors(rows: list[dict]) -> dict[str, str]:

@@ -24,7 +24,10 @@ each kernel's time and launches); the step time outside kernels, and the GPU's i
 kernels (short: kernel to kernel; long: waiting for the host).
 Methods: inductor, inductor+where (Inductor with tidal's boolean-mask-as-`where` pass, which keeps
 tensor-parallel graphs capturable in CUDA graphs: benchmarks/decode_tp.py), full, tidal:K, quest:K,
-topk_oracle:K (K the budget). Each row counts the graphs Inductor did not capture. Plots:
+topk_oracle:K (K the budget). Each row counts the graphs Inductor did not capture.
+`--step-graph also|only` times each row a second way (rows METHOD+graph): compiled without CUDA
+graphs, the whole step then captured in one CUDA graph by hand and replayed, so no Python, Dynamo
+guards or CUDA-graph tree run between steps: how much of a step the host's share is. Plots:
 `python benchmarks/plot_decode.py results.json`.
 """
 
@@ -34,6 +37,7 @@ import argparse
 import ast
 import contextlib
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -110,9 +114,9 @@ class Method:
     def config(self) -> TidalConfig:
         return TidalConfig.load(mode=self.mode, budget=self.budget)
 
-    def options(self) -> Optional[dict[str, Any]]:
+    def options(self, cudagraphs: bool = True) -> Optional[dict[str, Any]]:
         """Backend options (None: plain Inductor)."""
-        return None if self.is_baseline else {"config": self.config(), "cudagraphs": True}
+        return None if self.is_baseline else {"config": self.config(), "cudagraphs": cudagraphs}
 
     @property
     def file_name(self) -> str:
@@ -148,6 +152,9 @@ class Method:
 
 
 BASELINES = ("inductor", "inductor+where")
+STEP_GRAPH = "+graph"
+"""Suffix of the rows whose whole step (forward, argmax, next position) is one hand-captured CUDA graph."""
+STEP_GRAPH_WARMUP = 2  # steps run before the capture (on a side stream, as torch.cuda.graph asks)
 GUARD_FILTERS = {"nn-modules": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 """`--guard-filter` choices: Dynamo guards dropped (torch's own unsafe filters)."""
 METHODS = ("inductor", "full", "tidal:256", "tidal:2048", "quest:256", "topk_oracle:256")
@@ -292,38 +299,42 @@ def filled_cache(model: torch.nn.Module, batch: int, context: int, capacity: int
 def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shape, batch: int, context: int,
             steps: int, warmup: int, profile_steps: int, kv_heads: Optional[int] = None,
             trace: Optional[str] = None, skip_guard_eval: bool = False, guard_filter: Optional[str] = None,
-            inductor_config: Optional[dict[str, Any]] = None) -> Row:
+            inductor_config: Optional[dict[str, Any]] = None, step_graph: bool = False) -> Row:
     """Compile `model.forward` for `method`, fill a cache to `context`, time and profile decode steps
     (`kv_heads`: the KV heads a rank holds, under tensor parallelism; `trace`: a Chrome trace file of
     the profiled steps; `skip_guard_eval`: time the steps after the compile with Dynamo's guards
     off, `torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, to measure what guards cost;
     `guard_filter`: a key of GUARD_FILTERS, the guards Dynamo keeps; `inductor_config`: Inductor
-    config patches for every method, the tidal backend's `inductor` option)."""
+    config patches for every method, the tidal backend's `inductor` option; `step_graph`: compile
+    without CUDA graphs, then capture the whole step (forward, argmax, next position) in one
+    CUDA graph by hand and time its replays: what a step costs with no Python, guards or graph
+    tree around the kernels)."""
     torch._dynamo.reset()
-    options = method.options()
+    options = method.options(cudagraphs=not step_graph)
     guards = {"guard_filter_fn": GUARD_FILTERS[guard_filter]} if guard_filter else {}
     patches = inductor_config or {}
     if options is not None:
         forward = torch.compile(model.forward, backend="tidal", options={**options, "inductor": patches, **guards})
     else:  # mode="reduce-overhead" as its options (torch.compile takes no options beside a mode)
-        forward = torch.compile(model.forward, options={**list_mode_options("reduce-overhead"), **patches, **guards})
-    capacity = context + warmup + steps + profile_steps + 1
+        mode_options = {} if step_graph else list_mode_options("reduce-overhead")
+        forward = torch.compile(model.forward, options={**mode_options, **patches, **guards})
+    capacity = context + warmup + steps + profile_steps + 1 + (STEP_GRAPH_WARMUP if step_graph else 0)
     cache = filled_cache(model, batch, context, capacity, method.page_size(), kv_heads or shape.kv_heads)
     cache_name = hf_compat.forward_cache_name(model.forward)
     token = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
-    position = [context]
+    positions = torch.full((batch, 1), context, dtype=torch.long, device="cuda")
 
-    def step() -> None:
-        nonlocal token
-        positions = torch.full((batch, 1), position[0], dtype=torch.long, device="cuda")
+    def step() -> None:  # static inputs, updated in place: the same step can be captured and replayed
         out = forward(input_ids=token, position_ids=positions, use_cache=True, **{cache_name: cache})
-        token = out.logits[:, -1:].argmax(-1)
-        position[0] += 1
+        torch.argmax(out.logits[:, -1:], -1, out=token)
+        positions.add_(1)
 
     skips_before = counters["inductor"]["cudagraph_skips"]
     started = time.perf_counter()
     with method.compiling():
         step()  # compiles
+        if step_graph:
+            step = captured(step, STEP_GRAPH_WARMUP)
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - started
     times = []
@@ -342,11 +353,30 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
               compile_s=compile_s, attention_bytes=method.attention_bytes(shape, batch, context),
               floor=context == FLOOR_CONTEXT, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips_before,
               **kernels)
-    del forward, cache
+    del forward, cache, step  # a captured step holds its graph's memory pool
     torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def captured(step: Callable[[], None], warmup: int) -> Callable[[], None]:
+    """`step` captured in one CUDA graph (after `warmup` runs on a side stream); returns its replay.
+    Every kernel of the step must be capturable: a step that syncs with the host (a graph break
+    reading a tensor's value) cannot be, and says so."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as error:
+        raise RuntimeError(f"the compiled decode step cannot be captured in one CUDA graph: {error}") from error
+    return graph.replay
 
 
 def fits(shape: Shape, batch: int, context: int, methods: list[Method]) -> bool:
@@ -365,11 +395,12 @@ def derive(rows: list[Row], bandwidth: float) -> None:
                      (row.shape, row.batch, context, method)), None)
 
     for row in rows:
-        inductor, full = find(row, "inductor", row.context), find(row, "full", row.context)
+        graph = STEP_GRAPH if row.method.endswith(STEP_GRAPH) else ""  # captured rows against captured rows
+        inductor, full = find(row, "inductor" + graph, row.context), find(row, "full" + graph, row.context)
         row.speedup_vs_inductor = inductor.ms / row.ms if inductor else None
         row.speedup_vs_full = full.ms / row.ms if full else None
         row.kernel_speedup_vs_full = full.kernel_ms / row.kernel_ms if full else None
-        floor = find(row, row.method, FLOOR_CONTEXT) or find(row, "full", FLOOR_CONTEXT)
+        floor = find(row, row.method, FLOOR_CONTEXT) or find(row, "full" + graph, FLOOR_CONTEXT)
         row.read_ms = row.attention_bytes / bandwidth * 1e3
         if floor is not None and not row.floor:
             row.attention_ms = row.ms - floor.ms
@@ -423,6 +454,11 @@ def patch_sets(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{}, patches] if args.beside_plain and patches else [patches]
 
 
+def step_graphs(args: argparse.Namespace) -> list[bool]:
+    """Whether each row runs captured whole by hand (--step-graph): not, also (after the plain one), only."""
+    return {None: [False], "also": [False, True], "only": [True]}[args.step_graph]
+
+
 def trace_file(folder: Optional[str], stem: str) -> Optional[str]:
     """Where a row's Chrome trace goes (`folder/stem.json.gz`), if traces are asked for."""
     if folder is None:
@@ -467,6 +503,10 @@ def main() -> None:
     parser.add_argument("--beside-plain", action="store_true",
                         help="with --inductor-config: also run every row without the patches, just before it (the "
                         "patched rows are named METHOD+config: their 'vs full' is the patches' speed-up)")
+    parser.add_argument("--step-graph", choices=("also", "only"), default=None,
+                        help="time the whole step captured in one CUDA graph by hand (rows named METHOD+graph, "
+                        "compared with +graph rows): also (after each plain row) or only; a measurement of the "
+                        "host's share, not how the backend runs")
     add_measure_arguments(parser)
     args = parser.parse_args()
     if args.quick:
@@ -494,12 +534,12 @@ def main() -> None:
             torch.cuda.empty_cache()
             longest = max(shape.long_context if c == 0 else c for c in args.contexts)
             model, built = build_model(shape, longest + 4096), shape_name
-        for patches in patch_sets(args):
-            suffix = "+config" if patches and args.beside_plain else ""
+        for patches, step_graph in itertools.product(patch_sets(args), step_graphs(args)):
+            suffix = ("+config" if patches and args.beside_plain else "") + (STEP_GRAPH if step_graph else "")
             trace = trace_file(args.trace, f"{shape_name}-b{batch}-{context}-{method.file_name}{suffix}")
             rows.append(measure(model, method, shape_name, shape, batch, context, args.steps, args.warmup,
                                 args.profile_steps, trace=trace, guard_filter=args.guard_filter,
-                                inductor_config=patches))
+                                inductor_config=patches, step_graph=step_graph))
             rows[-1].method += suffix
             derive(rows, bandwidth)
             print_row(rows[-1], progress.write)

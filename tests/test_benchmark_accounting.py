@@ -55,6 +55,7 @@ def test_methods_parse_their_budget_and_options():
     tidal = decode.Method("tidal:2048")
     assert (tidal.mode, tidal.budget) == ("tidal", 2048)
     assert tidal.options()["config"].budget == 2048 and tidal.options()["cudagraphs"] is True
+    assert tidal.options(cudagraphs=False)["cudagraphs"] is False  # --step-graph captures the step itself
     assert decode.Method("quest:256").page_size() == 16 and tidal.page_size() is None
 
 
@@ -105,6 +106,23 @@ def test_beside_plain_runs_each_row_without_then_with_the_patches_and_rates_the_
                       for name, ms in (("full", 6.0), ("full+config", 5.0)))
     decode.derive([plain, patched], bandwidth=1e12)
     assert patched.speedup_vs_full == 6.0 / 5.0 and patched.kernel_speedup_vs_full == 5.0 / 4.0
+
+
+def test_step_graph_rows_run_after_or_instead_of_plain_ones_and_are_rated_against_captured_rows():
+    assert [decode.step_graphs(argparse.Namespace(step_graph=choice)) for choice in (None, "also", "only")] == [
+        [False], [False, True], [True]]
+
+    def row(method, context, ms):
+        return decode.Row("llama3-8b", 1, context, method, ms, 1.0, 4e9, ms - 1, {}, [],
+                          floor=context == decode.FLOOR_CONTEXT)
+
+    floor, full, tidal = row("full", 1024, 6.0), row("full", 131072, 11.0), row("tidal:256", 131072, 7.0)
+    graph_floor, graph_full = row("full+graph", 1024, 5.0), row("full+graph", 131072, 10.0)
+    graph_tidal = row("tidal:256+graph", 131072, 5.5)
+    decode.derive([floor, full, tidal, graph_floor, graph_full, graph_tidal], bandwidth=2e12)
+    assert tidal.speedup_vs_full == 11.0 / 7.0 and tidal.attention_ms == 1.0
+    assert graph_tidal.speedup_vs_full == 10.0 / 5.5 and graph_tidal.attention_ms == 0.5
+    assert graph_full.speedup_vs_full == 1.0
 
 
 def test_host_gaps_attribute_the_hosts_events_to_the_gpus_long_waits():

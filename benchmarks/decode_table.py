@@ -8,6 +8,11 @@ shape, batch and context: ms per step of each method, the floor (full attention 
 same shape and batch, in tidal k=256's run, else in full's), and tidal k=256's speed-ups and
 ceiling as its own run measured them (baselines from that same process), then the files the
 line's rows come from.
+
+    python benchmarks/decode_table.py --missing docs/results/decode-*.json
+
+prints instead, for each line, the `decode.py` command that would fill its empty cells (with
+`full` and tidal k=256 again, so that the new rows' ratios come from one run, and a floor).
 """
 
 from __future__ import annotations
@@ -71,10 +76,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def missing(rows: list[dict]) -> list[str]:
+    """For each line of the table with an empty method cell, the decode.py command that fills it:
+    the missing methods beside full and HEADLINE (their run's baselines), with a floor."""
+    have = {(r["shape"], r["batch"], r["context"], r["method"]) for r in rows}
+    commands = []
+    for shape, batch, context in sorted({(r["shape"], r["batch"], r["context"]) for r in rows if not r["floor"]}):
+        absent = [m for m in METHODS if (shape, batch, context, m) not in have]
+        if absent:
+            methods = [m for m in METHODS if m in absent or m in ("full", HEADLINE)]
+            commands.append(f"python benchmarks/decode.py --shapes {shape} --batches {batch} --contexts {context} "
+                            f"--methods {' '.join(methods)} --floor-methods full  # missing: {' '.join(absent)}")
+    return commands
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="JSON files written by benchmarks/decode.py --out, oldest first")
-    print(table(load_rows(parser.parse_args().results)))
+    parser.add_argument("--missing", action="store_true", help="the decode.py commands that fill the empty cells")
+    args = parser.parse_args()
+    rows = load_rows(args.results)
+    print("\n".join(missing(rows)) if args.missing else table(rows))
 
 
 if __name__ == "__main__":

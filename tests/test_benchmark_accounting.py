@@ -205,3 +205,7 @@ def test_decode_table_shows_each_rows_latest_figure_with_its_own_runs_floor_and_
     assert line["tidal:256 / full (by kernels)"] == "1.50x (1.58x)"  # run b: 10.5 / 7.0 and 9.5 / 6.0
     assert line["tidal:256 / inductor"] == "-"  # no Inductor in tidal's run
     assert line["from"] == "`b`, `c`"
+    commands = decode_table.missing(decode_table.load_rows(paths))
+    assert commands == ["python benchmarks/decode.py --shapes llama3-8b --batches 1 --contexts 131072 --methods full "
+                        "tidal:256 tidal:2048 quest:256 topk_oracle:256 --floor-methods full  # missing: tidal:2048 "
+                        "quest:256 topk_oracle:256"]

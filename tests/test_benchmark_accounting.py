@@ -125,6 +125,14 @@ def test_step_graph_rows_run_after_or_instead_of_plain_ones_and_are_rated_agains
     assert graph_full.speedup_vs_full == 1.0
 
 
+def test_tune_quest_counts_the_page_metadata_quest_scores_reads():
+    import tune_quest
+
+    assert tune_quest.metadata_bytes(1, 8, 131072) == 2 * 8 * 8192 * 128 * 2  # 33.5 MB: Llama-3-8B batch 1 128K
+    assert tune_quest.metadata_bytes(1, 8, 131072 + 1) == 2 * 8 * 8193 * 128 * 2  # a partial page counts whole
+    assert tune_quest.kernels.QUEST_BLOCK_P in tune_quest.BLOCKS and tune_quest.kernels.QUEST_WARPS in tune_quest.WARPS
+
+
 def test_host_gaps_attribute_the_hosts_events_to_the_gpus_long_waits():
     """A synthetic trace: two kernels 100 us apart (a long gap) and 5 us apart (a short one);
     host events count by their time inside the long gap only."""

@@ -393,7 +393,8 @@ def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, sc
     return _combine(part_out, part_lse, query.dtype)[0]
 
 
-QUEST_BLOCK_P = 64  # pages per quest_scores program (H200: 64 over 128, 4 warps over 8; docs/benchmarks.md)
+QUEST_BLOCK_P = 64  # pages per quest_scores program (H200: 64 over 128, 4 warps over 8; docs/benchmarks.md) ...
+QUEST_WARPS = 4  # ... and its warps (benchmarks/tune_quest.py sweeps both)
 
 
 def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], page_min: Tensor,
@@ -426,7 +427,7 @@ def quest_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Option
         stride_gr=0 if group_keys is None else group_keys.stride(0), length=length, pages=pages, NUM_KV_HEADS=hkv,
         GROUP=h // hkv, PAGE=page_size, HEAD_DIM=d, BLOCK_D=_dot_tile(d), BLOCK_P=block_p,
         MASK_KIND=mask_kind, MASK_MIN=mask_min, TOPK_GROUP=0 if group_keys is None else plan.group,
-        GROUP_PAD=_dot_tile(h // hkv), DOT_PRECISION=_dot_precision(query.dtype))
+        GROUP_PAD=_dot_tile(h // hkv), DOT_PRECISION=_dot_precision(query.dtype), num_warps=QUEST_WARPS)
     filled.copy_(summary.kv_len)
     chosen = select_topk(scores[..., :pages], None, summary, budget // page_size, h,
                          rank_by_prob=False, plan=plan, page_size=page_size, group_keys=group_keys)

@@ -59,6 +59,7 @@ import tidal_compile
 from tidal_compile import TidalCache, TidalConfig, hf_compat
 from tidal_compile.passes.masked_fill import MaskedFillAsWhere
 from attention import copy_bandwidth  # benchmarks/attention.py, beside this script
+from decode_table import METHODS  # the methods a full sweep runs, the table's columns
 
 FLOOR_CONTEXT = 1024
 HEAD_DIM = 128
@@ -157,7 +158,6 @@ STEP_GRAPH = "+graph"
 STEP_GRAPH_WARMUP = 2  # steps run before the capture (on a side stream, as torch.cuda.graph asks)
 GUARD_FILTERS = {"nn-modules": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 """`--guard-filter` choices: Dynamo guards dropped (torch's own unsafe filters)."""
-METHODS = ("inductor", "full", "tidal:256", "tidal:2048", "quest:256", "topk_oracle:256")
 QUICK = dict(shapes=["llama3-8b"], batches=[1], contexts=[32768], methods=["inductor", "full", "tidal:256"],
              floor_methods=[], steps=10, warmup=3, profile_steps=2)  # three compiles of ~40-60 s each
 

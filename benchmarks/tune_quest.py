@@ -38,38 +38,42 @@ def metadata_bytes(batch: int, kv_heads: int, length: int, head_dim: int = 128) 
     return 2 * batch * kv_heads * -(-length // PAGE) * head_dim * 2
 
 
+def sweep(batch: int, heads: int, kv_heads: int, length: int, bandwidth: float, flush: torch.Tensor) -> None:
+    """Print each plan's kernel times for one shape (its cache freed on return)."""
+    q, k, mask, summary = decode_inputs(batch, heads, kv_heads, length)
+    page_min, page_max = reference.quest_page_metadata(k, None, PAGE)
+    filled = summary.kv_len.to(torch.int32)  # up to date: no page re-summarised
+
+    def layer():
+        return kernels.quest_attention(q, k, k, mask, page_min, page_max, filled, SCALE, BUDGET, PAGE, summary)
+
+    def flushed_layer():
+        flush.zero_()
+        return layer()
+
+    default = layer()
+    metadata = metadata_bytes(batch, kv_heads, length)
+    read_us = metadata / bandwidth * 1e6
+    print(f"B={batch} H={heads} Hkv={kv_heads} L={length}: page metadata {metadata / 1e6:.1f} MB, {read_us:.1f} us "
+          "at the copy bandwidth; us per kernel alone / after an L2 flush:", flush=True)
+    for block, warps in itertools.product(BLOCKS, WARPS):
+        with mock.patch.multiple(kernels, QUEST_BLOCK_P=block, QUEST_WARPS=warps):
+            same = torch.equal(layer(), default)
+            alone, flushed = kernel_us(layer), kernel_us(flushed_layer)
+        cells = "  ".join(f"{name} {alone[name]:.1f} / {flushed[name]:.1f}" for name in alone
+                          if name.startswith(QUEST_KERNELS))
+        scores = flushed.get("quest_scores", float("nan"))
+        print(f"  {block:3d} pages, {warps} warps{'' if same else ' !'}: {cells}  (quest_scores flushed "
+              f"{read_us / scores:.0%} of the copy bandwidth)", flush=True)
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     bandwidth = copy_bandwidth()
     print(torch.cuda.get_device_name(), torch.__version__, f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    for batch, heads, kv_heads, length in SHAPES:
-        q, k, mask, summary = decode_inputs(batch, heads, kv_heads, length)
-        page_min, page_max = reference.quest_page_metadata(k, None, PAGE)
-        filled = summary.kv_len.to(torch.int32)  # up to date: no page re-summarised
-
-        def layer():
-            return kernels.quest_attention(q, k, k, mask, page_min, page_max, filled, SCALE, BUDGET, PAGE, summary)
-
-        def flushed_layer():
-            flush.zero_()
-            return layer()
-
-        default = layer()
-        metadata = metadata_bytes(batch, kv_heads, length)
-        read_us = metadata / bandwidth * 1e6
-        print(f"B={batch} H={heads} Hkv={kv_heads} L={length}: page metadata {metadata / 1e6:.1f} MB, {read_us:.1f} us "
-              "at the copy bandwidth; us per kernel alone / after an L2 flush:", flush=True)
-        for block, warps in itertools.product(BLOCKS, WARPS):
-            with mock.patch.multiple(kernels, QUEST_BLOCK_P=block, QUEST_WARPS=warps):
-                same = torch.equal(layer(), default)
-                alone, flushed = kernel_us(layer), kernel_us(flushed_layer)
-            cells = "  ".join(f"{name} {alone[name]:.1f} / {flushed[name]:.1f}" for name in alone
-                              if name.startswith(QUEST_KERNELS))
-            scores = flushed.get("quest_scores", float("nan"))
-            print(f"  {block:3d} pages, {warps} warps{'' if same else ' !'}: {cells}  (quest_scores flushed "
-                  f"{read_us / scores:.0%} of the copy bandwidth)", flush=True)
-        del q, k, page_min, page_max
+    for shape in SHAPES:
+        sweep(*shape, bandwidth, flush)
         torch.cuda.empty_cache()
 
 

@@ -216,6 +216,31 @@ def test_gpu_offsets_past_2_31_elements():
     assert oracle.relative_error(sparse, reference.sparse_attention(q[last], k[last], v[last], idx[last], 1.0)) < 1e-2
 
 
+def test_gpu_generate_with_step_graphs_equals_eager():
+    """compile_for_generation(step_graphs=True): each generate call's decode steps replay one CUDA
+    graph captured whole (correction every 3 steps, k covering the context), and give eager's
+    tokens, for two prompts in a row."""
+    import tidal_compile
+    from models import prompts, tiny_model
+    from tidal_compile.hf import compile_for_generation
+
+    torch._dynamo.reset()
+    tidal_compile.clear_reports()
+    model = tiny_model("llama", layers=6).cuda()
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    runs = []
+    for seed, padded in ((0, True), (1, False)):
+        prompt, padding = prompts(2, 12 + 8 * seed, padded, seed=seed, device="cuda")
+        mask = torch.ones_like(prompt) if padding is None else padding.long()
+        runs.append((prompt, mask, model.generate(prompt, attention_mask=mask, disable_compile=True,
+                                                  cache_implementation="static", **kwargs)))
+    compile_for_generation(model, budget=64, correction={"interval": 3}, step_graphs=True)
+    for prompt, mask, expected in runs:
+        assert torch.equal(model.generate(prompt, attention_mask=mask, **kwargs), expected)
+    assert model.forward.step_graph.captures == 2, "one capture per generate call"
+    assert any(g.phase == "decode" and g.count("sparse") > 0 for g in tidal_compile.explain(model))
+
+
 def test_gpu_quest_through_generate_with_cuda_graphs_two_prompts_in_a_row():
     """compile_for_generation(mode quest, cudagraphs=True): each generate call gets its own
     TidalCache, the decode steps replay CUDA graphs over its page metadata, and a second, longer

@@ -31,6 +31,7 @@ from tidal_compile.backend import BackendOptions, TidalFallbackWarning
 from tidal_compile.cache import SequenceState, TidalCache
 from tidal_compile.config import ConfigError, ResolvedPlanConfig
 from tidal_compile.passes.sharding import check_granularity, model_tensor_parallel
+from tidal_compile.step_graph import StepGraph
 
 
 def _chunk_mask(mask: Optional[Tensor], start: int, steps: int) -> Optional[Tensor]:
@@ -61,12 +62,14 @@ class TidalForward:
 
     `prefill` runs the calls that start a sequence or add several tokens (the compiled forward,
     or the uncompiled one when decode graphs are captured in CUDA graphs: the static cache must
-    be allocated outside them). `signature` is the model forward's, to read calls by name."""
+    be allocated outside them). `signature` is the model forward's, to read calls by name.
+    `step_graph` (a `StepGraph` over `compiled`) runs the decode steps of a TidalCache instead."""
 
     def __init__(self, compiled: Callable, interval: int, prefill: Optional[Callable] = None,
-                 signature: Optional[inspect.Signature] = None):
+                 signature: Optional[inspect.Signature] = None, step_graph: Optional[StepGraph] = None):
         self.compiled = compiled
         self.prefill = prefill or compiled
+        self.step_graph = step_graph
         self.interval = interval
         self.signature = signature or inspect.signature(compiled)
         self.positional = hf_compat.positional_names(self.signature)
@@ -90,7 +93,7 @@ class TidalForward:
         else:
             if self.interval and state.pending_steps >= self.interval:
                 self.correct(call, cache, state)
-            out = self.compiled(**call)
+            out = self.step_graph(call, cache) if self.step_graph else self.compiled(**call)
             if self.interval and state.pending_input_ids:
                 state.add(call["input_ids"], call.get("position_ids"))
         state.length += tokens
@@ -168,15 +171,19 @@ class TidalGenerate:
                 model.forward = self.forward
         kwargs["cache_implementation"] = None  # the cache is given: transformers refuses both
         beams = kwargs.get("num_beams") or getattr(model.generation_config, "num_beams", 1) or 1
-        interval = self.forward.interval
+        interval, step_graph = self.forward.interval, self.forward.step_graph
         if beams > 1 and interval:
             warnings.warn("tidal: KV-cache correction does not support beam search yet; this generate call "
                           "runs without correction", TidalFallbackWarning, stacklevel=2)
             self.forward.interval = 0
+        if beams > 1 and step_graph:
+            warnings.warn("tidal: step_graphs does not support beam search (it reorders the cache every step); "
+                          "this generate call decodes with the compiled forward", TidalFallbackWarning, stacklevel=2)
+            self.forward.step_graph = None
         try:
             return self.generate(*args, **kwargs)
         finally:
-            self.forward.interval = interval
+            self.forward.interval, self.forward.step_graph = interval, step_graph
 
     def new_cache(self, args: tuple, kwargs: dict[str, Any], at_least: int = 0) -> TidalCache:
         """A TidalCache long enough for this call (prompt plus new tokens), as long as any before
@@ -214,7 +221,10 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     calls with a dynamic cache (run uncompiled); beam search runs without correction.
     `guard_filter_fn` goes to torch.compile as it is (which of Dynamo's guards to keep, e.g.
     `torch.compiler.skip_guard_on_all_nn_modules_unsafe`: fewer guards to evaluate each step, at
-    the price torch's docs name).
+    the price torch's docs name). `step_graphs=True` (a CUDA model; not with `cudagraphs`)
+    captures each sequence's decode step whole in one CUDA graph and replays it, without the host's
+    path through Python, guards and Inductor's graph tree (`tidal_compile.step_graph`: what it
+    checks, and when it falls back to the compiled forward with a warning); prefill uncompiled.
     """
     if isinstance(config, str) and config == "calibrate":
         from tidal_compile.calibration import calibrate
@@ -224,6 +234,7 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
         calibration = {key: options.pop(key) for key in CALIBRATION_OPTIONS if key in options}
         config = calibrate(model, calibration.pop("calibration_ids", None), budget=options["budget"], **calibration)
     guard_filter = options.pop("guard_filter_fn", None)
+    step_graphs = options.pop("step_graphs", False)
     if guard_filter is not None and not callable(guard_filter):
         raise ConfigError(f"guard_filter_fn must be a function of Dynamo's guard entries, got {guard_filter!r}")
     if config is not None:
@@ -239,8 +250,7 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     if not callable(getattr(model, "generate", None)):
         raise TypeError(f"tidal: compile_for_generation needs a decoder-only model with generate(); "
                         f"{type(model).__name__} has none")
-    if options.get("cudagraphs") and not any(p.is_cuda for p in model.parameters()):
-        raise ConfigError("cudagraphs=True needs the model on a CUDA GPU (model.cuda()); it is not")
+    _check_graph_options(model, bool(options.get("cudagraphs")), step_graphs)
     plan = parsed.resolve(options["num_layers"]) if "num_layers" in options else None  # bad layer sets fail here
     sharding = model_tensor_parallel(model)
     if sharding:
@@ -259,12 +269,26 @@ def compile_for_generation(model: torch.nn.Module, config: Any = None, **options
     compiled = torch.compile(model.forward, backend="tidal", options=compile_options)
     dense_forward = model.forward
     forward = TidalForward(compiled, parsed.correction.interval,
-                           prefill=dense_forward if options.get("cudagraphs") else None,
-                           signature=inspect.signature(dense_forward))
+                           prefill=dense_forward if options.get("cudagraphs") or step_graphs else None,
+                           signature=inspect.signature(dense_forward),
+                           step_graph=StepGraph(compiled) if step_graphs else None)
     page_size = parsed.page_size if parsed.mode == "quest" else None
     model.generate = TidalGenerate(model, model.generate, dense_forward, forward, page_size)
     model.forward = forward
     return model
+
+
+def _check_graph_options(model: torch.nn.Module, cudagraphs: bool, step_graphs: Any) -> None:
+    """CUDA-graph options need a CUDA model, and only one of them captures the decode steps."""
+    if not isinstance(step_graphs, bool):
+        raise ConfigError(f"step_graphs must be True or False, got {step_graphs!r}")
+    if cudagraphs and step_graphs:
+        raise ConfigError("cudagraphs=True and step_graphs=True both capture the decode steps in CUDA graphs; "
+                          "pick one (step_graphs captures the whole step, cudagraphs Inductor's graphs)")
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    for name, asked in (("cudagraphs", cudagraphs), ("step_graphs", step_graphs)):
+        if asked and not on_gpu:
+            raise ConfigError(f"{name}=True needs the model on a CUDA GPU (model.cuda()); it is not")
 
 
 def warn_about_model(model_config: Any) -> None:

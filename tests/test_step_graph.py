@@ -203,3 +203,18 @@ def test_step_graph_options_are_checked():
         compile_for_generation(model, budget=8, step_graphs=True, cudagraphs=True)
     with pytest.raises(ConfigError, match="step_graphs must be True or False"):
         compile_for_generation(model, budget=8, step_graphs="yes")
+
+
+def test_generate_lets_go_of_its_cache():
+    """The captured graph's outputs hold the cache; generate releases them when it returns, so the
+    cache is freed with the caller's last reference."""
+    import gc
+    import weakref
+
+    model = with_step_graph(setup(), ReplayOnCpu())
+    prompt, _ = prompts(1, 10, False)
+    out = model.generate(prompt, **GENERATE)
+    cache = weakref.ref(out.past_key_values)
+    del out
+    gc.collect()
+    assert cache() is None

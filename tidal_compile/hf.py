@@ -184,6 +184,8 @@ class TidalGenerate:
             return self.generate(*args, **kwargs)
         finally:
             self.forward.interval, self.forward.step_graph = interval, step_graph
+            if step_graph:
+                step_graph.release()  # the graph's outputs hold this call's cache
 
     def new_cache(self, args: tuple, kwargs: dict[str, Any], at_least: int = 0) -> TidalCache:
         """A TidalCache long enough for this call (prompt plus new tokens), as long as any before

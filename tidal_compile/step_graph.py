@@ -26,6 +26,7 @@ Dynamo's guards are evaluated when a step is captured, not at each replay: what 
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 import weakref
 from typing import Any, Callable, Iterator, Optional
@@ -122,7 +123,8 @@ def host_state(cache: Any) -> list[dict[str, Any]]:
     """The cache's and its layers' attributes that are not tensors (tidal's own `sequence`
     bookkeeping left out): a CUDA graph replays tensor work only, so a decode step must not
     change these."""
-    return [{key: value for key, value in vars(holder).items() if not isinstance(value, Tensor) and key != "sequence"}
+    return [{key: copy.copy(value) if isinstance(value, (list, dict, set)) else value  # in-place growth shows too
+             for key, value in vars(holder).items() if not isinstance(value, Tensor) and key != "sequence"}
             for holder in _holders(cache)]
 
 
@@ -145,19 +147,27 @@ class StepGraph:
     module docstring). `forward` is the compiled model forward (without Inductor's CUDA graphs);
     `capture` turns a step into its replay (tests pass one that runs on the CPU)."""
 
+    _cache: Optional[weakref.ref]
+    _signature: Optional[tuple]
+    _slots: list[tuple[dict[str, Any], str]]
+    _addresses: list[int]
+    _buffers: dict[tuple[str, ...], Tensor]
+    _padded: set[tuple[str, ...]]
+    _replay: Optional[Replay]
+
     def __init__(self, forward: Callable[..., Any], capture: Callable[[Callable[[], Any]], Replay] = capture_cuda_graph):
         self.forward = forward
         self.capture = capture
         self.captures = 0
         """Steps captured so far (a new cache or call signature each)."""
-        self._cache: Optional[weakref.ref] = None
-        self._signature: Optional[tuple] = None
-        self._slots: list[tuple[dict[str, Any], str]] = []
-        self._addresses: list[int] = []
-        self._buffers: dict[tuple[str, ...], Tensor] = {}
-        self._padded: set[tuple[str, ...]] = set()
-        self._replay: Optional[Replay] = None
         self._recaptures = 0
+        self.release()
+
+    def release(self) -> None:
+        """Drop the captured graph, its buffers and outputs (which hold the cache): `generate`
+        calls this when it returns; a later step captures anew."""
+        self._cache = self._signature = self._replay = None
+        self._slots, self._addresses, self._buffers, self._padded = [], [], {}, set()
 
     def __call__(self, call: dict[str, Any], cache: Any) -> Any:
         """Run one decode step: `call` are the forward's arguments by name, `cache` the TidalCache

@@ -1,6 +1,7 @@
 """Long-context generation on a GPU with a real-shape, random-initialised Llama-3-8B model.
 
-    python examples/generate_gpu.py --context 32768 --new-tokens 64 [--config examples/tidal.yaml] [--cudagraphs]
+    python examples/generate_gpu.py --context 32768 --new-tokens 64 [--config examples/tidal.yaml]
+        [--cudagraphs | --step-graphs]
 
 Builds the model from its config (no download; random weights, so the text is noise), fills
 a static cache with a random prompt of `--context` tokens, and generates greedily twice from
@@ -9,7 +10,8 @@ the explain report and the decode time per token of each. `--layers` / `--hidden
 model (e.g. to try it on the CPU: `--device cpu --layers 4 --hidden 256 --context 512`).
 `--cudagraphs` replays both decodes from CUDA graphs: dense through transformers' own
 generate-time compile (`mode="reduce-overhead"`), tidal with `compile_for_generation(...,
-cudagraphs=True)`; both prefill uncompiled.
+cudagraphs=True)`; both prefill uncompiled. `--step-graphs` is the same for dense, and replays
+each tidal decode step whole from one CUDA graph (`compile_for_generation(..., step_graphs=True)`).
 """
 
 from __future__ import annotations
@@ -61,12 +63,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--cudagraphs", action="store_true", help="decode steps replayed from CUDA graphs")
+    graphs = parser.add_mutually_exclusive_group()
+    graphs.add_argument("--cudagraphs", action="store_true", help="decode steps replayed from CUDA graphs")
+    graphs.add_argument("--step-graphs", action="store_true", help="tidal's decode steps replayed whole from one "
+                        "CUDA graph each (dense as with --cudagraphs)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: pass --device cpu with a small --layers / --hidden / --context")
-    if args.cudagraphs and args.device != "cuda":
-        raise SystemExit("--cudagraphs needs --device cuda")
+    graphed = args.cudagraphs or args.step_graphs
+    if graphed and args.device != "cuda":
+        raise SystemExit("--cudagraphs and --step-graphs need --device cuda")
 
     prompt = torch.randint(0, 128256, (1, args.context), device=args.device)
     model = build(args)
@@ -74,16 +80,16 @@ def main() -> None:
 
     # Dense baseline: transformers' own static-cache generate, its forward compiled by Inductor
     # (with --cudagraphs, transformers compiles the decode steps itself, in CUDA graphs).
-    model.generation_config.disable_compile = not args.cudagraphs
+    model.generation_config.disable_compile = not graphed
     dense_forward = model.forward
-    if not args.cudagraphs:
+    if not graphed:
         model.forward = torch.compile(dense_forward)
     dense, dense_s = timed_generate(model, prompt, args.new_tokens)
     print(f"dense (inductor): {dense_s * 1e3:.1f} ms/token", flush=True)
 
     torch._dynamo.reset()
     model.forward = dense_forward
-    compile_for_generation(model, args.config, cudagraphs=args.cudagraphs)
+    compile_for_generation(model, args.config, cudagraphs=args.cudagraphs, step_graphs=args.step_graphs)
     tidal, tidal_s = timed_generate(model, prompt, args.new_tokens)
     print(f"tidal           : {tidal_s * 1e3:.1f} ms/token  ({dense_s / tidal_s:.2f}x)")
     same = int((dense[0, args.context:] == tidal[0, args.context:]).sum())

@@ -72,11 +72,10 @@ def test_generate_through_a_step_graph_equals_the_compiled_forward(batch, padded
     options = dict(mode=mode, correction={"interval": interval}, **({"page_size": 2} if mode == "quest" else {}))
     prompt, padding = prompts(batch, 14, padded)
     kwargs = dict(attention_mask=None if padding is None else padding.long(), **GENERATE)
-    plain = setup(**options)
-    expected = [plain.generate(prompt, **kwargs) for _ in range(2)]
+    want = setup(**options).generate(prompt, **kwargs)
     capture = ReplayOnCpu()
     model = with_step_graph(setup(**options), capture)
-    for want in expected:
+    for _ in range(2):
         got = model.generate(prompt, **kwargs)
         assert got.sequences.shape[1] == prompt.shape[1] + GENERATE["max_new_tokens"]
         assert torch.equal(got.sequences, want.sequences)
@@ -99,33 +98,23 @@ def decode_steps(model, steps, cache=None, length=10, seed=0):
     return outputs
 
 
-def test_replayed_outputs_are_the_callers_own():
-    """A replay overwrites the graph's outputs; what a step returned stays as it was."""
-    with torch.no_grad():
-        expected = [out.logits.clone() for out in decode_steps(setup(), 5)]
-        capture = ReplayOnCpu()
-        got = decode_steps(with_step_graph(setup(), capture), 5)
-    assert capture.replays == 4  # the first decode step warms up and captures
-    for out, want in zip(got, expected):
-        torch.testing.assert_close(out.logits, want, rtol=0, atol=0)
-
-
-def test_a_reset_cache_replays_a_shorter_sequence():
+def test_replays_serve_a_reset_cache_and_leave_the_callers_outputs_alone():
     """The same cache, reset for a shorter sequence, replays the same graph (the mask columns the
-    longer sequence set lie past the shorter one's queries)."""
+    longer sequence set lie past the shorter one's queries); a replay overwrites the graph's
+    outputs, and what earlier steps returned stays as it was."""
     def two_sequences(model):
         cache = TidalCache(model.config, max_cache_len=32)
         first = decode_steps(model, 4, cache, length=20, seed=1)
         cache.reset()
-        return [out.logits.clone() for out in first + decode_steps(model, 4, cache, length=9, seed=2)]
+        return first + decode_steps(model, 4, cache, length=9, seed=2)
 
     with torch.no_grad():
-        expected = two_sequences(setup())
+        expected = [out.logits.clone() for out in two_sequences(setup())]
         capture = ReplayOnCpu()
         got = two_sequences(with_step_graph(setup(), capture))
-    assert capture.captures == 1 and capture.replays == 7
-    for ours, want in zip(got, expected):
-        torch.testing.assert_close(ours, want, rtol=0, atol=0)
+    assert capture.captures == 1 and capture.replays == 7  # all but the first decode step replay
+    for out, want in zip(got, expected):
+        torch.testing.assert_close(out.logits, want, rtol=0, atol=0)
 
 
 def test_a_cache_that_keeps_host_state_decodes_without_the_graph():

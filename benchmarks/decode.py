@@ -58,6 +58,7 @@ from tqdm import tqdm
 import tidal_compile
 from tidal_compile import TidalCache, TidalConfig, hf_compat
 from tidal_compile.passes.masked_fill import MaskedFillAsWhere
+from tidal_compile.step_graph import capture_cuda_graph, side_stream
 from attention import copy_bandwidth  # benchmarks/attention.py, beside this script
 from decode_table import METHODS  # the methods a full sweep runs, the table's columns
 
@@ -364,19 +365,13 @@ def captured(step: Callable[[], None], warmup: int) -> Callable[[], None]:
     """`step` captured in one CUDA graph (after `warmup` runs on a side stream); returns its replay.
     Every kernel of the step must be capturable: a step that syncs with the host (a graph break
     reading a tensor's value) cannot be, and says so."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with side_stream(torch.device("cuda")):
         for _ in range(warmup):
             step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            step()
+        return capture_cuda_graph(step)
     except RuntimeError as error:
         raise RuntimeError(f"the compiled decode step cannot be captured in one CUDA graph: {error}") from error
-    return graph.replay
 
 
 def fits(shape: Shape, batch: int, context: int, methods: list[Method]) -> bool:

@@ -39,6 +39,9 @@ from tidal_compile.backend import TidalFallbackWarning
 Replay = Callable[[], Any]
 """Runs the captured step again and returns its outputs (in the graph's memory)."""
 
+Tensors = dict[tuple[str, ...], Tensor]
+"""A call's tensor arguments by path: (name,), or (name, key) inside a dict argument."""
+
 PADDED_MASK = "attention_mask"
 """The argument padded to the cache's length (when it is a 2-D padding mask)."""
 
@@ -59,7 +62,7 @@ def capture_cuda_graph(step: Callable[[], Any]) -> Replay:
 
 
 @contextlib.contextmanager
-def _side_stream(device: torch.device) -> Iterator[None]:
+def side_stream(device: torch.device) -> Iterator[None]:
     """Work before a capture runs on a side stream (as torch.cuda.graphs asks), joined after."""
     if device.type != "cuda":
         yield
@@ -84,10 +87,10 @@ def _copied(outputs: Any) -> Any:
     return outputs
 
 
-def _tensor_arguments(call: dict[str, Any]) -> dict[tuple[str, ...], Tensor]:
+def _tensor_arguments(call: dict[str, Any]) -> Tensors:
     """The call's tensors by path: (name,) for a tensor argument, (name, key) for the tensors of a
     dict argument (transformers passes one mask per attention type as a dict)."""
-    tensors: dict[tuple[str, ...], Tensor] = {}
+    tensors: Tensors = {}
     for name, value in call.items():
         if isinstance(value, Tensor):
             tensors[(name,)] = value
@@ -96,7 +99,7 @@ def _tensor_arguments(call: dict[str, Any]) -> dict[tuple[str, ...], Tensor]:
     return tensors
 
 
-def _with_tensors(call: dict[str, Any], tensors: dict[tuple[str, ...], Tensor]) -> dict[str, Any]:
+def _with_tensors(call: dict[str, Any], tensors: Tensors) -> dict[str, Any]:
     """`call` with its tensors replaced by `tensors` (paths as `_tensor_arguments` gives them)."""
     replaced = dict(call)
     for path, tensor in tensors.items():
@@ -151,11 +154,12 @@ class StepGraph:
     _signature: Optional[tuple]
     _slots: list[tuple[dict[str, Any], str]]
     _addresses: list[int]
-    _buffers: dict[tuple[str, ...], Tensor]
+    _buffers: Tensors
     _padded: set[tuple[str, ...]]
     _replay: Optional[Replay]
 
-    def __init__(self, forward: Callable[..., Any], capture: Callable[[Callable[[], Any]], Replay] = capture_cuda_graph):
+    def __init__(self, forward: Callable[..., Any],
+                 capture: Callable[[Callable[[], Any]], Replay] = capture_cuda_graph):
         self.forward = forward
         self.capture = capture
         self.captures = 0
@@ -172,19 +176,20 @@ class StepGraph:
     def __call__(self, call: dict[str, Any], cache: Any) -> Any:
         """Run one decode step: `call` are the forward's arguments by name, `cache` the TidalCache
         among them."""
-        if (self._cache is None or self._cache() is not cache or self._signature_of(call, cache) != self._signature
+        tensors = _tensor_arguments(call)
+        if (self._cache is None or self._cache() is not cache
+                or self._signature_of(call, tensors, cache) != self._signature
                 or [slot[name].data_ptr() for slot, name in self._slots] != self._addresses):
-            return self._start(call, cache)
+            return self._start(call, tensors, cache)
         if self._replay is None:  # this cache's steps cannot be replayed (warned at its start)
             return self.forward(**call)
-        self._load(call)
+        self._load(tensors)
         return _copied(self._replay())
 
-    def _signature_of(self, call: dict[str, Any], cache: Any) -> tuple:
+    def _signature_of(self, call: dict[str, Any], tensors: Tensors, cache: Any) -> tuple:
         """What a captured step depends on besides tensor values and the cache's tensors: grad
         mode, each tensor's shape and dtype (a padded mask: its batch only), the plain
-        arguments' values."""
-        tensors = _tensor_arguments(call)
+        arguments' values (`tensors`: the call's, from `_tensor_arguments`)."""
         parts: list[Any] = [torch.is_grad_enabled()]
         for path, value in tensors.items():
             shape = value.shape[:1] if self._pads(path, value, cache) else value.shape
@@ -207,22 +212,22 @@ class StepGraph:
     def _pads(path: tuple[str, ...], value: Tensor, cache: Any) -> bool:
         return path == (PADDED_MASK,) and value.dim() == 2 and value.shape[1] <= cache.capacity
 
-    def _start(self, call: dict[str, Any], cache: Any) -> Any:
+    def _start(self, call: dict[str, Any], tensors: Tensors, cache: Any) -> Any:
         """The first step of a cache or signature: run it (the warm-up), then capture the step
         for the next ones, unless it changed the cache's host state or cannot be captured."""
         self._count_recapture(cache)
-        self._cache, self._signature, self._replay = weakref.ref(cache), self._signature_of(call, cache), None
+        self._cache, self._signature, self._replay = weakref.ref(cache), self._signature_of(call, tensors, cache), None
         self._slots = _cache_tensor_slots(cache)
         self._addresses = [slot[name].data_ptr() for slot, name in self._slots]
-        tensors = _tensor_arguments(call)
         self._padded = {path for path, value in tensors.items() if self._pads(path, value, cache)}
         self._buffers = {path: (torch.zeros(value.shape[0], cache.capacity, dtype=value.dtype, device=value.device)
-                                if path in self._padded else torch.empty_like(value)) for path, value in tensors.items()}
-        self._load(call)
+                                if path in self._padded else torch.empty_like(value))
+                         for path, value in tensors.items()}
+        self._load(tensors)
         static_call = _with_tensors(call, self._buffers)
         device = next(iter(self._buffers.values())).device
         before = host_state(cache)
-        with _side_stream(device):
+        with side_stream(device):
             outputs = self.forward(**static_call)
         changed = _changed(before, host_state(cache))
         if changed:
@@ -254,11 +259,10 @@ class StepGraph:
         warnings.warn(f"tidal: step_graphs: {reason}; this sequence decodes with the compiled forward, as without "
                       "step_graphs", TidalFallbackWarning, stacklevel=5)
 
-    def _load(self, call: dict[str, Any]) -> None:
-        """Copy this step's tensor arguments into the captured graph's buffers (of the padded
-        mask, this step's columns: the columns past them lie past the query, masked whatever
-        they hold)."""
-        tensors = _tensor_arguments(call)
+    def _load(self, tensors: Tensors) -> None:
+        """Copy this step's tensor arguments (`_tensor_arguments`) into the captured graph's
+        buffers (of the padded mask, this step's columns: the columns past them lie past the
+        query, masked whatever they hold)."""
         for path, buffer in self._buffers.items():
             value = tensors[path]
             (buffer[:, :value.shape[1]] if path in self._padded else buffer).copy_(value)

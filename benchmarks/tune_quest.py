@@ -2,7 +2,8 @@
 `quest_scores` program, warps), each kernel of a Quest layer, alone and after an L2 flush, against
 reading the page metadata at the copy bandwidth.
 
-    python benchmarks/tune_quest.py
+    python benchmarks/tune_quest.py                                # every shape of SHAPES
+    python benchmarks/tune_quest.py --shapes llama2-7b-b1-100k      # one (each takes about two minutes)
 
 In a decode step each layer's page metadata comes from HBM (the layers before it pushed it out of
 L2); CUDA-graph replays of the kernel alone find it in L2 when it fits there (33.5 MB at Llama-3-8B
@@ -24,8 +25,9 @@ from attention import copy_bandwidth  # benchmarks/, beside this script
 from tidal_compile.ops import kernels, reference
 from tune_topk import L2_FLUSH_BYTES, SCALE, decode_inputs, kernel_us
 
-# (batch, heads, kv heads, length): decode.py's Llama-3-8B batch 1 128K and batch 8 32K, Llama-2-7B batch 1 100K
-SHAPES = [(1, 32, 8, 131072), (8, 32, 8, 32768), (1, 32, 32, 102400)]
+# (batch, heads, kv heads, length) of decode.py's rows
+SHAPES = {"llama3-8b-b1-128k": (1, 32, 8, 131072), "llama3-8b-b8-32k": (8, 32, 8, 32768),
+          "llama2-7b-b1-100k": (1, 32, 32, 102400)}
 BLOCKS = (32, 64, 128, 256)
 WARPS = (2, 4, 8)
 PAGE = 16
@@ -68,12 +70,14 @@ def sweep(batch: int, heads: int, kv_heads: int, length: int, bandwidth: float, 
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    args = parser.parse_args()
     bandwidth = copy_bandwidth()
     print(torch.cuda.get_device_name(), torch.__version__, f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    for shape in SHAPES:
-        sweep(*shape, bandwidth, flush)
+    for name in args.shapes:
+        sweep(*SHAPES[name], bandwidth, flush)
         torch.cuda.empty_cache()
 
 

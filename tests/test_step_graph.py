@@ -9,6 +9,8 @@ a Python counter. The real capture: tests/test_kernels_gpu.py.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
@@ -169,6 +171,26 @@ def test_a_moved_cache_tensor_is_captured_anew():
             out = model(input_ids=token, position_ids=torch.tensor([[position]]), use_cache=True, **{CACHE: cache})
     assert capture.captures == 2
     assert capture.replays == 2  # steps 11 and 13
+
+
+def test_a_sequence_that_keeps_moving_its_cache_is_warned_about_once():
+    """Every step re-allocates a cache tensor: every step captures anew, and the third recapture of
+    the one sequence warns (once) that step_graphs gains nothing there."""
+    capture = ReplayOnCpu()
+    model = with_step_graph(setup(), capture)
+    prompt, _ = prompts(1, 10, False)
+    cache = TidalCache(model.config, max_cache_len=24)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(input_ids=prompt, use_cache=True, **{CACHE: cache})
+        for position in range(10, 16):
+            layer = cache.layers[3]
+            layer.keys = layer.keys.clone()
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, position_ids=torch.tensor([[position]]), use_cache=True, **{CACHE: cache})
+    anew = [w for w in caught if issubclass(w.category, TidalFallbackWarning) and "anew 3 times" in str(w.message)]
+    assert len(anew) == 1
+    assert (capture.captures, capture.replays) == (6, 0)
 
 
 def test_beam_search_decodes_without_the_graph_with_a_warning():

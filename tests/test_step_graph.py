@@ -77,6 +77,7 @@ def test_generate_through_a_step_graph_equals_the_compiled_forward(batch, padded
     want = setup(**options).generate(prompt, **kwargs)
     capture = ReplayOnCpu()
     model = with_step_graph(setup(**options), capture)
+    assert "no decode step captured yet" in str(tidal_compile.explain(model))
     for _ in range(2):
         got = model.generate(prompt, **kwargs)
         assert got.sequences.shape[1] == prompt.shape[1] + GENERATE["max_new_tokens"]
@@ -84,6 +85,7 @@ def test_generate_through_a_step_graph_equals_the_compiled_forward(batch, padded
         torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=0, atol=0)
     assert capture.captures == 2, "one capture per generate call (a new cache each)"
     assert capture.replays == 2 * (GENERATE["max_new_tokens"] - 2), "every step after a call's first decode replays"
+    assert "replayed from one CUDA graph per sequence (2 captures so far)" in str(tidal_compile.explain(model))
 
 
 def decode_steps(model, steps, cache=None, length=10, seed=0):
@@ -131,6 +133,7 @@ def test_a_cache_that_keeps_host_state_decodes_without_the_graph():
         got = model.generate(prompt, **GENERATE)
     assert torch.equal(got.sequences, expected.sequences)
     assert capture.captures == 0
+    assert "decoded with the compiled forward: a decode step changes" in str(tidal_compile.explain(model))
 
 
 def test_host_state_leaves_out_tensors_and_tidal_bookkeeping():
@@ -152,6 +155,7 @@ def test_a_step_that_cannot_be_captured_decodes_without_the_graph():
     with pytest.warns(TidalFallbackWarning, match="cannot be captured in one CUDA graph .operation not permitted"):
         got = model.generate(prompt, **GENERATE)
     assert torch.equal(got.sequences, expected.sequences)
+    assert "cannot be captured" in str(tidal_compile.explain(model))
 
 
 def test_a_moved_cache_tensor_is_captured_anew():
@@ -204,6 +208,7 @@ def test_beam_search_decodes_without_the_graph_with_a_warning():
     assert torch.equal(got, expected)
     assert capture.captures == 0
     assert model.forward.step_graph is not None, "the graph comes back for the next call"
+    assert "compiled forward: beam search" in str(tidal_compile.explain(model))
 
 
 def test_step_graph_options_are_checked():

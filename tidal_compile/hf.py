@@ -179,7 +179,7 @@ class TidalGenerate:
         if beams > 1 and step_graph:
             warnings.warn("tidal: step_graphs does not support beam search (it reorders the cache every step); "
                           "this generate call decodes with the compiled forward", TidalFallbackWarning, stacklevel=2)
-            self.forward.step_graph = None
+            self.forward.step_graph, step_graph.fallback = None, "beam search reorders the cache every step"
         try:
             return self.generate(*args, **kwargs)
         finally:

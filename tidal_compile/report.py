@@ -95,12 +95,14 @@ EAGER_ATTENTION = ("attention computed without scaled_dot_product_attention (eag
 
 class Explanation(list):
     """The graph reports that `explain` found; prints as one table per graph, after the model's
-    calibration summary when its config was calibrated."""
+    calibration summary when its config was calibrated and how its decode steps are launched
+    when `compile_for_generation` set it up with `step_graphs=True`."""
 
     calibration: Optional[str] = None
+    step_graphs: Optional[str] = None
 
     def __str__(self) -> str:
-        parts = [self.calibration] if self.calibration else []
+        parts = [part for part in (self.calibration, self.step_graphs) if part]
         if not self:
             parts.append("tidal: no graph compiled yet (reports appear after the first call of the compiled model)")
         return "\n\n".join(parts + [str(report) for report in self])
@@ -153,7 +155,9 @@ def explain(target: Any = None) -> Explanation:
     """Reports of the graphs the tidal backend compiled.
 
     `target` may be a model (or the module `torch.compile` returned): only graphs that use its
-    parameters are listed. With no target, or a compiled function, every graph is listed.
+    parameters are listed, after its calibration summary and, for a model set up with
+    `compile_for_generation(..., step_graphs=True)`, how its decode steps were launched (replayed
+    from one CUDA graph, or why not). With no target, or a compiled function, every graph is listed.
     """
     from tidal_compile.calibration import calibration_summary
 
@@ -162,5 +166,7 @@ def explain(target: Any = None) -> Explanation:
         ids = {id(p) for p in module.parameters()}
         explanation = Explanation(r for r in _REPORTS if r.parameter_ids & ids)
         explanation.calibration = calibration_summary(module)
+        step_graph = getattr(module.__dict__.get("forward"), "step_graph", None)
+        explanation.step_graphs = step_graph.describe() if step_graph else None
         return explanation
     return Explanation(_REPORTS)

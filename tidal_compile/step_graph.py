@@ -164,8 +164,19 @@ class StepGraph:
         self.capture = capture
         self.captures = 0
         """Steps captured so far (a new cache or call signature each)."""
+        self.fallback: Optional[str] = None
+        """Why the latest sequence decodes without the graph (None while it replays)."""
         self._recaptures = 0
         self.release()
+
+    def describe(self) -> str:
+        """One line for `tidal_compile.explain`: how the decode steps are launched."""
+        if self.fallback:
+            return f"step_graphs: the latest sequence decoded with the compiled forward: {self.fallback}"
+        if not self.captures:
+            return "step_graphs: on; no decode step captured yet (a sequence's second decode step is the first)"
+        return (f"step_graphs: decode steps replayed from one CUDA graph per sequence ({self.captures} "
+                f"capture{'s' if self.captures > 1 else ''} so far)")
 
     def release(self) -> None:
         """Drop the captured graph, its buffers and outputs (which hold the cache): `generate`
@@ -216,6 +227,7 @@ class StepGraph:
         """The first step of a cache or signature: run it (the warm-up), then capture the step
         for the next ones, unless it changed the cache's host state or cannot be captured."""
         self._count_recapture(cache)
+        self.fallback = None
         self._cache, self._signature, self._replay = weakref.ref(cache), self._signature_of(call, tensors, cache), None
         self._slots = _cache_tensor_slots(cache)
         self._addresses = [slot[name].data_ptr() for slot, name in self._slots]
@@ -255,7 +267,7 @@ class StepGraph:
                           stacklevel=5)
 
     def _fall_back(self, reason: str) -> None:
-        self._buffers, self._replay = {}, None
+        self._buffers, self._replay, self.fallback = {}, None, reason
         warnings.warn(f"tidal: step_graphs: {reason}; this sequence decodes with the compiled forward, as without "
                       "step_graphs", TidalFallbackWarning, stacklevel=5)
 

@@ -217,3 +217,19 @@ def test_decode_table_shows_each_rows_latest_figure_with_its_own_runs_floor_and_
     assert commands == ["python benchmarks/decode.py --shapes llama3-8b --batches 1 --contexts 131072 --methods full "
                         "tidal:256 tidal:2048 quest:256 topk_oracle:256 --floor-methods full  # missing: tidal:2048 "
                         "quest:256 topk_oracle:256"]
+
+
+def test_generate_steps_clocks_every_token_of_a_compiled_generate_and_times_the_steps_after_the_first():
+    """benchmarks/generate_steps.py's clock rides along compile_for_generation's generate as a
+    stopping criterion (so generate passes a caller's criteria through), sees every new token, and
+    times the decode steps from the second on."""
+    import generate_steps
+    from models import prompts, tiny_model
+    from tidal_compile.hf import compile_for_generation
+
+    torch._dynamo.reset()
+    model = compile_for_generation(tiny_model("llama", layers=3), budget=4, inner_backend="eager")
+    prompt, _ = prompts(1, 9, False)
+    steps = generate_steps.generate_steps(model, prompt, tokens=6, cache_len=20)
+    assert len(steps) == 4 and all(ms > 0 for ms in steps)
+    assert generate_steps.decode_step_ms([0.0, 1.0, 1.5, 2.25]) == [500.0, 750.0]

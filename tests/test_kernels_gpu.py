@@ -241,10 +241,12 @@ def test_gpu_generate_with_step_graphs_equals_eager():
     assert any(g.phase == "decode" and g.count("sparse") > 0 for g in tidal_compile.explain(model))
 
 
-def test_gpu_quest_through_generate_with_cuda_graphs_two_prompts_in_a_row():
-    """compile_for_generation(mode quest, cudagraphs=True): each generate call gets its own
-    TidalCache, the decode steps replay CUDA graphs over its page metadata, and a second, longer
-    prompt decodes like the test-side Quest (tokens equal, logits within fp32 kernel tolerance)."""
+@pytest.mark.parametrize("graphs", ["cudagraphs", "step_graphs"])
+def test_gpu_quest_through_generate_with_cuda_graphs_two_prompts_in_a_row(graphs):
+    """compile_for_generation(mode quest, cudagraphs=True, or step_graphs=True: the whole step in
+    one graph): each generate call gets its own TidalCache, the decode steps replay CUDA graphs
+    over its page metadata, and a second, longer prompt decodes like the test-side Quest (tokens
+    equal, logits within fp32 kernel tolerance)."""
     import tidal_compile
     from models import prompts, tiny_model
     from patched_attention import LayerPlan, patched
@@ -261,12 +263,14 @@ def test_gpu_quest_through_generate_with_cuda_graphs_two_prompts_in_a_row():
     for prompt in runs:
         with patched(reference_model, plan):
             expected.append(reference_model.generate(prompt, cache_implementation="static", **kwargs))
-    compile_for_generation(model, mode="quest", budget=32, page_size=16, cudagraphs=True)
+    compile_for_generation(model, mode="quest", budget=32, page_size=16, **{graphs: True})
     for prompt, want in zip(runs, expected):
         got = model.generate(prompt.cuda(), max_cache_len=400, **kwargs)
         assert torch.equal(got.sequences.cpu(), want.sequences)
         assert oracle.relative_error(torch.stack(got.logits).cpu(), torch.stack(want.logits)) < 1e-3
     assert any(g.phase == "decode" and g.count("quest") == 3 for g in tidal_compile.explain(model))
+    if graphs == "step_graphs":
+        assert model.forward.step_graph.captures == 2, "one capture per generate call"
 
 
 def test_gpu_dynamic_compile_equals_eager():

@@ -4,6 +4,7 @@ plan (group length, select and gather blocks, warps), side by side on flash_deco
     python benchmarks/tune_topk.py                 # every shape and budget of SHAPES
     python benchmarks/tune_topk.py --no-sweep      # the two plans and torch.topk only
     python benchmarks/tune_topk.py --quick         # --no-sweep at the issue's target shapes only
+    python benchmarks/tune_topk.py --quick --gather-programs 1 2 4 8   # and the gather split over programs
 
 Per shape, budget and granularity: the grouped and the chunked plan's time (the one
 `kernels.plan_topk` picks marked *) and `torch.topk`'s on the same ranks (the logits for
@@ -14,14 +15,17 @@ selection layer (flash_decode with its logits, then the top-k) against flash_dec
 difference is the top-k's cost after the attention launch (higher than alone), then the top-k's
 kernels in the layer, alone, alone after an L2 flush, and after a flush and a read of the logits
 (CUDA-graph replays under the profiler; alone, each replay finds the lines its predecessor gathered
-still in L2, so the figure in the layer is the one a decode step pays). The results feed
-`kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
+still in L2, so the figure in the layer is the one a decode step pays). `--gather-programs`
+times the picked grouped plan with its candidate gather on each of those numbers of programs per
+row (1: inside radix_select), with 8 and 16 warps, and the selection layer with each. The results
+feed `kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+from typing import Optional
 
 import torch
 from triton.testing import do_bench_cudagraph
@@ -68,14 +72,14 @@ def decode_logits(batch: int, heads: int, kv_heads: int,
 
 
 def selection_line(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, summary: kernels.MaskSummary,
-                   budget: int) -> str:
-    """A query_head selection layer's time (as `tidal::selection_attention` runs it) against its
-    flash_decode alone."""
+                   budget: int, plan: Optional[kernels.TopkPlan] = None) -> str:
+    """A query_head selection layer's time (as `tidal::selection_attention` runs it, the top-k
+    by `plan`: the default one if None) against its flash_decode alone."""
     def attention():
         return kernels.flash_decode(q, k, k, mask, SCALE, emit_logits=True, summary=summary)
 
     def topk_of(lse, logits):
-        return kernels.select_topk(logits, lse, summary, budget, q.shape[1], False)
+        return kernels.select_topk(logits, lse, summary, budget, q.shape[1], False, plan)
 
     def selection():
         return topk_of(*attention()[1:])
@@ -115,10 +119,32 @@ def kernel_us(fn, replays: int = 20) -> dict[str, float]:
     return {k["name"]: k["ms"] * 1e3 for k in profile_kernels(graph.replay, replays)["kernels"]}
 
 
+def gather_programs_line(picked: kernels.TopkPlan, logits: torch.Tensor, lse: torch.Tensor,
+                         summary: kernels.MaskSummary, budget: int, sets: int, by_prob: bool, default: torch.Tensor,
+                         programs: list[int]) -> str:
+    """us of the top-k by the picked grouped plan with its gather on each number of `programs` per
+    row (the steps `plan_topk` derives for it), with 8 and 16 warps; "!" marks indices that
+    differ from the default plan's."""
+    rows, length = logits.shape[0] * sets, logits.shape[2]
+    cells = []
+    for parts, warps in itertools.product(programs, (8, 16)):
+        plan = kernels.plan_topk(rows, length, budget, logits.device, grouped=True, gather_programs=parts,
+                                 select_warps=warps)
+
+        def topk():
+            return kernels.select_topk(logits, lse, summary, budget, sets, by_prob, plan)
+
+        same = torch.equal(topk(), default)
+        cells.append(f"{parts}/{warps}w:{us(topk):.1f}{'' if same else '!'}")
+    return f"  gather programs/warps (picked {picked.gather_programs}/{picked.select_warps}w): " + " ".join(cells)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--quick", action="store_true", help="the target shapes only, no sweep")
+    parser.add_argument("--gather-programs", nargs="*", type=int, default=[],
+                        help="time the picked grouped plan with its gather on each of these programs per row")
     args = parser.parse_args()
     args.no_sweep |= args.quick
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -157,8 +183,15 @@ def main() -> None:
                                         f"{'' if same else '!'}"))
                 line += "; group/block/gather/warps: " + " ".join(c for _, c in cells) + f"; best {min(cells)[1]}"
             print(line, flush=True)
+            if picked.grouped and args.gather_programs:
+                print(gather_programs_line(picked, logits, lse, summary, budget, sets, by_prob, default,
+                                           args.gather_programs), flush=True)
             if not by_prob:
                 print(selection_line(q, k, mask, summary, budget), flush=True)
+                for parts in args.gather_programs if picked.grouped else ():
+                    plan = kernels.plan_topk(batch * sets, length, budget, logits.device, gather_programs=parts)
+                    print(f"  gather programs {parts}:" + selection_line(q, k, mask, summary, budget, plan)[1:],
+                          flush=True)
         del q, k, lse, logits
         torch.cuda.empty_cache()
 

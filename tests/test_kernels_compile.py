@@ -115,8 +115,9 @@ def selection_launches() -> None:
     summary = kernels.summarize_mask(mask, 2, k.shape[2], q.device, sink=4, recent=8)
     _, lse, logits = kernels.flash_decode(q, k, v, mask, 0.1, emit_logits=True, summary=summary)
     for sets, by_prob in ((8, False), (2, True), (1, True)):
-        for grouped in (True, False):
-            plan = kernels.plan_topk(2 * sets, k.shape[2], 64, q.device, grouped=grouped)
+        for grouped, gather_programs in ((True, 1), (True, 4), (False, 1)):
+            plan = kernels.plan_topk(2 * sets, k.shape[2], 64, q.device, grouped=grouped, group=4,
+                                     gather_programs=gather_programs)
             kernels.select_topk(logits, lse, summary, 64, sets, by_prob, plan)
 
 
@@ -167,13 +168,14 @@ def scenario_launches() -> list[Launch]:
 
 def test_every_launched_kernel_variant_compiles_for_hopper(scenario_launches):
     """Dense (a bool mask bounded and not, an additive one, none, the one-sequence-head branch,
-    fp32), selection (both top-k plans at every granularity, sink and recent), sparse (each
-    index-set granularity), Quest (metadata and scores, both page top-k plans) and head dim 8 launches
-    compile for sm_90 in a fresh process: one compile run (about a minute with Triton's cache empty)."""
+    fp32), selection (both top-k plans, the grouped one with its gather split too, at every
+    granularity, sink and recent), sparse (each index-set granularity), Quest (metadata and
+    scores, both page top-k plans) and head dim 8 launches compile for sm_90 in a fresh process: one compile run (about a minute with Triton's cache empty)."""
     assert "compiled" in in_fresh_process("hopper_compile.py", scenario_launches)
 
 
-OVERCOUNTED = {"radix_select": {"Logits", "Lse", "Rank", "GroupMax"}, "radix_emit": {"Rank", "Hist"}}
+OVERCOUNTED = {"radix_select": {"Logits", "Lse", "Rank", "GroupMax"}, "radix_emit": {"Rank", "Hist"},
+               "radix_select_groups": {"GroupMax"}, "radix_gather": {"Logits", "Lse", "Rank"}}
 """Arguments Inductor counts as written that these kernels only read: their helpers' results
 decide where they store, and the analysis then counts every pointer the helpers read
 (templates/radix_keys.py.jinja). Harmless while each is a buffer of the layer's own that no other

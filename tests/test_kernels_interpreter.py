@@ -41,6 +41,7 @@ def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=1
 
 small = dict(dtypes=(torch.float32, torch.float16), max_len=70)
 groups = st.sampled_from([None, 1, 2, 4, 16])  # top-k plans: chunked, or grouped by that many positions
+gather_programs = st.sampled_from([1, 2, 3, 8])  # the grouped plan's candidate gather: in radix_select, or split
 
 
 @settings(max_examples=12, deadline=None)
@@ -152,34 +153,36 @@ def test_flash_decode_bounds_large_masked_launches_only(monkeypatch):
 
 @settings(max_examples=8, deadline=None)
 @given(p=decode_problems(integer_valued=True, max_len=70), budget=st.integers(1, 24),
-       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups)
-def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent, group):
+       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups, parts=gather_programs)
+def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent, group, parts):
     """Integer inputs make logits exact, so ties are real: the kernel must break them like the
-    reference (lower position first) and return the same sorted indices."""
+    reference (lower position first) and return the same sorted indices, its candidate gather in
+    radix_select or split over `parts` programs per row."""
     budget = max(budget, sink + max(recent, 1))
-    _, idx = kernel_selection(p, budget, "query_head", sink, recent, group=group)
+    _, idx = kernel_selection(p, budget, "query_head", sink, recent, group=group, gather_programs=parts)
     expected = oracle.selection_indices(p.query, p.key, p.mask, p.scale, budget, "query_head", sink, recent)
     torch.testing.assert_close(idx, expected, rtol=0, atol=0)
 
 
 @settings(max_examples=12, deadline=None)
 @given(p=decode_problems(max_len=70), budget=st.integers(1, 24), granularity=granularities,
-       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups)
-def test_radix_topk_is_a_topk_of_float_scores(p, budget, granularity, sink, recent, group):
+       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups, parts=gather_programs)
+def test_radix_topk_is_a_topk_of_float_scores(p, budget, granularity, sink, recent, group, parts):
     budget = max(budget, sink + max(recent, 1))
-    _, idx = kernel_selection(p, budget, granularity, sink, recent, group=group)
+    _, idx = kernel_selection(p, budget, granularity, sink, recent, group=group, gather_programs=parts)
     oracle.assert_is_topk(idx, p.query, p.key, p.mask, p.scale, budget, granularity, sink, recent, rel_tol=1e-4)
 
 
 @settings(max_examples=6, deadline=None)
-@given(p=decode_problems(integer_valued=True, max_len=70), granularity=granularities, group=groups)
-def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group):
+@given(p=decode_problems(integer_valued=True, max_len=70), granularity=granularities, group=groups,
+       parts=gather_programs)
+def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group, parts):
     """Identical keys tie every position in every head (and in the summed kv_head / layer
     scores): the kernels pick the lowest valid positions plus the current token."""
     key = p.key[:, :, :1].expand_as(p.key).contiguous()
     tied = type("P", (), dict(query=p.query, key=key, value=p.value, mask=p.mask, scale=p.scale,
                               num_kv_heads=p.num_kv_heads))
-    _, idx = kernel_selection(tied, 3, granularity, group=group)
+    _, idx = kernel_selection(tied, 3, granularity, group=group, gather_programs=parts)
     for b in range(idx.shape[0]):
         valid = oracle.valid_positions(p.mask, b, key.shape[2])
         expected = sorted(set(valid[:2]) | {valid[-1]})
@@ -193,8 +196,9 @@ def test_grouped_topk_breaks_ties_at_the_candidate_threshold_across_groups_by_po
     largest key comes from the first pass would, must still rank the ties by position)."""
     logits = torch.tensor([[[5.0, 5, -1, -1, 5, 1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1]]])
     summary = kernels.summarize_mask(None, 1, 16, logits.device)
-    plan = kernels.plan_topk(1, 16, 3, logits.device, grouped=True, chunk=4, block=4, group=4)
-    assert kernels.select_topk(logits, logits[..., 0], summary, 3, 1, False, plan).tolist() == [[[0, 1, 15]]]
+    for parts in (1, 2, 3):
+        plan = kernels.plan_topk(1, 16, 3, logits.device, grouped=True, chunk=4, block=4, group=4, gather_programs=parts)
+        assert kernels.select_topk(logits, logits[..., 0], summary, 3, 1, False, plan).tolist() == [[[0, 1, 15]]]
 
 
 def test_logits_rows_are_aligned_for_any_cache_length():
@@ -219,7 +223,8 @@ def test_radix_topk_on_a_row_longer_than_a_block():
     k = torch.randint(-3, 4, (1, 2, 700, 16), generator=gen).float()
     p = type("P", (), dict(query=q, key=k, value=k, mask=None, scale=1.0, num_kv_heads=2))
     plans = ({"group": None}, {"group": kernels.topk_group(700, 37)},
-             {"group": kernels.topk_group(700, 37), "select_block": 64, "gather_block": 256})
+             {"group": kernels.topk_group(700, 37), "select_block": 64, "gather_block": 256},
+             {"group": kernels.topk_group(700, 37), "select_block": 16, "gather_block": 16, "gather_programs": 4})
     for plan in plans:
         _, idx = kernel_selection(p, 37, "query_head", chunk=kernels.TOPK_CHUNK, block=kernels.TOPK_BLOCK, **plan)
         torch.testing.assert_close(idx, oracle.selection_indices(q, k, None, 1.0, 37, "query_head"), rtol=0, atol=0)
@@ -278,23 +283,26 @@ def test_select_topk_by_probability_without_lse_is_refused():
 
 
 def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
-    """(rows, length, budget, group) -> radix_select's (group, select, gather) steps and warps: the
-    group keys in one step up to GROUP_BLOCK_MAX (2048 with many rows) if they fill three quarters of it, the
-    candidate and gather steps as measured best on an H200 (132 SMs; benchmarks/tune_topk.py,
-    docs/results/tune-topk-h200-2026-11-30-*.log), short steps for small budgets (Quest's page
-    rows), all scaled down with the group-max block; 16 warps with at most 66 rows and gathers of
-    4096 positions."""
+    """(rows, length, budget, group) -> radix_select's (group, select, gather) steps, warps and
+    gather programs: the group keys in one step up to GROUP_BLOCK_MAX (2048 with many rows) if
+    they fill three quarters of it, the candidate and gather steps as measured best on an H200
+    (132 SMs; benchmarks/tune_topk.py, docs/results/tune-topk-h200-2026-11-30-*.log), short steps
+    for small budgets (Quest's page rows), all scaled down with the group-max block; with at most
+    66 rows the gather split over up to 8 programs a row (about 1024 positions each, at most 2 per
+    SM) and 16 warps where a program still gathers 4096 positions."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    expected = {(32, 131072, 256, 64): (2048, 1024, 4096, 16), (8, 131072, 256, 64): (2048, 1024, 4096, 16),
-                (32, 131072 + 16, 256, 64): (1024, 1024, 4096, 16),
-                (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 4096, 16),
-                (64, 32768, 256, 16): (2048, 1024, 4096, 16), (64, 32768, 2048, 8): (4096, 2048, 4096, 16),
-                (256, 32768, 256, 16): (2048, 1024, 1024, 8), (256, 32768, 2048, 8): (2048, 2048, 2048, 8),
-                (32, 131072, 2048, 8): (4096, 2048, 4096, 16), (32, 8192, 16, 64): (128, 128, 1024, 8),
-                (32, 8192 + 1, 16, 64): (256, 128, 1024, 8)}
+    expected = {(32, 131072, 256, 64): (2048, 1024, 2048, 8, 8), (8, 131072, 256, 64): (2048, 1024, 2048, 8, 8),
+                (32, 131072 + 16, 256, 64): (1024, 1024, 2048, 8, 8),
+                (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 2048, 8, 8),
+                (64, 32768, 256, 16): (2048, 1024, 1024, 8, 4), (64, 32768, 2048, 8): (4096, 2048, 4096, 16, 4),
+                (256, 32768, 256, 16): (2048, 1024, 1024, 8, 1), (256, 32768, 2048, 8): (2048, 2048, 2048, 8, 1),
+                (32, 131072, 2048, 8): (4096, 2048, 2048, 8, 8), (32, 8192, 16, 64): (128, 128, 1024, 8, 1),
+                (32, 8192 + 1, 16, 64): (256, 128, 1024, 8, 1)}
     assert {shape: tuple(kernels.topk_select_steps(*shape, cuda).values()) for shape in expected} == expected
-    assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64, 16)
+    assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64, 16, 8)
+    fused = kernels.topk_select_steps(32, 131072, 256, 64, cuda, gather_programs=1)
+    assert (fused["gather_block"], fused["select_warps"], fused["gather_programs"]) == (4096, 16, 1)
 
 
 def test_topk_chunk_picks_the_swept_best_on_an_h100(monkeypatch):

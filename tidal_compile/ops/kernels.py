@@ -448,6 +448,9 @@ GROUP_BLOCK_MAX = 4096  # radix_select's first selection holds up to this many g
 GROUP_BLOCK_MAX_MANY_ROWS = 2048  # ... this many when the rows fill the GPU (4096: B8 32K k=2048 193 us, not 121)
 SELECT_WARPS = 8
 SELECT_WARPS_LONG_ROWS = 16  # few rows with long gathers: one program's chain of phases decides the time
+GATHER_SHARE = 1024  # with few rows the candidate gather is its own launch: about this many positions a program ...
+GATHER_PROGRAMS_PER_SM = 2  # ... and at most this many of its programs per SM ...
+GATHER_PROGRAMS_MAX = 8  # ... and per row
 RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
 
 
@@ -479,10 +482,10 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
 
 
 def topk_select_steps(rows: int, length: int, budget: int, group: int, device: torch.device,
-                      block: int = TOPK_BLOCK) -> dict[str, int]:
+                      block: int = TOPK_BLOCK, gather_programs: Optional[int] = None) -> dict[str, int]:
     """radix_select's steps and warps (TopkPlan's group_block, select_block, gather_block,
-    select_warps) for a group-max step of `block` (TOPK_BLOCK; smaller blocks scale the constants
-    down).
+    select_warps, gather_programs: `topk_gather_programs` by default) for a group-max step of
+    `block` (TOPK_BLOCK; smaller blocks scale the constants down).
     - Group keys: in one step where they fit (GROUP_BLOCK_MAX, fewer when the rows fill the GPU)
       and fill three quarters of it: loaded once for the four digit passes; a short row (Quest's
       pages) takes a short step. A histogram costs its whole step, so a row just past a power
@@ -491,7 +494,8 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
     - Candidates (a few per budget slot): steps of SELECT_BLOCK (SELECT_BLOCK_LARGE from a budget
       of LARGE_BUDGET), at most CANDIDATES_PER_BUDGET x budget.
     - Candidate gather: with at most half as many rows as SMs each program's chain of passes
-      decides and long steps pay (5-7 us at 128K, k = 256); at most the chosen groups' length.
+      decides and long steps pay (5-7 us at 128K, k = 256); at most the length of a gather
+      program's share of the chosen groups.
     - Warps: SELECT_WARPS_LONG_ROWS with at most half as many rows as SMs and a gather of at
       least GATHER_BLOCK_FEW_ROWS positions (in a selection layer at B1 128K: k = 256 62.3 -> 56.8
       us, k = 2048 140.7 -> 123.2 us with steps of 2048 candidates; docs/results/
@@ -510,10 +514,24 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
     if 4 * groups <= 3 * group_block:  # one step would be a quarter empty or more: steps of at most SELECT_BLOCK
         group_block = min(group_block, scaled(SELECT_BLOCK))
     group_block = min(group_block, scaled(GROUP_BLOCK_MAX if few_rows else GROUP_BLOCK_MAX_MANY_ROWS))
-    gather = min(gather, triton.next_power_of_2(budget * group))
+    programs = gather_programs or (topk_gather_programs(rows, budget, group, device) if few_rows else 1)
+    gather = min(gather, triton.next_power_of_2(triton.cdiv(budget, programs) * group))
     long_rows = few_rows and gather >= scaled(GATHER_BLOCK_FEW_ROWS)
     return {"group_block": group_block, "select_block": select, "gather_block": gather,
-            "select_warps": SELECT_WARPS_LONG_ROWS if long_rows else SELECT_WARPS}
+            "select_warps": SELECT_WARPS_LONG_ROWS if long_rows else SELECT_WARPS, "gather_programs": programs}
+
+
+def topk_gather_programs(rows: int, budget: int, group: int, device: torch.device) -> int:
+    """Programs per row of the grouped top-k's candidate gather (TopkPlan's gather_programs): 1
+    keeps it inside radix_select; more split it over its own launch, each program a share of the
+    budget x group positions (about GATHER_SHARE), at most GATHER_PROGRAMS_PER_SM per SM in all
+    and GATHER_PROGRAMS_MAX per row: a power of two. One program per row gathers about 1.2 us per
+    1024 positions (docs/benchmarks.md, fifth session of 2026-11-30: 19.6 of 46 us at B1 128K k=256)."""
+    if group == 1:
+        return 1
+    wanted = min(GATHER_PROGRAMS_MAX, budget * group // GATHER_SHARE,
+                 GATHER_PROGRAMS_PER_SM * _sm_count(device) // max(rows, 1))
+    return 1 << (max(wanted, 1).bit_length() - 1)
 
 
 @dataclass(frozen=True)
@@ -522,7 +540,8 @@ class TopkPlan:
     `chunk` positions per row in steps of `block`, then one radix_select program per row
     (`select_warps` warps; group keys in steps of `group_block`, candidates in steps of
     `select_block`, the candidate gather in steps of `gather_block` positions) over groups of
-    `group` positions.
+    `group` positions; with `gather_programs` > 1 the gather is its own launch on that many
+    programs per row, between radix_select_groups and radix_select_candidates.
     Chunked (radix_topk_chunked.py.jinja): every pass on (rows, chunks of `chunk`) programs."""
 
     grouped: bool
@@ -533,6 +552,7 @@ class TopkPlan:
     select_block: int = SELECT_BLOCK
     select_warps: int = SELECT_WARPS
     gather_block: int = SELECT_BLOCK
+    gather_programs: int = 1
 
     def chunks(self, length: int) -> int:
         return triton.cdiv(length, self.chunk)
@@ -540,13 +560,14 @@ class TopkPlan:
 
 def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped: Optional[bool] = None,
               chunk: Optional[int] = None, block: int = TOPK_BLOCK, group: Optional[int] = None,
-              **select: int) -> TopkPlan:
+              gather_programs: Optional[int] = None, **select: int) -> TopkPlan:
     """The launch plan of `select_topk` (defaults: `topk_grouped_is_faster`, `topk_chunk`,
-    TOPK_BLOCK, `topk_group` (at most the block), `topk_select_steps`)."""
+    TOPK_BLOCK, `topk_group` (at most the block), `topk_select_steps` for the gather programs and
+    the steps they imply)."""
     if grouped is None:
         grouped = topk_grouped_is_faster(rows, length, budget, device)
     group = min(group or topk_group(length, budget), block)
-    select = {**topk_select_steps(rows, length, budget, group, device, block), **select}
+    select = {**topk_select_steps(rows, length, budget, group, device, block, gather_programs), **select}
     return TopkPlan(grouped=grouped, chunk=chunk or topk_chunk(rows, length, device), group=group, block=block,
                     **select)
 
@@ -597,7 +618,8 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
                     plan: TopkPlan, sets_args: dict[str, int], block: int, page_size: int, out: Tensor,
                     group_keys: Optional[Tensor]) -> None:
     """Two launches (radix_topk.py.jinja), one when `group_keys` are given: the largest key of
-    each group of positions, then per row the top groups and the top positions among them."""
+    each group of positions, then per row the top groups and the top positions among them (three
+    launches with `plan.gather_programs` > 1: the top groups, the gather, the top positions)."""
     rows, length, device = out.shape[0] * out.shape[1], logits.shape[2], logits.device
     module = codegen.load("radix_topk.py.jinja")
     written = group_keys is not None
@@ -605,20 +627,39 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     rank = (torch.empty(rows, group_max.stride(0) * plan.group, dtype=torch.float32, device=device) if rank_by_prob
             else None)  # unread: Inductor counts the top-k's pointers as written, a shared one is copied
     row_args = dict(Logits=logits, Lse=lse, KvLen=summary.kv_len, SinkEnd=summary.sink_end,
-                    RecentStart=summary.recent_start, Rank=rank, GroupMax=group_max,
+                    RecentStart=summary.recent_start, Rank=rank,
                     stride_xb=logits.stride(0), stride_xh=logits.stride(1), stride_gr=group_max.stride(0))
     constants = dict(**sets_args, BY_PROB=rank_by_prob, GROUP=plan.group, PAGE=page_size)
     if not written:
         wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
-            **row_args, **constants, BLOCK=block, CHUNK=plan.chunk)
+            **row_args, GroupMax=group_max, **constants, BLOCK=block, CHUNK=plan.chunk)
     groups = torch.empty(rows, budget, dtype=torch.int32, device=device)
     slots = budget * plan.group if plan.group > 1 else 1
     cand_keys = torch.empty(rows, slots, dtype=torch.int64, device=device)
     cand_pos = torch.empty(rows, slots, dtype=torch.int32, device=device)
-    wrap_triton(module.radix_select)[(rows,)](
-        **row_args, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, Out=out, stride_ob=out.stride(0),
-        stride_os=out.stride(1), budget=budget, **constants, GROUP_BLOCK=plan.group_block, BLOCK=plan.select_block,
-        GATHER_BLOCK=plan.gather_block, num_warps=plan.select_warps)
+    out_args = dict(Out=out, stride_ob=out.stride(0), stride_os=out.stride(1), budget=budget)
+    if plan.gather_programs == 1 or plan.group == 1:
+        wrap_triton(module.radix_select)[(rows,)](
+            **row_args, GroupMax=group_max, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, **out_args,
+            **constants, GROUP_BLOCK=plan.group_block, BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block,
+            num_warps=plan.select_warps)
+        return
+    parts = plan.gather_programs
+    chosen = torch.empty(rows, dtype=torch.int32, device=device)
+    threshold = torch.empty(rows, dtype=torch.int64, device=device)
+    counts = torch.empty(rows, parts, dtype=torch.int32, device=device)
+    wrap_triton(module.radix_select_groups)[(rows,)](
+        KvLen=summary.kv_len, SinkEnd=summary.sink_end, RecentStart=summary.recent_start, GroupMax=group_max,
+        Groups=groups, Chosen=chosen, Threshold=threshold, stride_gr=group_max.stride(0), budget=budget,
+        NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, GROUP_BLOCK=plan.group_block, PAGE=page_size,
+        num_warps=plan.select_warps)
+    wrap_triton(module.radix_gather)[(rows, parts)](
+        **row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys, CandPos=cand_pos,
+        CandCount=counts, budget=budget, **constants, GATHER_BLOCK=plan.gather_block, PARTS=parts)
+    wrap_triton(module.radix_select_candidates)[(rows,)](
+        CandKeys=cand_keys, CandPos=cand_pos, CandCount=counts, PackedKeys=torch.empty_like(cand_keys),
+        PackedPos=torch.empty_like(cand_pos), **out_args, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group,
+        BLOCK=plan.select_block, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts), num_warps=plan.select_warps)
 
 
 def _select_chunked(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary, budget: int, rank_by_prob: bool,

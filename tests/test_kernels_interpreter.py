@@ -288,14 +288,15 @@ def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
     they fill three quarters of it, the candidate and gather steps as measured best on an H200
     (132 SMs; benchmarks/tune_topk.py, docs/results/tune-topk-h200-2026-11-30-*.log), short steps
     for small budgets (Quest's page rows), all scaled down with the group-max block; with at most
-    66 rows the gather split over up to 8 programs a row (about 1024 positions each, at most 2 per
-    SM) and 16 warps where a program still gathers 4096 positions."""
+    66 rows a gather of 8192 positions or more split over up to 8 programs a row (about 1024
+    positions each, at most 2 per SM; docs/results/tune-topk-h200-2026-12-02-gather-programs-*.log)
+    and 16 warps where a program still gathers 4096 positions."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     expected = {(32, 131072, 256, 64): (2048, 1024, 2048, 8, 8), (8, 131072, 256, 64): (2048, 1024, 2048, 8, 8),
                 (32, 131072 + 16, 256, 64): (1024, 1024, 2048, 8, 8),
                 (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 2048, 8, 8),
-                (64, 32768, 256, 16): (2048, 1024, 1024, 8, 4), (64, 32768, 2048, 8): (4096, 2048, 4096, 16, 4),
+                (64, 32768, 256, 16): (2048, 1024, 4096, 16, 1), (64, 32768, 2048, 8): (4096, 2048, 4096, 16, 4),
                 (256, 32768, 256, 16): (2048, 1024, 1024, 8, 1), (256, 32768, 2048, 8): (2048, 2048, 2048, 8, 1),
                 (32, 131072, 2048, 8): (4096, 2048, 2048, 8, 8), (32, 8192, 16, 64): (128, 128, 1024, 8, 1),
                 (32, 8192 + 1, 16, 64): (256, 128, 1024, 8, 1)}

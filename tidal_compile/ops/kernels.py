@@ -448,7 +448,8 @@ GROUP_BLOCK_MAX = 4096  # radix_select's first selection holds up to this many g
 GROUP_BLOCK_MAX_MANY_ROWS = 2048  # ... this many when the rows fill the GPU (4096: B8 32K k=2048 193 us, not 121)
 SELECT_WARPS = 8
 SELECT_WARPS_LONG_ROWS = 16  # few rows with long gathers: one program's chain of phases decides the time
-GATHER_SHARE = 1024  # with few rows the candidate gather is its own launch: about this many positions a program ...
+GATHER_SPLIT_MIN = 8192  # with few rows a candidate gather of this many positions or more is its own launch ...
+GATHER_SHARE = 1024  # ... about this many positions a program ...
 GATHER_PROGRAMS_PER_SM = 2  # ... and at most this many of its programs per SM ...
 GATHER_PROGRAMS_MAX = 8  # ... and per row
 RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
@@ -525,9 +526,12 @@ def topk_gather_programs(rows: int, budget: int, group: int, device: torch.devic
     """Programs per row of the grouped top-k's candidate gather (TopkPlan's gather_programs): 1
     keeps it inside radix_select; more split it over its own launch, each program a share of the
     budget x group positions (about GATHER_SHARE), at most GATHER_PROGRAMS_PER_SM per SM in all
-    and GATHER_PROGRAMS_MAX per row: a power of two. One program per row gathers about 1.2 us per
-    1024 positions (docs/benchmarks.md, fifth session of 2026-11-30: 19.6 of 46 us at B1 128K k=256)."""
-    if group == 1:
+    and GATHER_PROGRAMS_MAX per row: a power of two; gathers shorter than GATHER_SPLIT_MIN stay.
+    One program per row gathers about 1.2 us per 1024 positions; on an H200 (docs/results/
+    tune-topk-h200-2026-12-02-gather-programs-9301974.log) B1 128K k=256 (16384 positions): 45.2
+    us in radix_select, 37.5 on 8 programs; k=2048 (32768): 110.2 -> 96.7; B8 32K kv_head k=256
+    (64 rows, 4096 positions): 63.2 in radix_select, 65.4-67.2 split."""
+    if group == 1 or budget * group < GATHER_SPLIT_MIN:
         return 1
     wanted = min(GATHER_PROGRAMS_MAX, budget * group // GATHER_SHARE,
                  GATHER_PROGRAMS_PER_SM * _sm_count(device) // max(rows, 1))

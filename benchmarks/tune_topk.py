@@ -5,6 +5,7 @@ plan (group length, select and gather blocks, warps), side by side on flash_deco
     python benchmarks/tune_topk.py --no-sweep      # the two plans and torch.topk only
     python benchmarks/tune_topk.py --quick         # --no-sweep at the issue's target shapes only
     python benchmarks/tune_topk.py --quick --gather-programs 1 2 4 8   # and the gather split over programs
+    python benchmarks/tune_topk.py --quick --split-sweep   # the split plans' steps and warps
 
 Per shape, budget and granularity: the grouped and the chunked plan's time (the one
 `kernels.plan_topk` picks marked *) and `torch.topk`'s on the same ranks (the logits for
@@ -17,8 +18,11 @@ kernels in the layer, alone, alone after an L2 flush, and after a flush and a re
 (CUDA-graph replays under the profiler; alone, each replay finds the lines its predecessor gathered
 still in L2, so the figure in the layer is the one a decode step pays). `--gather-programs`
 times the picked grouped plan with its candidate gather on each of those numbers of programs per
-row (1: inside radix_select), with 8 and 16 warps, and the selection layer with each. The results
-feed `kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
+row (1: inside radix_select), with 8 and 16 warps, and the selection layer with each.
+`--split-sweep` sweeps, where the picked plan splits its gather, the group length, the steps of
+`radix_select_groups` and `radix_select_candidates` and the warps (one kernel no longer holds the
+gather's registers beside them). The results feed `kernels.topk_grouped_is_faster`, `topk_group`
+and `topk_select_steps`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ GROUPS = (8, 16, 32, 64, 128)
 # (select_block, gather_block, select_warps)
 SELECT = ((1024, 1024, 8), (2048, 2048, 8), (1024, 1024, 4), (1024, 4096, 8), (2048, 8192, 8), (1024, 4096, 16),
           (2048, 4096, 16))
+# --split-sweep: (group_block, select_block, select_warps) of the split plans
+SPLIT_STEPS = tuple(itertools.product((2048, 4096, 8192), (1024, 2048, 4096), (8, 16)))
 
 
 def us(fn) -> float:
@@ -119,24 +125,50 @@ def kernel_us(fn, replays: int = 20) -> dict[str, float]:
     return {k["name"]: k["ms"] * 1e3 for k in profile_kernels(graph.replay, replays)["kernels"]}
 
 
-def gather_programs_line(picked: kernels.TopkPlan, logits: torch.Tensor, lse: torch.Tensor,
-                         summary: kernels.MaskSummary, budget: int, sets: int, by_prob: bool, default: torch.Tensor,
-                         programs: list[int]) -> str:
-    """us of the top-k by the picked grouped plan with its gather on each number of `programs` per
-    row (the steps `plan_topk` derives for it), with 8 and 16 warps; "!" marks indices that
-    differ from the default plan's."""
-    rows, length = logits.shape[0] * sets, logits.shape[2]
+def timed_plans(plans: dict[str, kernels.TopkPlan], logits: torch.Tensor, lse: torch.Tensor,
+                summary: kernels.MaskSummary, budget: int, sets: int, by_prob: bool,
+                default: torch.Tensor) -> list[tuple[float, str]]:
+    """(us, "label:us") of the top-k by each labelled plan; "!" marks indices that differ from
+    the default plan's (they never should)."""
     cells = []
-    for parts, warps in itertools.product(programs, (8, 16)):
-        plan = kernels.plan_topk(rows, length, budget, logits.device, grouped=True, gather_programs=parts,
-                                 select_warps=warps)
-
+    for label, plan in plans.items():
         def topk():
             return kernels.select_topk(logits, lse, summary, budget, sets, by_prob, plan)
 
         same = torch.equal(topk(), default)
-        cells.append(f"{parts}/{warps}w:{us(topk):.1f}{'' if same else '!'}")
-    return f"  gather programs/warps (picked {picked.gather_programs}/{picked.select_warps}w): " + " ".join(cells)
+        time = us(topk)
+        cells.append((time, f"{label}:{time:.1f}{'' if same else '!'}"))
+    return cells
+
+
+def gather_programs_line(picked: kernels.TopkPlan, logits: torch.Tensor, lse: torch.Tensor,
+                         summary: kernels.MaskSummary, budget: int, sets: int, by_prob: bool, default: torch.Tensor,
+                         programs: list[int]) -> str:
+    """us of the top-k by the picked grouped plan with its gather on each number of `programs` per
+    row (the steps `plan_topk` derives for it), with 8 and 16 warps."""
+    rows, length = logits.shape[0] * sets, logits.shape[2]
+    plans = {f"{parts}/{warps}w": kernels.plan_topk(rows, length, budget, logits.device, grouped=True,
+                                                    gather_programs=parts, select_warps=warps)
+             for parts, warps in itertools.product(programs, (8, 16))}
+    cells = timed_plans(plans, logits, lse, summary, budget, sets, by_prob, default)
+    return (f"  gather programs/warps (picked {picked.gather_programs}/{picked.select_warps}w): "
+            + " ".join(cell for _, cell in cells))
+
+
+def split_sweep_line(picked: kernels.TopkPlan, logits: torch.Tensor, lse: torch.Tensor,
+                     summary: kernels.MaskSummary, budget: int, sets: int, by_prob: bool,
+                     default: torch.Tensor) -> str:
+    """us of the top-k with the picked plan's gather programs, by group length and SPLIT_STEPS."""
+    rows, length = logits.shape[0] * sets, logits.shape[2]
+    plans = {f"{group}/{group_block}/{select_block}/{warps}w": kernels.plan_topk(
+                 rows, length, budget, logits.device, grouped=True, group=group,
+                 gather_programs=picked.gather_programs, group_block=group_block, select_block=select_block,
+                 select_warps=warps)
+             for group, (group_block, select_block, warps) in itertools.product(GROUPS, SPLIT_STEPS)}
+    cells = timed_plans(plans, logits, lse, summary, budget, sets, by_prob, default)
+    return (f"  split plans ({picked.gather_programs} gather programs), group/group block/candidate block/warps "
+            f"(picked {picked.group}/{picked.group_block}/{picked.select_block}/{picked.select_warps}w): "
+            + " ".join(cell for _, cell in cells) + f"; best {min(cells)[1]}")
 
 
 def main() -> None:
@@ -145,6 +177,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the target shapes only, no sweep")
     parser.add_argument("--gather-programs", nargs="*", type=int, default=[],
                         help="time the picked grouped plan with its gather on each of these programs per row")
+    parser.add_argument("--split-sweep", action="store_true",
+                        help="where the picked plan splits its gather: sweep its group length, steps and warps")
     args = parser.parse_args()
     args.no_sweep |= args.quick
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -168,24 +202,18 @@ def main() -> None:
                     f"{times[False]:.1f}{'' if picked.grouped else '*'} us, torch.topk {torch_topk:.1f} us, "
                     f"torch.topk / ours x{torch_topk / ours:.2f}")
             if not args.no_sweep:
-                cells = []
-                for group, (select_block, gather_block, warps) in itertools.product(GROUPS, SELECT):
-                    plan = kernels.plan_topk(batch * sets, length, budget, logits.device, grouped=True, group=group,
-                                             select_block=select_block, gather_block=gather_block,
-                                             select_warps=warps)
-
-                    def topk():
-                        return kernels.select_topk(logits, lse, summary, budget, sets, by_prob, plan)
-
-                    same = torch.equal(topk(), default)
-                    time = us(topk)
-                    cells.append((time, f"{group}/{select_block}/{gather_block}/{warps}:{time:.0f}"
-                                        f"{'' if same else '!'}"))
+                plans = {f"{group}/{select_block}/{gather_block}/{warps}": kernels.plan_topk(
+                             batch * sets, length, budget, logits.device, grouped=True, group=group,
+                             select_block=select_block, gather_block=gather_block, select_warps=warps)
+                         for group, (select_block, gather_block, warps) in itertools.product(GROUPS, SELECT)}
+                cells = timed_plans(plans, logits, lse, summary, budget, sets, by_prob, default)
                 line += "; group/block/gather/warps: " + " ".join(c for _, c in cells) + f"; best {min(cells)[1]}"
             print(line, flush=True)
+            selection = (logits, lse, summary, budget, sets, by_prob, default)
             if picked.grouped and args.gather_programs:
-                print(gather_programs_line(picked, logits, lse, summary, budget, sets, by_prob, default,
-                                           args.gather_programs), flush=True)
+                print(gather_programs_line(picked, *selection, args.gather_programs), flush=True)
+            if picked.grouped and picked.gather_programs > 1 and args.split_sweep:
+                print(split_sweep_line(picked, *selection), flush=True)
             if not by_prob:
                 print(selection_line(q, k, mask, summary, budget), flush=True)
                 for parts in args.gather_programs if picked.grouped else ():

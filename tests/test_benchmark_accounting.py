@@ -149,6 +149,27 @@ def test_host_gaps_attribute_the_hosts_events_to_the_gpus_long_waits():
     assert inside == {("cuda_runtime", "cudaGraphLaunch"): 60, ("cpu_op", "TorchDynamo Cache Lookup"): 20}
 
 
+def test_tune_topk_times_each_gather_split_and_split_plan_it_names_and_each_is_exact(monkeypatch):
+    """benchmarks/tune_topk.py's --gather-programs and --split-sweep lines: a cell per plan, labelled
+    as it was built, none marked "!" (indices other than the default plan's); interpreted kernels,
+    the timing replaced (it needs a GPU)."""
+    import tune_topk
+    from tidal_compile.ops import kernels
+
+    monkeypatch.setattr(tune_topk, "us", lambda fn: fn() is not None and 1.0)
+    monkeypatch.setattr(tune_topk, "GROUPS", (4, 8))
+    monkeypatch.setattr(tune_topk, "SPLIT_STEPS", ((16, 16, 8), (32, 64, 16)))
+    logits = torch.randn(1, 4, 300, generator=torch.Generator().manual_seed(0))
+    lse = torch.logsumexp(logits, -1)
+    summary = kernels.summarize_mask(None, 1, 300, logits.device)
+    selection = (logits, lse, summary, 20, 4, False, kernels.select_topk(logits, lse, summary, 20, 4, False))
+    picked = kernels.plan_topk(4, 300, 20, logits.device, grouped=True, gather_programs=2)
+    programs = tune_topk.gather_programs_line(picked, *selection, [1, 2])
+    split = tune_topk.split_sweep_line(picked, *selection)
+    assert programs.split(": ", 1)[1] == "1/8w:1.0 1/16w:1.0 2/8w:1.0 2/16w:1.0"
+    assert split.split("): ", 1)[1] == "4/16/16/8w:1.0 4/32/64/16w:1.0 8/16/16/8w:1.0 8/32/64/16w:1.0; best 4/16/16/8w:1.0"
+
+
 def test_topk_phases_marks_every_phase_of_the_shipped_radix_select():
     """benchmarks/topk_phases.py's timed copy of the top-k template finds each phase's statement
     in the current radix_select (it asserts so) and still renders to valid Python."""

@@ -6,6 +6,7 @@ plan (group length, select and gather blocks, warps), side by side on flash_deco
     python benchmarks/tune_topk.py --quick         # --no-sweep at the issue's target shapes only
     python benchmarks/tune_topk.py --quick --gather-programs 1 2 4 8   # and the gather split over programs
     python benchmarks/tune_topk.py --quick --split-sweep   # the split plans' steps and warps
+    python benchmarks/tune_topk.py --quick --split-sweep --budgets 2048   # those of one budget
 
 Per shape, budget and granularity: the grouped and the chunked plan's time (the one
 `kernels.plan_topk` picks marked *) and `torch.topk`'s on the same ranks (the logits for
@@ -179,10 +180,15 @@ def main() -> None:
                         help="time the picked grouped plan with its gather on each of these programs per row")
     parser.add_argument("--split-sweep", action="store_true",
                         help="where the picked plan splits its gather: sweep its group length, steps and warps")
+    parser.add_argument("--budgets", nargs="*", type=int, default=None,
+                        help="only these budgets of the shapes (default: every budget)")
     args = parser.parse_args()
     args.no_sweep |= args.quick
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for batch, heads, kv_heads, length, budgets in QUICK_SHAPES if args.quick else SHAPES:
+        budgets = [budget for budget in budgets if args.budgets is None or budget in args.budgets]
+        if not budgets:
+            continue
         q, k, mask, summary = decode_inputs(batch, heads, kv_heads, length)
         _, lse, logits = kernels.flash_decode(q, k, k, mask, SCALE, emit_logits=True)
         for budget, (granularity, sets) in itertools.product(budgets, (("query_head", heads), ("kv_head", kv_heads))):

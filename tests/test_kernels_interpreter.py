@@ -290,20 +290,47 @@ def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
     for small budgets (Quest's page rows), all scaled down with the group-max block; with at most
     66 rows a gather of 8192 positions or more split over up to 8 programs a row (about 1024
     positions each, at most 2 per SM; docs/results/tune-topk-h200-2026-12-02-gather-programs-*.log)
-    and 16 warps where a program still gathers 4096 positions."""
+    and 16 warps where a program still gathers 4096 positions; a split plan's group keys in one step
+    and its candidates in steps of 1024 (docs/results/tune-topk-h200-2026-12-02-split-sweep-*-b419b79.log)."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     expected = {(32, 131072, 256, 64): (2048, 1024, 2048, 8, 8), (8, 131072, 256, 64): (2048, 1024, 2048, 8, 8),
-                (32, 131072 + 16, 256, 64): (1024, 1024, 2048, 8, 8),
+                (32, 131072 + 16, 256, 64): (4096, 1024, 2048, 8, 8),
                 (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 2048, 8, 8),
-                (64, 32768, 256, 16): (2048, 1024, 4096, 16, 1), (64, 32768, 2048, 8): (4096, 2048, 4096, 16, 4),
+                (64, 32768, 256, 16): (2048, 1024, 4096, 16, 1), (64, 32768, 2048, 8): (4096, 1024, 4096, 16, 4),
                 (256, 32768, 256, 16): (2048, 1024, 1024, 8, 1), (256, 32768, 2048, 8): (2048, 2048, 2048, 8, 1),
-                (32, 131072, 2048, 8): (4096, 2048, 2048, 8, 8), (32, 8192, 16, 64): (128, 128, 1024, 8, 1),
+                (32, 131072, 2048, 8): (4096, 1024, 2048, 8, 8), (32, 131072, 2048, 32): (4096, 1024, 4096, 16, 8), (32, 8192, 16, 64): (128, 128, 1024, 8, 1),
                 (32, 8192 + 1, 16, 64): (256, 128, 1024, 8, 1)}
     assert {shape: tuple(kernels.topk_select_steps(*shape, cuda).values()) for shape in expected} == expected
     assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64, 16, 8)
     fused = kernels.topk_select_steps(32, 131072, 256, 64, cuda, gather_programs=1)
     assert (fused["gather_block"], fused["select_warps"], fused["gather_programs"]) == (4096, 16, 1)
+
+
+def test_split_plans_take_the_h200_sweeps_group(monkeypatch):
+    """Where the candidate gather is split over programs the group grows until the group keys fit
+    one step (B1 128K k=2048: 16 -> 32, 93.1 -> 71.6 us on an H200), and a plan that keeps its
+    gather in radix_select keeps `topk_group`'s group."""
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    groups = {(32, 131072, 256): (64, 8), (32, 131072 + 16, 256): (64, 8), (32, 131072, 2048): (32, 8),
+              (32, 131072 + 16, 2048): (32, 8), (256, 32768, 2048): (8, 1), (64, 32768, 256): (16, 1)}
+    assert {shape: (plan.group, plan.gather_programs) for shape in groups
+            for plan in [kernels.plan_topk(*shape, cuda)]} == groups
+    assert kernels.plan_topk(32, 131072, 2048, cuda, gather_programs=1).group == kernels.topk_group(131072, 2048)
+
+
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(1, 1 << 20), budget=st.integers(1, 4096), group_log2=st.integers(0, 7))
+def test_split_group_never_covers_most_of_the_row(length, budget, group_log2):
+    """A split plan's group: a power of two, at least `topk_group`'s or as long as the group keys'
+    one step needs, but never so long that the top `budget` groups hold more than half the row
+    (B1 128K k=2048 with groups of 64: every position a candidate, 1 ms on an H200)."""
+    group = kernels.topk_split_group(length, budget, 1 << group_log2)
+    assert group & (group - 1) == 0 and group <= kernels.TOPK_MAX_GROUP
+    assert group == 1 or 2 * budget * group <= length
+    fit = kernels.triton.next_power_of_2(kernels.triton.cdiv(length, kernels.GROUP_BLOCK_MAX))
+    assert group >= min(max(1 << group_log2, fit), kernels.TOPK_MAX_GROUP) or 4 * budget * group > length
 
 
 def test_topk_chunk_picks_the_swept_best_on_an_h100(monkeypatch):

@@ -471,6 +471,18 @@ def topk_group(length: int, budget: int) -> int:
     return max(1, min(TOPK_MAX_GROUP, 1 << round(math.log2(max(balanced, 1.0)))))
 
 
+def topk_split_group(length: int, budget: int, group: int) -> int:
+    """The group of a plan whose candidate gather is its own launch (`topk_gather_programs` > 1):
+    the gather no longer weighs on one program, so the group grows from `topk_group`'s until the
+    row's group keys fit one step of radix_select_groups (GROUP_BLOCK_MAX), but to at most
+    length / (2 x budget): past it the top groups hold most of the row and every position is a
+    candidate. On an H200 at B1 128K k=2048 (docs/results/tune-topk-h200-2026-12-02-split-sweep-
+    k2048-b419b79.log): group 16 93.1 us, 32 71.6, 64 1017 (the top 2048 of 2048 groups: the row)."""
+    fit = triton.next_power_of_2(triton.cdiv(length, GROUP_BLOCK_MAX))
+    most = 1 << (max(length // (2 * budget), 1).bit_length() - 1)
+    return max(1, min(max(group, fit), most, TOPK_MAX_GROUP))
+
+
 def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.device) -> bool:
     """Whether the grouped top-k (one program per row: time grows with sqrt(length x budget)
     per wave of rows) beats the chunked one (the whole GPU on every pass: time grows with rows x
@@ -491,9 +503,13 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
       and fill three quarters of it: loaded once for the four digit passes; a short row (Quest's
       pages) takes a short step. A histogram costs its whole step, so a row just past a power
       of two (2049 groups: a cache 16 tokens past 128K) takes steps of SELECT_BLOCK, as before
-      (decode step, H200: 56 us a selection; one step of 4096: 65; two of 2048: 67.5).
+      (decode step, H200: 56 us a selection; one step of 4096: 65; two of 2048: 67.5); but with
+      the gather split over programs radix_select_groups holds them in one step (128K + 16, k =
+      256: 45.2 us against 47.0).
     - Candidates (a few per budget slot): steps of SELECT_BLOCK (SELECT_BLOCK_LARGE from a budget
-      of LARGE_BUDGET), at most CANDIDATES_PER_BUDGET x budget.
+      of LARGE_BUDGET where the gather is not split: radix_select_candidates alone is faster in
+      steps of SELECT_BLOCK, 71.6 us against 75.0 at B1 128K k=2048), at most
+      CANDIDATES_PER_BUDGET x budget.
     - Candidate gather: with at most half as many rows as SMs each program's chain of passes
       decides and long steps pay (5-7 us at 128K, k = 256); at most the length of a gather
       program's share of the chosen groups.
@@ -502,20 +518,22 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
       us, k = 2048 140.7 -> 123.2 us with steps of 2048 candidates; docs/results/
       topk-warps-h200-2026-12-01.log), else SELECT_WARPS (Quest's page rows at B1 128K, 1024-
       position gathers: 12.9 us a launch with 8 warps, 17.6 with 16).
-    Fitted to benchmarks/tune_topk.py on an H200 (docs/results/tune-topk-h200-2026-11-30-*.log)."""
+    Fitted to benchmarks/tune_topk.py on an H200 (docs/results/tune-topk-h200-2026-11-30-*.log,
+    the split plans: tune-topk-h200-2026-12-02-split-sweep-*-b419b79.log)."""
     def scaled(step: int) -> int:
         return max(1, step * block // TOPK_BLOCK)
 
     few_rows = rows <= _sm_count(device) // 2
-    select = scaled(SELECT_BLOCK_LARGE if budget >= LARGE_BUDGET else SELECT_BLOCK)
+    programs = gather_programs or topk_gather_programs(rows, budget, group, device)
+    large = budget >= LARGE_BUDGET and programs == 1
+    select = scaled(SELECT_BLOCK_LARGE if large else SELECT_BLOCK)
     select = min(select, max(scaled(SELECT_BLOCK_MIN), triton.next_power_of_2(CANDIDATES_PER_BUDGET * budget)))
     gather = scaled(GATHER_BLOCK_FEW_ROWS) if few_rows else select
     groups = triton.cdiv(length, group)
     group_block = triton.next_power_of_2(groups)
-    if 4 * groups <= 3 * group_block:  # one step would be a quarter empty or more: steps of at most SELECT_BLOCK
+    if 4 * groups <= 3 * group_block and programs == 1:  # a quarter empty or more: steps of at most SELECT_BLOCK
         group_block = min(group_block, scaled(SELECT_BLOCK))
     group_block = min(group_block, scaled(GROUP_BLOCK_MAX if few_rows else GROUP_BLOCK_MAX_MANY_ROWS))
-    programs = gather_programs or (topk_gather_programs(rows, budget, group, device) if few_rows else 1)
     gather = min(gather, triton.next_power_of_2(triton.cdiv(budget, programs) * group))
     long_rows = few_rows and gather >= scaled(GATHER_BLOCK_FEW_ROWS)
     return {"group_block": group_block, "select_block": select, "gather_block": gather,
@@ -531,7 +549,7 @@ def topk_gather_programs(rows: int, budget: int, group: int, device: torch.devic
     tune-topk-h200-2026-12-02-gather-programs-9301974.log) B1 128K k=256 (16384 positions): 45.2
     us in radix_select, 37.5 on 8 programs; k=2048 (32768): 110.2 -> 96.7; B8 32K kv_head k=256
     (64 rows, 4096 positions): 63.2 in radix_select, 65.4-67.2 split."""
-    if group == 1 or budget * group < GATHER_SPLIT_MIN:
+    if group == 1 or budget * group < GATHER_SPLIT_MIN or rows > _sm_count(device) // 2:
         return 1
     wanted = min(GATHER_PROGRAMS_MAX, budget * group // GATHER_SHARE,
                  GATHER_PROGRAMS_PER_SM * _sm_count(device) // max(rows, 1))
@@ -570,7 +588,11 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
     the steps they imply)."""
     if grouped is None:
         grouped = topk_grouped_is_faster(rows, length, budget, device)
-    group = min(group or topk_group(length, budget), block)
+    if group is None:
+        group = topk_group(length, budget)
+        if (gather_programs or topk_gather_programs(rows, budget, min(group, block), device)) > 1:
+            group = topk_split_group(length, budget, group)
+    group = min(group, block)
     select = {**topk_select_steps(rows, length, budget, group, device, block, gather_programs), **select}
     return TopkPlan(grouped=grouped, chunk=chunk or topk_chunk(rows, length, device), group=group, block=block,
                     **select)

@@ -248,13 +248,14 @@ class Row:
     batch: int
     context: int
     method: str
-    ms: float
+    ms: float  # median of synced steps (each waits for the GPU, as generate's stop check does)
     compile_s: float
     attention_bytes: int
     kernel_ms: float
     categories: dict[str, float]
     kernels: list[dict[str, Any]]  # each kernel's name, ms and launches per step, longest first
     launches: float = 0.0  # kernel launches per step
+    pipelined_ms: Optional[float] = None  # pipelined_step_ms: steps issued back to back
     gaps: dict[str, float] = field(default_factory=dict)  # idle_gaps of the profiled steps
     cudagraph_skips: int = 0  # graphs Inductor ran without CUDA graphs
     floor: bool = False
@@ -349,9 +350,10 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
             end.synchronize()
             if i >= warmup:
                 times.append(start.elapsed_time(end))
+        pipelined_ms = pipelined_step_ms(step, steps)
         kernels = profile_kernels(step, profile_steps, trace)
     row = Row(shape=shape_name, batch=batch, context=context, method=method.name, ms=statistics.median(times),
-              compile_s=compile_s, attention_bytes=method.attention_bytes(shape, batch, context),
+              pipelined_ms=pipelined_ms, compile_s=compile_s, attention_bytes=method.attention_bytes(shape, batch, context),
               floor=context == FLOOR_CONTEXT, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips_before,
               **kernels)
     del forward, cache, step  # a captured step holds its graph's memory pool
@@ -359,6 +361,21 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def pipelined_step_ms(step: Callable[[], None], steps: int) -> float:
+    """ms a step over `steps` steps issued back to back (one pair of events, no sync between
+    steps): the host prepares the next step while the GPU runs this one, so what a step's own
+    launch costs before its first kernel (a graph's launch, guards, Python) is hidden unless the
+    host is slower than the GPU. The synced step (`measure`'s, as generate's per-token stop check
+    syncs) minus this one is that launch latency."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps
 
 
 def captured(step: Callable[[], None], warmup: int) -> Callable[[], None]:
@@ -418,7 +435,7 @@ def print_row(row: Row, out: Callable[[str], None]) -> None:
         f"| kernels {row.kernel_ms:6.3f} (w {c['weights']:.3f} a {c['attention']:.3f} s {c['selection']:.3f} "
         f"c {c['communication']:.3f} o {c['other']:.3f}; {row.launches:.0f} launches) outside {row.outside_ms:6.3f} "
         f"(idle gaps: short {row.gaps.get('short_ms', 0):.3f} long {row.gaps.get('long_ms', 0):.3f} longest "
-        f"{row.gaps.get('longest_ms', 0):.3f})  [compile {row.compile_s:.0f} s]"
+        f"{row.gaps.get('longest_ms', 0):.3f}; pipelined step {row.pipelined_ms or 0:.3f})  [compile {row.compile_s:.0f} s]"
         + (f"  NO CUDA GRAPHS in {row.cudagraph_skips} graph(s)" if row.cudagraph_skips else ""))
 
 

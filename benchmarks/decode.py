@@ -320,7 +320,7 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
     else:  # mode="reduce-overhead" as its options (torch.compile takes no options beside a mode)
         mode_options = {} if step_graph else list_mode_options("reduce-overhead")
         forward = torch.compile(model.forward, options={**mode_options, **patches, **guards})
-    capacity = context + warmup + steps + profile_steps + 1 + (STEP_GRAPH_WARMUP if step_graph else 0)
+    capacity = context + warmup + 2 * steps + profile_steps + 1 + (STEP_GRAPH_WARMUP if step_graph else 0)
     cache = filled_cache(model, batch, context, capacity, method.page_size(), kv_heads or shape.kv_heads)
     cache_name = hf_compat.forward_cache_name(model.forward)
     token = torch.zeros(batch, 1, dtype=torch.long, device="cuda")

@@ -544,7 +544,8 @@ def topk_gather_programs(rows: int, budget: int, group: int, device: torch.devic
     """Programs per row of the grouped top-k's candidate gather (TopkPlan's gather_programs): 1
     keeps it inside radix_select; more split it over its own launch, each program a share of the
     budget x group positions (about GATHER_SHARE), at most GATHER_PROGRAMS_PER_SM per SM in all
-    and GATHER_PROGRAMS_MAX per row: a power of two; gathers shorter than GATHER_SPLIT_MIN stay.
+    and GATHER_PROGRAMS_MAX per row: a power of two; gathers shorter than GATHER_SPLIT_MIN, and
+    those of more rows than half the SMs (the rows alone fill the GPU), stay.
     One program per row gathers about 1.2 us per 1024 positions; on an H200 (docs/results/
     tune-topk-h200-2026-12-02-gather-programs-9301974.log) B1 128K k=256 (16384 positions): 45.2
     us in radix_select, 37.5 on 8 programs; k=2048 (32768): 110.2 -> 96.7; B8 32K kv_head k=256

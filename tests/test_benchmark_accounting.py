@@ -254,3 +254,28 @@ def test_generate_steps_clocks_every_token_of_a_compiled_generate_and_times_the_
     steps = generate_steps.generate_steps(model, prompt, tokens=6, cache_len=20)
     assert len(steps) == 4 and all(ms > 0 for ms in steps)
     assert generate_steps.decode_step_ms([0.0, 1.0, 1.5, 2.25]) == [500.0, 750.0]
+
+
+def test_projections_merged_and_separate_read_the_same_weights_and_compute_the_same_products():
+    """benchmarks/projections.py: the merged form (q|k|v, gate|up: four products a layer) reads the
+    same weight rows as the model's seven and its outputs, split, equal theirs (CPU, a small shape
+    with grouped KV heads)."""
+    import projections
+
+    shape = dataclasses.replace(LLAMA3, hidden=64, intermediate=96, heads=4, kv_heads=2)
+    separate, merged = projections.projections(shape, False), projections.projections(shape, True)
+    assert [name for name, _, _ in separate] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert [name for name, _, _ in merged] == ["qkv", "o", "gate_up", "down"]
+    for source in ("hidden", "attention", "intermediate"):
+        assert (sum(sum(outs) for _, s, outs in separate if s == source)
+                == sum(sum(outs) for _, s, outs in merged if s == source))
+    torch.manual_seed(0)
+    weights = projections.layer_weights(shape, torch.device("cpu"), torch.float32)
+    activations = {"hidden": torch.randn(3, 64), "attention": torch.randn(3, 4 * decode.HEAD_DIM),
+                   "intermediate": torch.randn(3, 96)}
+    outs = [projections.layer_products(weights, activations, shape, merged) for merged in (False, True)]
+    assert [out.shape for out in outs[0]] == [out.shape for out in outs[1]]
+    assert len(outs[0]) == 7 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*outs))
+    q_rows = 4 * decode.HEAD_DIM
+    k_expected = activations["hidden"] @ weights["qkv"][q_rows:q_rows + 2 * decode.HEAD_DIM].T
+    assert torch.allclose(outs[0][1], k_expected, atol=1e-5)

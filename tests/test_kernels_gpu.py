@@ -43,8 +43,9 @@ def test_gpu_dense_and_sparse_ops_equal_reference(length, batch, heads, kv_heads
         assert oracle.relative_error(sparse, reference.sparse_attention(q, k, v, idx, 128 ** -0.5)) < 1e-2
 
 
-# Rows not a multiple of 16 positions; 128K + 17: 2049 groups of 64 (steps of 1024).
-@pytest.mark.parametrize("length, budget", [(1000, 256), (33000, 2048), (131072 + 17, 256)])
+# Rows not a multiple of 16 positions; 128K + 17: 2049 groups of 64 (one step of 4096) and, at k=2048,
+# 4097 groups of 32 (two steps), both with the gather split over programs where the rows are few.
+@pytest.mark.parametrize("length, budget", [(1000, 256), (33000, 2048), (131072 + 17, 256), (131072 + 17, 2048)])
 @pytest.mark.parametrize("granularity", ["query_head", "kv_head", "layer"])
 def test_gpu_topk_is_exactly_the_reference_set(length, budget, granularity):
     q, k, v, mask = _real_problem(2, 32, 8, length, torch.bfloat16, integer_valued=True)

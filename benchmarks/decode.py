@@ -262,6 +262,7 @@ class Row:
     speedup_vs_inductor: Optional[float] = None
     speedup_vs_full: Optional[float] = None
     kernel_speedup_vs_full: Optional[float] = None  # by GPU kernel time alone (the host's share varies run to run)
+    pipelined_speedup_vs_full: Optional[float] = None  # by pipelined steps (the host ahead of the GPU)
     attention_ms: Optional[float] = None
     read_ms: Optional[float] = None  # attention_bytes at the copy bandwidth
     # The speed-ups this method would reach with its step at the floor without the floor's own KV
@@ -412,6 +413,8 @@ def derive(rows: list[Row], bandwidth: float) -> None:
         row.speedup_vs_inductor = inductor.ms / row.ms if inductor else None
         row.speedup_vs_full = full.ms / row.ms if full else None
         row.kernel_speedup_vs_full = full.kernel_ms / row.kernel_ms if full else None
+        row.pipelined_speedup_vs_full = (full.pipelined_ms / row.pipelined_ms
+                                         if full and full.pipelined_ms and row.pipelined_ms else None)
         floor = find(row, row.method, FLOOR_CONTEXT) or find(row, "full" + graph, FLOOR_CONTEXT)
         row.read_ms = row.attention_bytes / bandwidth * 1e3
         if floor is not None and not row.floor:
@@ -430,7 +433,7 @@ def print_row(row: Row, out: Callable[[str], None]) -> None:
     c = row.categories
     out(f"{row.shape:10s} B={row.batch:<2d} L={row.context:<6d} {row.method:16s} {row.ms:7.3f} ms  "
         f"{ratio(row.speedup_vs_inductor)} vs inductor  {ratio(row.speedup_vs_full)} vs full "
-        f"({ratio(row.kernel_speedup_vs_full)} by kernel time; ceiling {ratio(row.ceiling_vs_inductor)} / "
+        f"({ratio(row.kernel_speedup_vs_full)} by kernel time, {ratio(row.pipelined_speedup_vs_full)} pipelined; ceiling {ratio(row.ceiling_vs_inductor)} / "
         f"{ratio(row.ceiling_vs_full)})  {attention}  "
         f"| kernels {row.kernel_ms:6.3f} (w {c['weights']:.3f} a {c['attention']:.3f} s {c['selection']:.3f} "
         f"c {c['communication']:.3f} o {c['other']:.3f}; {row.launches:.0f} launches) outside {row.outside_ms:6.3f} "

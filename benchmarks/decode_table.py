@@ -5,8 +5,8 @@
 Reads JSON files written by `benchmarks/decode.py --out`, in the order given: a row of a later file
 replaces an earlier file's row of the same shape, batch, context and method. Prints one line per
 shape, batch and context: ms per step of each method, the floor (full attention at a 1K context,
-same shape and batch, in tidal k=256's run, else in full's), and tidal k=256's speed-ups and
-ceiling as its own run measured them (baselines from that same process), then the files the
+same shape and batch, in tidal k=256's run, else in full's), and tidal k=256's speed-ups (by
+step, by kernel time, by pipelined step: runs since 2026-12-02) and ceiling as its own run measured them (baselines from that same process), then the files the
 line's rows come from.
 
     python benchmarks/decode_table.py --missing docs/results/decode-*.json
@@ -60,13 +60,13 @@ def table(rows: list[dict]) -> str:
     """The markdown table of `rows` (load_rows), lines sorted by shape, batch and context."""
     by_key = {(r["shape"], r["batch"], r["context"], r["method"]): r for r in rows}
     lines = sorted({(r["shape"], r["batch"], r["context"]) for r in rows if not r["floor"]})
-    head = ["shape", "B", "L", "floor (1K, same run)", *METHODS, f"{HEADLINE} / full (by kernels)",
+    head = ["shape", "B", "L", "floor (1K, same run)", *METHODS, f"{HEADLINE} / full (by kernels; pipelined)",
             f"{HEADLINE} / inductor", f"{HEADLINE} ceiling / full", "from"]
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for shape, batch, context in lines:
         cells = [by_key.get((shape, batch, context, m)) for m in METHODS]
         tidal = by_key.get((shape, batch, context, HEADLINE))
-        by_kernels = _ratio(tidal, "kernel_speedup_vs_full")
+        by_kernels = f'{_ratio(tidal, "kernel_speedup_vs_full")}; {_ratio(tidal, "pipelined_speedup_vs_full")}'
         files = sorted({r["file"] for r in cells if r is not None})
         out.append("| " + " | ".join([
             shape, str(batch), f"{context // 1024}K", _floor(tidal, by_key.get((shape, batch, context, "full"))),

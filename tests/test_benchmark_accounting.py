@@ -218,20 +218,22 @@ def test_decode_table_shows_each_rows_latest_figure_with_its_own_runs_floor_and_
             json.dump({"rows": [dict(dataclasses.asdict(r), outside_ms=r.outside_ms) for r in rows]}, f)
         return str(tmp_path / name)
 
-    def row(method, context, ms):
+    def row(method, context, ms, pipelined=None):
         return decode.Row("llama3-8b", 1, context, method, ms, 1.0, int(1e9), ms - 1, {}, [],
-                          floor=context == decode.FLOOR_CONTEXT)
+                          floor=context == decode.FLOOR_CONTEXT, pipelined_ms=pipelined)
 
     paths = [run("decode-c.json", row("inductor", 131072, 50.0)),
              run("decode-a.json", row("full", 1024, 6.0), row("full", 131072, 11.0), row("tidal:256", 131072, 8.0)),
-             run("decode-b.json", row("full", 1024, 5.0), row("tidal:256", 131072, 7.0), row("full", 131072, 10.5))]
+             run("decode-b.json", row("full", 1024, 5.0), row("tidal:256", 131072, 7.0, pipelined=5.0),
+                 row("full", 131072, 10.5, pipelined=9.0))]
     lines = decode_table.table(decode_table.load_rows(paths)).splitlines()
     assert len(lines) == 3  # header, rule, one line: the floors are a column
     header, cells = ([c.strip() for c in line.strip("|").split("|")] for line in (lines[0], lines[2]))
     line = dict(zip(header, cells))
     assert (line["inductor"], line["full"], line["tidal:256"], line["quest:256"]) == ("50.00", "10.50", "7.00", "-")
     assert line["floor (1K, same run)"] == "5.00"
-    assert line["tidal:256 / full (by kernels)"] == "1.50x (1.58x)"  # run b: 10.5 / 7.0 and 9.5 / 6.0
+    # run b: 10.5 / 7.0, 9.5 / 6.0 by kernels and 9.0 / 5.0 pipelined (a run without pipelined steps: "-")
+    assert line["tidal:256 / full (by kernels; pipelined)"] == "1.50x (1.58x; 1.80x)"
     assert line["tidal:256 / inductor"] == "-"  # no Inductor in tidal's run
     assert line["from"] == "`b`, `c`"
     commands = decode_table.missing(decode_table.load_rows(paths))

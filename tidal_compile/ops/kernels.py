@@ -505,7 +505,7 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
       of two (2049 groups: a cache 16 tokens past 128K) takes steps of SELECT_BLOCK, as before
       (decode step, H200: 56 us a selection; one step of 4096: 65; two of 2048: 67.5); but with
       the gather split over programs radix_select_groups holds them in one step (128K + 16, k =
-      256: 45.2 us against 47.0).
+      256: 45.2 us in the sweep, 46.9 in `tune_topk.py --quick`, against 47.0: about even).
     - Candidates (a few per budget slot): steps of SELECT_BLOCK (SELECT_BLOCK_LARGE from a budget
       of LARGE_BUDGET where the gather is not split: radix_select_candidates alone is faster in
       steps of SELECT_BLOCK, 71.6 us against 75.0 at B1 128K k=2048), at most
@@ -585,8 +585,8 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
               chunk: Optional[int] = None, block: int = TOPK_BLOCK, group: Optional[int] = None,
               gather_programs: Optional[int] = None, **select: int) -> TopkPlan:
     """The launch plan of `select_topk` (defaults: `topk_grouped_is_faster`, `topk_chunk`,
-    TOPK_BLOCK, `topk_group` (at most the block), `topk_select_steps` for the gather programs and
-    the steps they imply)."""
+    TOPK_BLOCK, `topk_group` (at most the block; `topk_split_group`'s where the gather is split),
+    `topk_select_steps` for the gather programs and the steps they imply)."""
     if grouped is None:
         grouped = topk_grouped_is_faster(rows, length, budget, device)
     if group is None:

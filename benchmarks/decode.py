@@ -354,7 +354,8 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
         pipelined_ms = pipelined_step_ms(step, steps)
         kernels = profile_kernels(step, profile_steps, trace)
     row = Row(shape=shape_name, batch=batch, context=context, method=method.name, ms=statistics.median(times),
-              pipelined_ms=pipelined_ms, compile_s=compile_s, attention_bytes=method.attention_bytes(shape, batch, context),
+              pipelined_ms=pipelined_ms, compile_s=compile_s,
+              attention_bytes=method.attention_bytes(shape, batch, context),
               floor=context == FLOOR_CONTEXT, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips_before,
               **kernels)
     del forward, cache, step  # a captured step holds its graph's memory pool

@@ -136,10 +136,10 @@ def main() -> None:
         layers = [layer_weights(shape, device, torch.bfloat16) for _ in range(shape.layers)]
         separate, merged = (measure(name, shape, batch, blas, form, layers, args.steps) for form in (False, True))
         rows += [separate, merged]
-        tqdm.write(f"{name:10s} B={batch:<2d} {blas:8s} separate {separate.ms:6.3f} ms (kernels {separate.kernel_ms:.3f}, "
-                   f"{separate.launches:.0f} launches, {separate.weight_tbps:.2f} TB/s)  merged {merged.ms:6.3f} ms "
-                   f"(kernels {merged.kernel_ms:.3f}, {merged.launches:.0f} launches, {merged.weight_tbps:.2f} TB/s)  "
-                   f"merged faster by x{separate.ms / merged.ms:.3f} ({separate.ms - merged.ms:+.3f} ms a step)")
+        tqdm.write(f"{name:10s} B={batch:<2d} {blas:8s} " + "  ".join(
+            f"{row.form} {row.ms:6.3f} ms (kernels {row.kernel_ms:.3f}, {row.launches:.0f} launches, "
+            f"{row.weight_tbps:.2f} TB/s)" for row in (separate, merged))
+            + f"  merged faster by x{separate.ms / merged.ms:.3f} ({separate.ms - merged.ms:+.3f} ms a step)")
         del layers
         torch.cuda.empty_cache()
     if args.out:

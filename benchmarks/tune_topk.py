@@ -7,6 +7,7 @@ plan (group length, select and gather blocks, warps), side by side on flash_deco
     python benchmarks/tune_topk.py --quick --gather-programs 1 2 4 8   # and the gather split over programs
     python benchmarks/tune_topk.py --quick --split-sweep   # the split plans' steps and warps
     python benchmarks/tune_topk.py --quick --split-sweep --budgets 2048   # those of one budget
+    python benchmarks/tune_topk.py --quick --digit-bits 4 8   # radix digits of 4 bits against 8
 
 Per shape, budget and granularity: the grouped and the chunked plan's time (the one
 `kernels.plan_topk` picks marked *) and `torch.topk`'s on the same ranks (the logits for
@@ -22,13 +23,16 @@ times the picked grouped plan with its candidate gather on each of those numbers
 row (1: inside radix_select), with 8 and 16 warps, and the selection layer with each.
 `--split-sweep` sweeps, where the picked plan splits its gather, the group length, the steps of
 `radix_select_groups` and `radix_select_candidates` and the warps (one kernel no longer holds the
-gather's registers beside them). The results feed `kernels.topk_grouped_is_faster`, `topk_group`
+gather's registers beside them). `--digit-bits` times the picked plan with radix digits of each
+width (4 bits: eight histograms of 16 bins a selection; 8: four of 256), and the selection layer
+with each. The results feed `kernels.topk_grouped_is_faster`, `topk_group`
 and `topk_select_steps`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 from typing import Optional
 
@@ -156,6 +160,15 @@ def gather_programs_line(picked: kernels.TopkPlan, logits: torch.Tensor, lse: to
             + " ".join(cell for _, cell in cells))
 
 
+def digit_bits_line(picked: kernels.TopkPlan, logits: torch.Tensor, lse: torch.Tensor,
+                    summary: kernels.MaskSummary, budget: int, sets: int, by_prob: bool, default: torch.Tensor,
+                    widths: list[int]) -> str:
+    """us of the top-k by the picked grouped plan with radix digits of each of `widths` bits."""
+    plans = {f"{bits}-bit": dataclasses.replace(picked, digit_bits=bits) for bits in widths}
+    cells = timed_plans(plans, logits, lse, summary, budget, sets, by_prob, default)
+    return f"  digit widths (picked {picked.digit_bits}-bit): " + " ".join(cell for _, cell in cells)
+
+
 def split_sweep_line(picked: kernels.TopkPlan, logits: torch.Tensor, lse: torch.Tensor,
                      summary: kernels.MaskSummary, budget: int, sets: int, by_prob: bool,
                      default: torch.Tensor) -> str:
@@ -180,6 +193,8 @@ def main() -> None:
                         help="time the picked grouped plan with its gather on each of these programs per row")
     parser.add_argument("--split-sweep", action="store_true",
                         help="where the picked plan splits its gather: sweep its group length, steps and warps")
+    parser.add_argument("--digit-bits", nargs="*", type=int, default=[], choices=[4, 8],
+                        help="time the picked grouped plan with radix digits of each of these widths")
     parser.add_argument("--budgets", nargs="*", type=int, default=None,
                         help="only these budgets of the shapes (default: every budget)")
     args = parser.parse_args()
@@ -218,6 +233,8 @@ def main() -> None:
             selection = (logits, lse, summary, budget, sets, by_prob, default)
             if picked.grouped and args.gather_programs:
                 print(gather_programs_line(picked, *selection, args.gather_programs), flush=True)
+            if picked.grouped and args.digit_bits:
+                print(digit_bits_line(picked, *selection, args.digit_bits), flush=True)
             if picked.grouped and picked.gather_programs > 1 and args.split_sweep:
                 print(split_sweep_line(picked, *selection), flush=True)
             if not by_prob:
@@ -226,6 +243,9 @@ def main() -> None:
                     plan = kernels.plan_topk(batch * sets, length, budget, logits.device, gather_programs=parts)
                     print(f"  gather programs {parts}:" + selection_line(q, k, mask, summary, budget, plan)[1:],
                           flush=True)
+                for bits in args.digit_bits if picked.grouped else ():
+                    plan = dataclasses.replace(picked, digit_bits=bits)
+                    print(f"  {bits}-bit digits:" + selection_line(q, k, mask, summary, budget, plan)[1:], flush=True)
         del q, k, lse, logits
         torch.cuda.empty_cache()
 

@@ -115,9 +115,10 @@ def selection_launches() -> None:
     summary = kernels.summarize_mask(mask, 2, k.shape[2], q.device, sink=4, recent=8)
     _, lse, logits = kernels.flash_decode(q, k, v, mask, 0.1, emit_logits=True, summary=summary)
     for sets, by_prob in ((8, False), (2, True), (1, True)):
-        for grouped, gather_programs in ((True, 1), (True, 4), (False, 1)):
+        for grouped, gather_programs, digit_bits in ((True, 1, 8), (True, 4, 8), (True, 1, 4), (True, 4, 4),
+                                                     (False, 1, 8)):
             plan = kernels.plan_topk(2 * sets, k.shape[2], 64, q.device, grouped=grouped, group=4,
-                                     gather_programs=gather_programs)
+                                     gather_programs=gather_programs, digit_bits=digit_bits)
             kernels.select_topk(logits, lse, summary, 64, sets, by_prob, plan)
 
 

@@ -3,6 +3,7 @@ launchers called directly (torch.compile cannot trace interpreted launches on CP
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -42,6 +43,7 @@ def kernel_selection(p, budget, granularity, sink=0, recent=0, chunk=32, block=1
 small = dict(dtypes=(torch.float32, torch.float16), max_len=70)
 groups = st.sampled_from([None, 1, 2, 4, 16])  # top-k plans: chunked, or grouped by that many positions
 gather_programs = st.sampled_from([1, 2, 3, 8])  # the grouped plan's candidate gather: in radix_select, or split
+digit_bits = st.sampled_from([4, 8])  # the grouped plan's radix digits
 
 
 @settings(max_examples=12, deadline=None)
@@ -153,36 +155,38 @@ def test_flash_decode_bounds_large_masked_launches_only(monkeypatch):
 
 @settings(max_examples=8, deadline=None)
 @given(p=decode_problems(integer_valued=True, max_len=70), budget=st.integers(1, 24),
-       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups, parts=gather_programs)
-def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent, group, parts):
+       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups, parts=gather_programs, bits=digit_bits)
+def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent, group, parts, bits):
     """Integer inputs make logits exact, so ties are real: the kernel must break them like the
     reference (lower position first) and return the same sorted indices, its candidate gather in
-    radix_select or split over `parts` programs per row."""
+    radix_select or split over `parts` programs per row, its digits of 4 or 8 bits."""
     budget = max(budget, sink + max(recent, 1))
-    _, idx = kernel_selection(p, budget, "query_head", sink, recent, group=group, gather_programs=parts)
+    _, idx = kernel_selection(p, budget, "query_head", sink, recent, group=group, gather_programs=parts,
+                              digit_bits=bits)
     expected = oracle.selection_indices(p.query, p.key, p.mask, p.scale, budget, "query_head", sink, recent)
     torch.testing.assert_close(idx, expected, rtol=0, atol=0)
 
 
 @settings(max_examples=12, deadline=None)
 @given(p=decode_problems(max_len=70), budget=st.integers(1, 24), granularity=granularities,
-       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups, parts=gather_programs)
-def test_radix_topk_is_a_topk_of_float_scores(p, budget, granularity, sink, recent, group, parts):
+       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups, parts=gather_programs, bits=digit_bits)
+def test_radix_topk_is_a_topk_of_float_scores(p, budget, granularity, sink, recent, group, parts, bits):
     budget = max(budget, sink + max(recent, 1))
-    _, idx = kernel_selection(p, budget, granularity, sink, recent, group=group, gather_programs=parts)
+    _, idx = kernel_selection(p, budget, granularity, sink, recent, group=group, gather_programs=parts,
+                              digit_bits=bits)
     oracle.assert_is_topk(idx, p.query, p.key, p.mask, p.scale, budget, granularity, sink, recent, rel_tol=1e-4)
 
 
 @settings(max_examples=6, deadline=None)
 @given(p=decode_problems(integer_valued=True, max_len=70), granularity=granularities, group=groups,
-       parts=gather_programs)
-def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group, parts):
+       parts=gather_programs, bits=digit_bits)
+def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group, parts, bits):
     """Identical keys tie every position in every head (and in the summed kv_head / layer
     scores): the kernels pick the lowest valid positions plus the current token."""
     key = p.key[:, :, :1].expand_as(p.key).contiguous()
     tied = type("P", (), dict(query=p.query, key=key, value=p.value, mask=p.mask, scale=p.scale,
                               num_kv_heads=p.num_kv_heads))
-    _, idx = kernel_selection(tied, 3, granularity, group=group, gather_programs=parts)
+    _, idx = kernel_selection(tied, 3, granularity, group=group, gather_programs=parts, digit_bits=bits)
     for b in range(idx.shape[0]):
         valid = oracle.valid_positions(p.mask, b, key.shape[2])
         expected = sorted(set(valid[:2]) | {valid[-1]})
@@ -196,8 +200,9 @@ def test_grouped_topk_breaks_ties_at_the_candidate_threshold_across_groups_by_po
     largest key comes from the first pass would, must still rank the ties by position)."""
     logits = torch.tensor([[[5.0, 5, -1, -1, 5, 1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1]]])
     summary = kernels.summarize_mask(None, 1, 16, logits.device)
-    for parts in (1, 2, 3):
-        plan = kernels.plan_topk(1, 16, 3, logits.device, grouped=True, chunk=4, block=4, group=4, gather_programs=parts)
+    for parts, bits in itertools.product((1, 2, 3), (4, 8)):
+        plan = kernels.plan_topk(1, 16, 3, logits.device, grouped=True, chunk=4, block=4, group=4,
+                                 gather_programs=parts, digit_bits=bits)
         assert kernels.select_topk(logits, logits[..., 0], summary, 3, 1, False, plan).tolist() == [[[0, 1, 15]]]
 
 

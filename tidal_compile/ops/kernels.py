@@ -452,7 +452,8 @@ GATHER_SPLIT_MIN = 8192  # with few rows a candidate gather of this many positio
 GATHER_SHARE = 1024  # ... about this many positions a program ...
 GATHER_PROGRAMS_PER_SM = 2  # ... and at most this many of its programs per SM ...
 GATHER_PROGRAMS_MAX = 8  # ... and per row
-RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja)
+RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja) ...
+RADIX_BITS = 8  # ... the grouped plan's default (TopkPlan.digit_bits: 4 or 8)
 
 
 def topk_chunk(rows: int, length: int, device: torch.device) -> int:
@@ -564,7 +565,9 @@ class TopkPlan:
     (`select_warps` warps; group keys in steps of `group_block`, candidates in steps of
     `select_block`, the candidate gather in steps of `gather_block` positions) over groups of
     `group` positions; with `gather_programs` > 1 the gather is its own launch on that many
-    programs per row, between radix_select_groups and radix_select_candidates.
+    programs per row, between radix_select_groups and radix_select_candidates. Its selections
+    find each threshold `digit_bits` bits at a time (32 / digit_bits histograms of 2 ** digit_bits
+    bins).
     Chunked (radix_topk_chunked.py.jinja): every pass on (rows, chunks of `chunk`) programs."""
 
     grouped: bool
@@ -576,6 +579,11 @@ class TopkPlan:
     select_warps: int = SELECT_WARPS
     gather_block: int = SELECT_BLOCK
     gather_programs: int = 1
+    digit_bits: int = RADIX_BITS
+
+    def __post_init__(self) -> None:
+        if self.digit_bits not in (4, 8):
+            raise ValueError(f"TopkPlan.digit_bits must be 4 or 8, not {self.digit_bits}")
 
     def chunks(self, length: int) -> int:
         return triton.cdiv(length, self.chunk)
@@ -669,7 +677,7 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
         wrap_triton(module.radix_select)[(rows,)](
             **row_args, GroupMax=group_max, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, **out_args,
             **constants, GROUP_BLOCK=plan.group_block, BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block,
-            num_warps=plan.select_warps)
+            DIGIT_BITS=plan.digit_bits, num_warps=plan.select_warps)
         return
     parts = plan.gather_programs
     chosen = torch.empty(rows, dtype=torch.int32, device=device)
@@ -679,14 +687,15 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
         KvLen=summary.kv_len, SinkEnd=summary.sink_end, RecentStart=summary.recent_start, GroupMax=group_max,
         Groups=groups, Chosen=chosen, Threshold=threshold, stride_gr=group_max.stride(0), budget=budget,
         NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, GROUP_BLOCK=plan.group_block, PAGE=page_size,
-        num_warps=plan.select_warps)
+        DIGIT_BITS=plan.digit_bits, num_warps=plan.select_warps)
     wrap_triton(module.radix_gather)[(rows, parts)](
         **row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys, CandPos=cand_pos,
         CandCount=counts, budget=budget, **constants, GATHER_BLOCK=plan.gather_block, PARTS=parts)
     wrap_triton(module.radix_select_candidates)[(rows,)](
         CandKeys=cand_keys, CandPos=cand_pos, CandCount=counts, PackedKeys=torch.empty_like(cand_keys),
         PackedPos=torch.empty_like(cand_pos), **out_args, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group,
-        BLOCK=plan.select_block, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts), num_warps=plan.select_warps)
+        BLOCK=plan.select_block, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts), DIGIT_BITS=plan.digit_bits,
+        num_warps=plan.select_warps)
 
 
 def _select_chunked(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary, budget: int, rank_by_prob: bool,

@@ -340,17 +340,9 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
             step = captured(step, STEP_GRAPH_WARMUP)
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - started
-    times = []
     stance = torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guard_eval else contextlib.nullcontext()
     with stance:
-        for i in range(warmup + steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            if i >= warmup:
-                times.append(start.elapsed_time(end))
+        times = synced_step_times(step, warmup + steps)[warmup:]
         pipelined_ms = pipelined_step_ms(step, steps)
         kernels = profile_kernels(step, profile_steps, trace)
     row = Row(shape=shape_name, batch=batch, context=context, method=method.name, ms=statistics.median(times),
@@ -363,6 +355,20 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def synced_step_times(step: Callable[[], None], steps: int) -> list[float]:
+    """ms of each of `steps` steps, each timed by its own pair of events and waited for (as
+    generate's per-token stop check waits)."""
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
 
 
 def pipelined_step_ms(step: Callable[[], None], steps: int) -> float:
@@ -434,12 +440,13 @@ def print_row(row: Row, out: Callable[[str], None]) -> None:
     c = row.categories
     out(f"{row.shape:10s} B={row.batch:<2d} L={row.context:<6d} {row.method:16s} {row.ms:7.3f} ms  "
         f"{ratio(row.speedup_vs_inductor)} vs inductor  {ratio(row.speedup_vs_full)} vs full "
-        f"({ratio(row.kernel_speedup_vs_full)} by kernel time, {ratio(row.pipelined_speedup_vs_full)} pipelined; ceiling {ratio(row.ceiling_vs_inductor)} / "
-        f"{ratio(row.ceiling_vs_full)})  {attention}  "
+        f"({ratio(row.kernel_speedup_vs_full)} by kernel time, {ratio(row.pipelined_speedup_vs_full)} pipelined; "
+        f"ceiling {ratio(row.ceiling_vs_inductor)} / {ratio(row.ceiling_vs_full)})  {attention}  "
         f"| kernels {row.kernel_ms:6.3f} (w {c['weights']:.3f} a {c['attention']:.3f} s {c['selection']:.3f} "
         f"c {c['communication']:.3f} o {c['other']:.3f}; {row.launches:.0f} launches) outside {row.outside_ms:6.3f} "
         f"(idle gaps: short {row.gaps.get('short_ms', 0):.3f} long {row.gaps.get('long_ms', 0):.3f} longest "
-        f"{row.gaps.get('longest_ms', 0):.3f}; pipelined step {row.pipelined_ms or 0:.3f})  [compile {row.compile_s:.0f} s]"
+        f"{row.gaps.get('longest_ms', 0):.3f}; pipelined step {row.pipelined_ms or 0:.3f})  "
+        f"[compile {row.compile_s:.0f} s]"
         + (f"  NO CUDA GRAPHS in {row.cudagraph_skips} graph(s)" if row.cudagraph_skips else ""))
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from attention import copy_bandwidth  # benchmarks/, beside this script
-from decode import HEAD_DIM, SHAPES, Shape, profile_kernels
+from decode import HEAD_DIM, SHAPES, Shape, captured, profile_kernels, synced_step_times
 
 
 def projections(shape: Shape, merged: bool) -> list[tuple[str, str, list[int]]]:
@@ -93,24 +93,9 @@ def measure(shape_name: str, shape: Shape, batch: int, blas: str, merged: bool, 
         for weights in layers:
             layer_products(weights, activations, shape, merged)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # cuBLAS's workspace and heuristics before the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    kernels = profile_kernels(graph.replay, 2)
-    ms = statistics.median(times)
+    replay = captured(step, warmup=1)  # a run before the capture: cuBLAS's workspace and heuristics
+    kernels = profile_kernels(replay, 2)
+    ms = statistics.median(synced_step_times(replay, steps))
     weight_bytes = sum(weight.numel() * weight.element_size() for weights in layers for weight in weights.values())
     return Row(shape_name, batch, blas, "merged" if merged else "separate", ms, kernels["kernel_ms"],
                kernels["launches"], weight_bytes / ms / 1e9)

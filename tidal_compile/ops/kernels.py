@@ -452,8 +452,8 @@ GATHER_SPLIT_MIN = 8192  # with few rows a candidate gather of this many positio
 GATHER_SHARE = 1024  # ... about this many positions a program ...
 GATHER_PROGRAMS_PER_SM = 2  # ... and at most this many of its programs per SM ...
 GATHER_PROGRAMS_MAX = 8  # ... and per row
-RADIX_LEVELS = 4  # 8-bit digits of 32-bit keys (radix_keys.py.jinja) ...
-RADIX_BITS = 8  # ... the grouped plan's default (TopkPlan.digit_bits: 4 or 8)
+RADIX_BITS = 8  # bits per digit of 32-bit keys (radix_keys.py.jinja): the chunked plan's, the grouped one's default
+RADIX_LEVELS = 32 // RADIX_BITS
 
 
 def topk_chunk(rows: int, length: int, device: torch.device) -> int:

@@ -296,18 +296,19 @@ def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
     66 rows a gather of 8192 positions or more split over up to 8 programs a row (about 1024
     positions each, at most 2 per SM; docs/results/tune-topk-h200-2026-12-02-gather-programs-*.log)
     and 16 warps where a program still gathers 4096 positions; a split plan's group keys in one step
-    and its candidates in steps of 1024 (docs/results/tune-topk-h200-2026-12-02-split-sweep-*-b419b79.log)."""
+    and its candidates in steps of 1024 (docs/results/tune-topk-h200-2026-12-02-split-sweep-*-b419b79.log);
+    radix digits of 4 bits with at most 66 rows, else 8 (tune-topk-h200-2026-12-02-digit-bits-55b92fc.log)."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    expected = {(32, 131072, 256, 64): (2048, 1024, 2048, 8, 8), (8, 131072, 256, 64): (2048, 1024, 2048, 8, 8),
-                (32, 131072 + 16, 256, 64): (4096, 1024, 2048, 8, 8),
-                (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 2048, 8, 8),
-                (64, 32768, 256, 16): (2048, 1024, 4096, 16, 1), (64, 32768, 2048, 8): (4096, 1024, 4096, 16, 4),
-                (256, 32768, 256, 16): (2048, 1024, 1024, 8, 1), (256, 32768, 2048, 8): (2048, 2048, 2048, 8, 1),
-                (32, 131072, 2048, 8): (4096, 1024, 2048, 8, 8), (32, 131072, 2048, 32): (4096, 1024, 4096, 16, 8), (32, 8192, 16, 64): (128, 128, 1024, 8, 1),
-                (32, 8192 + 1, 16, 64): (256, 128, 1024, 8, 1)}
+    expected = {(32, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4), (8, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4),
+                (32, 131072 + 16, 256, 64): (4096, 1024, 2048, 8, 8, 4),
+                (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 2048, 8, 8, 4),
+                (64, 32768, 256, 16): (2048, 1024, 4096, 16, 1, 4), (64, 32768, 2048, 8): (4096, 1024, 4096, 16, 4, 4),
+                (256, 32768, 256, 16): (2048, 1024, 1024, 8, 1, 8), (256, 32768, 2048, 8): (2048, 2048, 2048, 8, 1, 8),
+                (32, 131072, 2048, 8): (4096, 1024, 2048, 8, 8, 4), (32, 131072, 2048, 32): (4096, 1024, 4096, 16, 8, 4),
+                (32, 8192, 16, 64): (128, 128, 1024, 8, 1, 4), (32, 8192 + 1, 16, 64): (256, 128, 1024, 8, 1, 4)}
     assert {shape: tuple(kernels.topk_select_steps(*shape, cuda).values()) for shape in expected} == expected
-    assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64, 16, 8)
+    assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64, 16, 8, 4)
     fused = kernels.topk_select_steps(32, 131072, 256, 64, cuda, gather_programs=1)
     assert (fused["gather_block"], fused["select_warps"], fused["gather_programs"]) == (4096, 16, 1)
 

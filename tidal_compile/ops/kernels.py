@@ -452,7 +452,8 @@ GATHER_SPLIT_MIN = 8192  # with few rows a candidate gather of this many positio
 GATHER_SHARE = 1024  # ... about this many positions a program ...
 GATHER_PROGRAMS_PER_SM = 2  # ... and at most this many of its programs per SM ...
 GATHER_PROGRAMS_MAX = 8  # ... and per row
-RADIX_BITS = 8  # bits per digit of 32-bit keys (radix_keys.py.jinja): the chunked plan's, the grouped one's default
+RADIX_BITS = 8  # bits per digit of 32-bit keys (radix_keys.py.jinja): the chunked plan's, the grouped one's default ...
+RADIX_BITS_FEW_ROWS = 4  # ... and with at most half as many rows as SMs, the grouped plan's
 RADIX_LEVELS = 32 // RADIX_BITS
 
 
@@ -497,8 +498,8 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
 
 def topk_select_steps(rows: int, length: int, budget: int, group: int, device: torch.device,
                       block: int = TOPK_BLOCK, gather_programs: Optional[int] = None) -> dict[str, int]:
-    """radix_select's steps and warps (TopkPlan's group_block, select_block, gather_block,
-    select_warps, gather_programs: `topk_gather_programs` by default) for a group-max step of
+    """radix_select's steps, warps and digits (TopkPlan's group_block, select_block, gather_block,
+    select_warps, gather_programs (`topk_gather_programs` by default), digit_bits) for a group-max step of
     `block` (TOPK_BLOCK; smaller blocks scale the constants down).
     - Group keys: in one step where they fit (GROUP_BLOCK_MAX, fewer when the rows fill the GPU)
       and fill three quarters of it: loaded once for the four digit passes; a short row (Quest's
@@ -514,6 +515,10 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
     - Candidate gather: with at most half as many rows as SMs each program's chain of passes
       decides and long steps pay (5-7 us at 128K, k = 256); at most the length of a gather
       program's share of the chosen groups.
+    - Radix digits: RADIX_BITS_FEW_ROWS with at most half as many rows as SMs (each row's chain of
+      histograms decides: eight of 16 bins beat four of 256; B1 128K k=256 37.9 -> 35.2 us, k=2048
+      73.0 -> 68.6, B8 32K kv_head 61.6 -> 57.0), else RADIX_BITS (B8 32K query_head k=2048, 256
+      rows: 120.5 us, 212.2 with 4-bit digits; docs/results/tune-topk-h200-2026-12-02-digit-bits-55b92fc.log).
     - Warps: SELECT_WARPS_LONG_ROWS with at most half as many rows as SMs and a gather of at
       least GATHER_BLOCK_FEW_ROWS positions (in a selection layer at B1 128K: k = 256 62.3 -> 56.8
       us, k = 2048 140.7 -> 123.2 us with steps of 2048 candidates; docs/results/
@@ -538,7 +543,8 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
     gather = min(gather, triton.next_power_of_2(triton.cdiv(budget, programs) * group))
     long_rows = few_rows and gather >= scaled(GATHER_BLOCK_FEW_ROWS)
     return {"group_block": group_block, "select_block": select, "gather_block": gather,
-            "select_warps": SELECT_WARPS_LONG_ROWS if long_rows else SELECT_WARPS, "gather_programs": programs}
+            "select_warps": SELECT_WARPS_LONG_ROWS if long_rows else SELECT_WARPS, "gather_programs": programs,
+            "digit_bits": RADIX_BITS_FEW_ROWS if few_rows else RADIX_BITS}
 
 
 def topk_gather_programs(rows: int, budget: int, group: int, device: torch.device) -> int:

@@ -116,9 +116,10 @@ class Method:
     def config(self) -> TidalConfig:
         return TidalConfig.load(mode=self.mode, budget=self.budget)
 
-    def options(self, cudagraphs: bool = True) -> Optional[dict[str, Any]]:
+    def options(self, cudagraphs: bool = True, merge: bool = True) -> Optional[dict[str, Any]]:
         """Backend options (None: plain Inductor)."""
-        return None if self.is_baseline else {"config": self.config(), "cudagraphs": cudagraphs}
+        return None if self.is_baseline else {"config": self.config(), "cudagraphs": cudagraphs,
+                                               "merge_projections": merge}
 
     @property
     def file_name(self) -> str:
@@ -156,6 +157,8 @@ class Method:
 BASELINES = ("inductor", "inductor+where")
 STEP_GRAPH = "+graph"
 """Suffix of the rows whose whole step (forward, argmax, next position) is one hand-captured CUDA graph."""
+SEPARATE = "+separate"
+"""Suffix of the rows compiled with `merge_projections=False` (q, k, v, gate and up as separate products)."""
 STEP_GRAPH_WARMUP = 2  # steps run before the capture (on a side stream, as torch.cuda.graph asks)
 GUARD_FILTERS = {"nn-modules": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 """`--guard-filter` choices: Dynamo guards dropped (torch's own unsafe filters)."""
@@ -302,7 +305,7 @@ def filled_cache(model: torch.nn.Module, batch: int, context: int, capacity: int
 def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shape, batch: int, context: int,
             steps: int, warmup: int, profile_steps: int, kv_heads: Optional[int] = None,
             trace: Optional[str] = None, skip_guard_eval: bool = False, guard_filter: Optional[str] = None,
-            inductor_config: Optional[dict[str, Any]] = None, step_graph: bool = False) -> Row:
+            inductor_config: Optional[dict[str, Any]] = None, step_graph: bool = False, merge: bool = True) -> Row:
     """Compile `model.forward` for `method`, fill a cache to `context`, time and profile decode steps
     (`kv_heads`: the KV heads a rank holds, under tensor parallelism; `trace`: a Chrome trace file of
     the profiled steps; `skip_guard_eval`: time the steps after the compile with Dynamo's guards
@@ -311,9 +314,9 @@ def measure(model: torch.nn.Module, method: Method, shape_name: str, shape: Shap
     config patches for every method, the tidal backend's `inductor` option; `step_graph`: compile
     without CUDA graphs, then capture the whole step (forward, argmax, next position) in one
     CUDA graph by hand and time its replays: what a step costs with no Python, guards or graph
-    tree around the kernels)."""
+    tree around the kernels; `merge`: the backend's merge_projections)."""
     torch._dynamo.reset()
-    options = method.options(cudagraphs=not step_graph)
+    options = method.options(cudagraphs=not step_graph, merge=merge)
     guards = {"guard_filter_fn": GUARD_FILTERS[guard_filter]} if guard_filter else {}
     patches = inductor_config or {}
     if options is not None:
@@ -415,14 +418,15 @@ def derive(rows: list[Row], bandwidth: float) -> None:
                      (row.shape, row.batch, context, method)), None)
 
     for row in rows:
-        graph = STEP_GRAPH if row.method.endswith(STEP_GRAPH) else ""  # captured rows against captured rows
-        inductor, full = find(row, "inductor" + graph, row.context), find(row, "full" + graph, row.context)
+        graph = STEP_GRAPH if row.method.endswith(STEP_GRAPH) else ""  # captured rows against captured rows ...
+        variant = (SEPARATE if SEPARATE in row.method else "") + graph  # ... and separate against separate
+        inductor, full = find(row, "inductor" + graph, row.context), find(row, "full" + variant, row.context)
         row.speedup_vs_inductor = inductor.ms / row.ms if inductor else None
         row.speedup_vs_full = full.ms / row.ms if full else None
         row.kernel_speedup_vs_full = full.kernel_ms / row.kernel_ms if full else None
         row.pipelined_speedup_vs_full = (full.pipelined_ms / row.pipelined_ms
                                          if full and full.pipelined_ms and row.pipelined_ms else None)
-        floor = find(row, row.method, FLOOR_CONTEXT) or find(row, "full" + graph, FLOOR_CONTEXT)
+        floor = find(row, row.method, FLOOR_CONTEXT) or find(row, "full" + variant, FLOOR_CONTEXT)
         row.read_ms = row.attention_bytes / bandwidth * 1e3
         if floor is not None and not row.floor:
             row.attention_ms = row.ms - floor.ms
@@ -482,6 +486,14 @@ def step_graphs(args: argparse.Namespace) -> list[bool]:
     return {None: [False], "also": [False, True], "only": [True]}[args.step_graph]
 
 
+def merge_variants(args: argparse.Namespace, method: Method) -> list[bool]:
+    """Whether each row merges the projections (--separate-projections): the backend's default,
+    also without (after it), or only without; plain Inductor rows run once."""
+    if method.is_baseline:
+        return [True]
+    return {None: [True], "also": [True, False], "only": [False]}[args.separate_projections]
+
+
 def trace_file(folder: Optional[str], stem: str) -> Optional[str]:
     """Where a row's Chrome trace goes (`folder/stem.json.gz`), if traces are asked for."""
     if folder is None:
@@ -530,6 +542,9 @@ def main() -> None:
                         help="time the whole step captured in one CUDA graph by hand (rows named METHOD+graph, "
                         "compared with +graph rows): also (after each plain row) or only; a measurement of the "
                         "host's share, not how the backend runs")
+    parser.add_argument("--separate-projections", choices=("also", "only"), default=None,
+                        help="run the backend's rows with merge_projections=False (rows named METHOD+separate, "
+                        "compared with +separate rows): also (after each merged row) or only")
     add_measure_arguments(parser)
     args = parser.parse_args()
     if args.quick:
@@ -557,12 +572,14 @@ def main() -> None:
             torch.cuda.empty_cache()
             longest = max(shape.long_context if c == 0 else c for c in args.contexts)
             model, built = build_model(shape, longest + 4096), shape_name
-        for patches, step_graph in itertools.product(patch_sets(args), step_graphs(args)):
-            suffix = ("+config" if patches and args.beside_plain else "") + (STEP_GRAPH if step_graph else "")
+        for patches, merge, step_graph in itertools.product(patch_sets(args), merge_variants(args, method),
+                                                            step_graphs(args)):
+            suffix = (("+config" if patches and args.beside_plain else "") + ("" if merge else SEPARATE)
+                      + (STEP_GRAPH if step_graph else ""))
             trace = trace_file(args.trace, f"{shape_name}-b{batch}-{context}-{method.file_name}{suffix}")
             rows.append(measure(model, method, shape_name, shape, batch, context, args.steps, args.warmup,
                                 args.profile_steps, trace=trace, guard_filter=args.guard_filter,
-                                inductor_config=patches, step_graph=step_graph))
+                                inductor_config=patches, step_graph=step_graph, merge=merge))
             rows[-1].method += suffix
             derive(rows, bandwidth)
             print_row(rows[-1], progress.write)

@@ -35,6 +35,7 @@ def test_options_merge_yaml_and_shorthands(tmp_path):
 @pytest.mark.parametrize("options, message", [
     ({"budgt": 3}, "unknown config key 'budgt'.*backend options: config, num_layers, inner_backend, cudagraphs"),
     ({"cudagraphs": "yes"}, "cudagraphs must be true or false"),
+    ({"merge_projections": "yes"}, "merge_projections must be true or false"),
     ({"cudagraphs": True, "inner_backend": "eager"}, "cudagraphs needs inner_backend inductor"),
     ({"inner_backend": "tvm"}, "inner_backend must be one of inductor, aot_eager, eager"),
     ({"num_layers": 0}, "num_layers must be a positive integer"),

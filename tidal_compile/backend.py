@@ -10,7 +10,9 @@ graph + 1), `inner_backend` (`inductor` default; `aot_eager` or `eager` to debug
 `cudagraphs` (Inductor captures each graph in CUDA graphs and replays it, what
 `mode="reduce-overhead"` does; torch.compile takes no `mode` together with `options`) and
 `inductor` (Inductor config patches, e.g. `{"max_autotune": True, "coordinate_descent_tuning":
-True}`: what torch.compile's `options` would pass to plain Inductor). The
+True}`: what torch.compile's `options` would pass to plain Inductor) and `merge_projections`
+(default true: projections reading one input, q|k|v and gate|up, become one matrix product over
+their stacked weights, `passes/merge_projections`). The
 backend never writes into `options`; per-sequence state (Quest's page metadata) lives in the
 KV cache (:class:`tidal_compile.TidalCache`).
 `torch.compile(model, backend="tidal", mode=...)` (no options) passes an Inductor mode through.
@@ -36,6 +38,7 @@ import torch.fx as fx
 from tidal_compile.config import ConfigError, TidalConfig
 from tidal_compile.passes import run_tidal_passes
 from tidal_compile.passes.masked_fill import MaskedFillAsWhere
+from tidal_compile.passes.merge_projections import MergedProjections, merge_projections
 from tidal_compile.report import build_report, record
 
 log = logging.getLogger("tidal_compile")
@@ -56,8 +59,9 @@ class BackendOptions:
     inner_backend: str = "inductor"
     cudagraphs: bool = False
     inductor: Mapping[str, Any] = field(default_factory=dict)
+    merge_projections: bool = True
 
-    KEYS = ("config", "num_layers", "inner_backend", "cudagraphs", "inductor")
+    KEYS = ("config", "num_layers", "inner_backend", "cudagraphs", "inductor", "merge_projections")
     """Backend options besides the config keys."""
 
     @classmethod
@@ -69,6 +73,7 @@ class BackendOptions:
         num_layers = opts.pop("num_layers", None)
         inner = opts.pop("inner_backend", "inductor")
         cudagraphs = opts.pop("cudagraphs", False)
+        merge = opts.pop("merge_projections", True)
         inductor = _inductor_config(opts.pop("inductor", {}), inner)
         source = opts.pop("config", None)
         if num_layers is not None and (not isinstance(num_layers, int) or num_layers <= 0):
@@ -77,6 +82,8 @@ class BackendOptions:
             raise ConfigError(f"inner_backend must be one of {', '.join(INNER_BACKENDS)}; got {inner!r}")
         if not isinstance(cudagraphs, bool):
             raise ConfigError(f"cudagraphs must be true or false, got {cudagraphs!r}")
+        if not isinstance(merge, bool):
+            raise ConfigError(f"merge_projections must be true or false, got {merge!r}")
         if cudagraphs and inner != "inductor":
             raise ConfigError(f"cudagraphs needs inner_backend inductor, got {inner!r}")
         try:
@@ -85,7 +92,7 @@ class BackendOptions:
             if "unknown config key" in str(e):
                 raise ConfigError(f"{e} (backend options: {', '.join(cls.KEYS)})") from None
             raise
-        return cls(config, num_layers, inner, cudagraphs, inductor)
+        return cls(config, num_layers, inner, cudagraphs, inductor, merge)
 
 
 def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
@@ -102,13 +109,16 @@ def tidal_backend(gm: fx.GraphModule, example_inputs: list[Any],
                       "a bare torch.compile backend cannot correct the cache, so this graph decodes without "
                       "correction", TidalFallbackWarning, stacklevel=2)
     result = run_tidal_passes(gm, opts.config, opts.num_layers)
-    report = build_report(result, opts.config, example_inputs)
+    merged = merge_projections(gm, example_inputs) if opts.merge_projections else MergedProjections()
+    report = build_report(result, opts.config, example_inputs, merged.summary())
     record(report)
     if report.layers:
         log.info("%s", report)
     for message in report.warnings():
         warnings.warn(message, TidalFallbackWarning, stacklevel=2)
-    return _inner_compile(opts.inner_backend, inductor_patches)(gm, example_inputs)
+    compiled = _inner_compile(opts.inner_backend, inductor_patches)(gm, example_inputs)
+    merged.share_storage()
+    return merged.guard(compiled)
 
 
 def _inductor_config(patches: Any, inner_backend: str) -> dict[str, Any]:

@@ -46,6 +46,8 @@ class GraphReport:
     """Layers computing attention without scaled_dot_product_attention (not rewritable)."""
     sharding: Optional[str] = None
     """Which rank of a tensor-parallel model this graph is and which heads its layers hold."""
+    projections: Optional[str] = None
+    """Which linear projections the graph computes as one matrix product (passes/merge_projections)."""
 
     @property
     def phase(self) -> str:
@@ -64,7 +66,8 @@ class GraphReport:
                 f"{detail}): {kinds or 'no attention layers'}")
 
     def __str__(self) -> str:
-        lines = [self.summary(), *([f"  {self.sharding}"] if self.sharding else []), *map(str, self.layers)]
+        notes = [f"  {note}" for note in (self.sharding, self.projections) if note]
+        lines = [self.summary(), *notes, *map(str, self.layers)]
         if self.eager_attention:
             lines.append(f"  layers {list(self.eager_attention)}: {EAGER_ATTENTION}")
         return "\n".join(lines)
@@ -115,7 +118,8 @@ class Explanation(list):
 _REPORTS: list[GraphReport] = []
 
 
-def build_report(result: PassResult, config: TidalConfig, example_inputs: Iterable[Any]) -> GraphReport:
+def build_report(result: PassResult, config: TidalConfig, example_inputs: Iterable[Any],
+                 projections: Optional[str] = None) -> GraphReport:
     """Turn a pass result into a report, remembering which parameters the graph uses."""
     layers = tuple(
         LayerReport(layer=d.site.layer, module_path=d.site.module_path,
@@ -127,7 +131,7 @@ def build_report(result: PassResult, config: TidalConfig, example_inputs: Iterab
     params = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
     num_layers = result.plan.num_layers if result.plan else None
     return GraphReport(result.graph_id, config, num_layers, family, layers, params, tuple(result.eager_attention),
-                       _sharding(result))
+                       _sharding(result), projections)
 
 
 def _sharding(result: PassResult) -> Optional[str]:

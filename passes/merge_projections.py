@@ -188,7 +188,7 @@ def _views_accept_narrowing(calls: list[fx.Node], weights: list[tuple[int, Tenso
                 shape = fx.node.map_arg(user.args[1:], lambda arg: arg.meta.get("example_value"))
                 try:
                     narrowed.view(*shape)
-                except (RuntimeError, ValueError):  # the view is impossible
+                except (RuntimeError, ValueError, TypeError):  # the view is impossible, or its size unknown
                     return False
     return True
 

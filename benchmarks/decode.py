@@ -27,7 +27,10 @@ tensor-parallel graphs capturable in CUDA graphs: benchmarks/decode_tp.py), full
 topk_oracle:K (K the budget). Each row counts the graphs Inductor did not capture.
 `--step-graph also|only` times each row a second way (rows METHOD+graph): compiled without CUDA
 graphs, the whole step then captured in one CUDA graph by hand and replayed, so no Python, Dynamo
-guards or CUDA-graph tree run between steps: how much of a step the host's share is. Plots:
+guards or CUDA-graph tree run between steps: how much of a step the host's share is.
+`--separate-projections also|only` runs the backend's rows with `merge_projections=False` too
+(rows METHOD+separate, compared with the +separate full rows): what merging q|k|v and gate|up
+into one product each saves. Plain Inductor rows keep the model's separate products. Plots:
 `python benchmarks/plot_decode.py results.json`.
 """
 

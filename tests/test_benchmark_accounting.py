@@ -56,6 +56,7 @@ def test_methods_parse_their_budget_and_options():
     assert (tidal.mode, tidal.budget) == ("tidal", 2048)
     assert tidal.options()["config"].budget == 2048 and tidal.options()["cudagraphs"] is True
     assert tidal.options(cudagraphs=False)["cudagraphs"] is False  # --step-graph captures the step itself
+    assert tidal.options()["merge_projections"] is True and tidal.options(merge=False)["merge_projections"] is False
     assert decode.Method("quest:256").page_size() == 16 and tidal.page_size() is None
 
 
@@ -123,6 +124,27 @@ def test_step_graph_rows_run_after_or_instead_of_plain_ones_and_are_rated_agains
     assert tidal.speedup_vs_full == 11.0 / 7.0 and tidal.attention_ms == 1.0
     assert graph_tidal.speedup_vs_full == 10.0 / 5.5 and graph_tidal.attention_ms == 0.5
     assert graph_full.speedup_vs_full == 1.0
+
+
+def test_separate_projection_rows_run_for_the_backend_only_and_are_rated_against_separate_rows():
+    def variants(choice, method):
+        return decode.merge_variants(argparse.Namespace(separate_projections=choice), decode.Method(method))
+
+    assert [variants(choice, "tidal:256") for choice in (None, "also", "only")] == [[True], [True, False], [False]]
+    assert variants("also", "inductor") == [True]  # plain Inductor has no merge to switch off
+
+    def row(method, context, ms):
+        return decode.Row("llama3-8b", 1, context, method, ms, 1.0, 4e9, ms - 1, {}, [],
+                          floor=context == decode.FLOOR_CONTEXT)
+
+    floor, full, tidal = row("full", 1024, 5.0), row("full", 131072, 10.0), row("tidal:256", 131072, 6.0)
+    separate = [row("full+separate", 1024, 5.5), row("full+separate", 131072, 10.5),
+                row("tidal:256+separate", 131072, 7.0), row("tidal:256+separate+graph", 131072, 6.5)]
+    graph_full = row("full+separate+graph", 131072, 9.0)
+    decode.derive([floor, full, tidal, *separate, graph_full], bandwidth=2e12)
+    assert tidal.speedup_vs_full == 10.0 / 6.0 and tidal.attention_ms == 1.0
+    assert separate[2].speedup_vs_full == 10.5 / 7.0 and separate[2].attention_ms == 1.5
+    assert separate[3].speedup_vs_full == 9.0 / 6.5
 
 
 def test_tune_quest_counts_the_page_metadata_quest_scores_reads():

@@ -6,11 +6,12 @@ Llama-3-8B, batch 1: 4.42 -> 3.89 ms a step for the projections, `benchmarks/pro
 
 Dynamo hands the backend the parameters as graph inputs. For each group of `linear` calls on
 one input whose weights (and biases) are plain tensors of one dtype and device, the pass stacks
-them into one tensor, points each parameter's `.data` at its rows of it (no second copy of the
-weights; in-place updates of a parameter, e.g. `load_state_dict`, reach the stacked tensor),
-registers the stack on the graph module (a constant input for Inductor, static under CUDA
-graphs), and replaces the calls with one `linear` whose output columns each old call's users
-read through `narrow`. Parameters already stacked by an earlier graph are used in place.
+them into one tensor, registers it on the graph module (a constant input for Inductor, static
+under CUDA graphs) and replaces the calls with one `linear` whose output columns each old call's
+users read through `narrow`; once the graph is compiled, `share_storage` points each
+parameter's `.data` at its rows of the stack (no second copy of the weights stays; in-place
+updates of a parameter, e.g. `load_state_dict`, reach the stack). Parameters already stacked by
+an earlier graph are used in place.
 
 Skipped, so nothing changes: graphs traced with grad enabled on weights that require it (the
 merged product would not reach the parameters' gradients), tensor subclasses (DTensor shards,

@@ -32,7 +32,7 @@ import torch.fx as fx
 from torch import Tensor
 from torch._dynamo.source import ConstantSource
 
-from tidal_compile.passes.fx_utils import fake_value, module_path
+from tidal_compile.passes.fx_utils import fake_value, is_call, module_path
 
 LINEAR = torch._C._nn.linear
 MEMORY_MARGIN = 1 << 30  # bytes of device memory a merge leaves free
@@ -134,7 +134,7 @@ def _calls_by_input(graph: fx.Graph) -> list[list[fx.Node]]:
     """Groups of two or more `linear(x, weight[, bias])` calls on one input x, in graph order."""
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is LINEAR and not node.kwargs and len(node.args) in (2, 3):
+        if is_call(node, LINEAR) and not node.kwargs and len(node.args) in (2, 3):
             groups.setdefault(node.args[0], []).append(node)
     return [calls for calls in groups.values() if len(calls) > 1]
 
@@ -180,7 +180,7 @@ def _views_accept_narrowing(calls: list[fx.Node], weights: list[tuple[int, Tenso
         out = fake_value(call)
         if out is None:
             return False
-        viewers = [user for user in call.users if user.op == "call_method" and user.target == "view"]
+        viewers = [user for user in call.users if is_call(user, "view")]
         if not viewers:
             continue
         with out.fake_mode:

@@ -206,6 +206,33 @@ def test_grouped_topk_breaks_ties_at_the_candidate_threshold_across_groups_by_po
         assert kernels.select_topk(logits, logits[..., 0], summary, 3, 1, False, plan).tolist() == [[[0, 1, 15]]]
 
 
+def _topk_by_sorting(row: list[float], forced: set[int], budget: int) -> list[int]:
+    """The top-`budget` positions of one row of logits (forced first, then larger, then lower position), ascending."""
+    order = sorted(range(len(row)), key=lambda n: (0, 0, n) if n in forced else (1, -row[n], n))
+    return sorted(order[:budget])
+
+
+@settings(max_examples=25, deadline=None)
+@given(base=st.sampled_from([2.0, 2.0 ** 127, -3.0, 1e-30]), length=st.integers(8, 70),
+       offsets=st.data(), budget=st.integers(1, 20), sink=st.integers(0, 3), recent=st.integers(0, 3),
+       group=st.sampled_from([2, 4, 8]), parts=gather_programs, bits=digit_bits)
+def test_grouped_topk_of_keys_in_a_narrow_band(base, length, offsets, budget, sink, recent, group, parts, bits):
+    """Logits within a few percent of `base` (keys sharing their leading digits: the radix
+    selections decide in the low digits; at 2 ** 127 the leading byte is all ones, as a forced
+    key's), ties among them, sink and recent positions forced (more of them than the budget too):
+    the grouped top-k equals a sort."""
+    steps = offsets.draw(st.lists(st.integers(0, 7), min_size=length, max_size=length))
+    row = [base * (1 + step / 64) for step in steps]
+    logits = torch.tensor([[row]], dtype=torch.float32)
+    summary = kernels.summarize_mask(None, 1, length, logits.device, sink, recent)
+    forced = {n for n in range(length) if n < summary.sink_end.item() or n >= summary.recent_start.item()}
+    plan = kernels.plan_topk(1, length, budget, logits.device, grouped=True, chunk=16, block=16, group=group,
+                             gather_programs=parts, digit_bits=bits)
+    expected = _topk_by_sorting(row, forced, budget)
+    expected += [-1] * (budget - len(expected))
+    assert kernels.select_topk(logits, logits[..., 0], summary, budget, 1, False, plan).tolist() == [[expected]]
+
+
 def test_logits_rows_are_aligned_for_any_cache_length():
     """flash_decode's logits rows start 16-element aligned (Triton's stride specialization) for a
     cache length that is not a multiple of 16, and the top-k over them equals the reference."""

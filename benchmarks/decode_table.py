@@ -13,6 +13,10 @@ measured them (baselines from that same process), then the files the line's rows
 
 prints instead, for each line, the `decode.py` command that would fill its empty cells (with
 `full` and tidal k=256 again, so that the new rows' ratios come from one run, and a floor).
+With `--cells-only` the commands run the empty cells alone (the table shows other methods' ms
+only, so their baselines need not share their run): `full` beside tidal k=256 only when that
+cell is empty (its ratios), a floor only for a line without one, and the lines of one shape and
+batch that need the same methods in one command (one process, one floor): about half the rows.
 """
 
 from __future__ import annotations
@@ -77,27 +81,40 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def missing(rows: list[dict]) -> list[str]:
+def missing(rows: list[dict], cells_only: bool = False) -> list[str]:
     """For each line of the table with an empty method cell, the decode.py command that fills it:
-    the missing methods beside full and HEADLINE (their run's baselines), with a floor."""
-    have = {(r["shape"], r["batch"], r["context"], r["method"]) for r in rows}
-    commands = []
+    the missing methods beside full and HEADLINE (their run's baselines), with a floor; with
+    `cells_only`, the missing methods alone (full beside an absent HEADLINE), a floor only where
+    the line has none, lines of one shape and batch with the same methods in one command."""
+    by_key = {(r["shape"], r["batch"], r["context"], r["method"]): r for r in rows}
+    commands: dict[tuple, list[int]] = {}  # (shape, batch, methods, floor, absent) -> contexts
     for shape, batch, context in sorted({(r["shape"], r["batch"], r["context"]) for r in rows if not r["floor"]}):
-        absent = [m for m in METHODS if (shape, batch, context, m) not in have]
-        if absent:
-            methods = [m for m in METHODS if m in absent or m in ("full", HEADLINE)]
-            commands.append(f"python benchmarks/decode.py --shapes {shape} --batches {batch} --contexts {context} "
-                            f"--methods {' '.join(methods)} --floor-methods full  # missing: {' '.join(absent)}")
-    return commands
+        absent = tuple(m for m in METHODS if (shape, batch, context, m) not in by_key)
+        if not absent:
+            continue
+        baselines = ("full",) if HEADLINE in absent or not cells_only else ()
+        methods = tuple(m for m in METHODS if m in absent or m in baselines or (m == HEADLINE and not cells_only))
+        line_rows = (by_key.get((shape, batch, context, m)) for m in (HEADLINE, "full"))
+        floor = not cells_only or _floor(*line_rows) == "-"
+        key = (shape, batch, methods, floor, absent if not cells_only else ())
+        commands.setdefault(key, []).append(context)
+    return [f"python benchmarks/decode.py --shapes {shape} --batches {batch} --contexts {' '.join(map(str, contexts))} "
+            f"--methods {' '.join(methods)} --floor-methods{' full' if floor else ''}"
+            + (f"  # missing: {' '.join(absent)}" if absent else "")
+            for (shape, batch, methods, floor, absent), contexts in commands.items()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="JSON files written by benchmarks/decode.py --out, oldest first")
     parser.add_argument("--missing", action="store_true", help="the decode.py commands that fill the empty cells")
+    parser.add_argument("--cells-only", action="store_true",
+                        help="with --missing: run the empty cells alone, lines of one shape and batch together")
     args = parser.parse_args()
+    if args.cells_only and not args.missing:
+        parser.error("--cells-only goes with --missing")
     rows = load_rows(args.results)
-    print("\n".join(missing(rows)) if args.missing else table(rows))
+    print("\n".join(missing(rows, args.cells_only)) if args.missing else table(rows))
 
 
 if __name__ == "__main__":

@@ -264,6 +264,20 @@ def test_decode_table_shows_each_rows_latest_figure_with_its_own_runs_floor_and_
     assert commands == ["python benchmarks/decode.py --shapes llama3-8b --batches 1 --contexts 131072 --methods full "
                         "tidal:256 tidal:2048 quest:256 topk_oracle:256 --floor-methods full  # missing: tidal:2048 "
                         "quest:256 topk_oracle:256"]
+    # the empty cells alone: this line has its floor and tidal's run, so neither runs again; lines
+    # without tidal k=256 (nor a floor) run it beside full (again: its ratios), with a floor, those
+    # that need the same methods in one command
+    assert decode_table.missing(decode_table.load_rows(paths), cells_only=True) == [
+        "python benchmarks/decode.py --shapes llama3-8b --batches 1 --contexts 131072 --methods tidal:2048 quest:256 "
+        "topk_oracle:256 --floor-methods"]
+    paths.append(run("decode-d.json", row("full", 32768, 8.0), row("full", 65536, 9.0), row("quest:256", 8192, 7.0)))
+    assert decode_table.missing(decode_table.load_rows(paths), cells_only=True) == [
+        "python benchmarks/decode.py --shapes llama3-8b --batches 1 --contexts 8192 --methods inductor full tidal:256 "
+        "tidal:2048 topk_oracle:256 --floor-methods full",
+        "python benchmarks/decode.py --shapes llama3-8b --batches 1 --contexts 32768 65536 --methods inductor full "
+        "tidal:256 tidal:2048 quest:256 topk_oracle:256 --floor-methods full",
+        "python benchmarks/decode.py --shapes llama3-8b --batches 1 --contexts 131072 --methods tidal:2048 quest:256 "
+        "topk_oracle:256 --floor-methods"]
 
 
 def test_generate_steps_clocks_every_token_of_a_compiled_generate_and_times_the_steps_after_the_first():

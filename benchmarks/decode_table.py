@@ -8,6 +8,8 @@ shape, batch and context: ms per step of each method, the floor (full attention 
 same shape and batch, in tidal k=256's run, else in full's), and tidal k=256's speed-ups (by
 step, by kernel time, by pipelined step: runs since 2026-12-02) and ceiling as its own run
 measured them (baselines from that same process), then the files the line's rows come from.
+Rows whose whole step ran in one CUDA graph (`decode.py --step-graph`, methods METHOD+graph)
+follow in a table of their own.
 
     python benchmarks/decode_table.py --missing docs/results/decode-*.json
 
@@ -28,6 +30,7 @@ from typing import Optional
 
 METHODS = ("inductor", "full", "tidal:256", "tidal:2048", "quest:256", "topk_oracle:256")
 HEADLINE = "tidal:256"
+CAPTURED = "+graph"  # decode.py's STEP_GRAPH: a row whose whole step ran in one CUDA graph (--step-graph)
 Key = tuple[str, int, int, str]  # shape, batch, context, method
 
 
@@ -60,22 +63,31 @@ def _ratio(row: Optional[dict], field: str) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def table(rows: list[dict]) -> str:
-    """The markdown table of `rows` (load_rows), lines sorted by shape, batch and context."""
+def _lines(rows: list[dict], suffix: str) -> list[tuple[str, int, int]]:
+    """(shape, batch, context) of every row run the way `suffix` names (CAPTURED, or "": plain), sorted."""
+    return sorted({(r["shape"], r["batch"], r["context"]) for r in rows
+                   if not r["floor"] and r["method"].endswith(CAPTURED) == bool(suffix)})
+
+
+def table(rows: list[dict], suffix: str = "") -> str:
+    """The markdown table of `rows` (load_rows), lines sorted by shape, batch and context: the rows
+    as Inductor's CUDA graphs run them, or with `suffix` CAPTURED the rows whose whole step ran in
+    one CUDA graph (each method's ratios against that run's captured baselines)."""
     by_key = {(r["shape"], r["batch"], r["context"], r["method"]): r for r in rows}
-    lines = sorted({(r["shape"], r["batch"], r["context"]) for r in rows if not r["floor"]})
-    head = ["shape", "B", "L", "floor (1K, same run)", *METHODS, f"{HEADLINE} / full (by kernels; pipelined)",
-            f"{HEADLINE} / inductor", f"{HEADLINE} ceiling / full", "from"]
+    methods = [m + suffix for m in METHODS]
+    headline = HEADLINE + suffix
+    head = ["shape", "B", "L", "floor (1K, same run)", *methods, f"{headline} / full (by kernels; pipelined)",
+            f"{headline} / inductor", f"{headline} ceiling / full", "from"]
     out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for shape, batch, context in lines:
-        cells = [by_key.get((shape, batch, context, m)) for m in METHODS]
-        tidal = by_key.get((shape, batch, context, HEADLINE))
+    for shape, batch, context in _lines(rows, suffix):
+        cells = [by_key.get((shape, batch, context, m)) for m in methods]
+        tidal = by_key.get((shape, batch, context, headline))
         by_kernels_and_pipelined = (f'{_ratio(tidal, "kernel_speedup_vs_full")}; '
                                     f'{_ratio(tidal, "pipelined_speedup_vs_full")}')
         files = sorted({r["file"] for r in cells if r is not None})
         out.append("| " + " | ".join([
-            shape, str(batch), f"{context // 1024}K", _floor(tidal, by_key.get((shape, batch, context, "full"))),
-            *map(_ms, cells),
+            shape, str(batch), f"{context // 1024}K",
+            _floor(tidal, by_key.get((shape, batch, context, "full" + suffix))), *map(_ms, cells),
             f"{_ratio(tidal, 'speedup_vs_full')} ({by_kernels_and_pipelined})", _ratio(tidal, "speedup_vs_inductor"),
             _ratio(tidal, "ceiling_vs_full"), ", ".join(f"`{f}`" for f in files)]) + " |")
     return "\n".join(out)
@@ -88,7 +100,7 @@ def missing(rows: list[dict], cells_only: bool = False) -> list[str]:
     the line has none, lines of one shape and batch with the same methods in one command."""
     by_key = {(r["shape"], r["batch"], r["context"], r["method"]): r for r in rows}
     commands: dict[tuple, list[int]] = {}  # (shape, batch, methods, floor, absent) -> contexts
-    for shape, batch, context in sorted({(r["shape"], r["batch"], r["context"]) for r in rows if not r["floor"]}):
+    for shape, batch, context in _lines(rows, ""):
         absent = tuple(m for m in METHODS if (shape, batch, context, m) not in by_key)
         if not absent:
             continue
@@ -114,7 +126,13 @@ def main() -> None:
     if args.cells_only and not args.missing:
         parser.error("--cells-only goes with --missing")
     rows = load_rows(args.results)
-    print("\n".join(missing(rows, args.cells_only)) if args.missing else table(rows))
+    if args.missing:
+        print("\n".join(missing(rows, args.cells_only)))
+        return
+    print(table(rows))
+    if _lines(rows, CAPTURED):
+        print(f"\nEach step captured whole in one CUDA graph (decode.py --step-graph: methods {CAPTURED}):\n")
+        print(table(rows, CAPTURED))
 
 
 if __name__ == "__main__":

@@ -280,6 +280,32 @@ def test_decode_table_shows_each_rows_latest_figure_with_its_own_runs_floor_and_
         "topk_oracle:256 --floor-methods"]
 
 
+def test_decode_table_puts_captured_rows_in_a_table_of_their_own(tmp_path):
+    def row(method, context, ms):
+        return decode.Row("llama2-7b", 1, context, method, ms, 1.0, int(1e9), ms - 1, {}, [],
+                          floor=context == decode.FLOOR_CONTEXT)
+
+    rows = [row("full", 1024, 5.0), row("inductor", 102400, 18.0), row("tidal:256", 102400, 6.0),
+            row("full+graph", 1024, 4.5), row("inductor+graph", 102400, 17.0), row("tidal:256+graph", 102400, 5.0),
+            row("tidal:256+graph", 65536, 4.0)]  # a line run captured only
+    decode.derive(rows, bandwidth=2e12)
+    with open(tmp_path / "decode-a.json", "w") as f:
+        json.dump({"rows": [dict(dataclasses.asdict(r), outside_ms=r.outside_ms) for r in rows]}, f)
+    loaded = decode_table.load_rows([str(tmp_path / "decode-a.json")])
+
+    def by_context(text):
+        header, _, *lines = ([c.strip() for c in line.strip("|").split("|")] for line in text.splitlines())
+        return {line[2]: dict(zip(header, line)) for line in lines}
+
+    plain, captured = by_context(decode_table.table(loaded)), by_context(decode_table.table(loaded, "+graph"))
+    assert list(plain) == ["100K"] and list(captured) == ["64K", "100K"]
+    assert (plain["100K"]["inductor"], plain["100K"]["tidal:256"], plain["100K"]["tidal:256 / inductor"]) == (
+        "18.00", "6.00", "3.00x")
+    assert (captured["100K"]["inductor+graph"], captured["100K"]["tidal:256+graph"]) == ("17.00", "5.00")
+    assert captured["100K"]["tidal:256+graph / inductor"] == "3.40x"  # against its run's captured Inductor row
+    assert [command.split("--contexts ")[1].split()[0] for command in decode_table.missing(loaded)] == ["102400"]
+
+
 def test_generate_steps_clocks_every_token_of_a_compiled_generate_and_times_the_steps_after_the_first():
     """benchmarks/generate_steps.py's clock rides along compile_for_generation's generate as a
     stopping criterion (so generate passes a caller's criteria through), sees every new token, and

@@ -233,6 +233,38 @@ def test_grouped_topk_of_keys_in_a_narrow_band(base, length, offsets, budget, si
     assert kernels.select_topk(logits, logits[..., 0], summary, budget, 1, False, plan).tolist() == [[expected]]
 
 
+@settings(max_examples=20, deadline=None)
+@given(length=st.integers(24, 160), data=st.data(), budget=st.integers(1, 12), recent=st.integers(0, 2),
+       group=st.sampled_from([1, 2, 4]), group_block=st.sampled_from([4, 8, 16]), parts=gather_programs,
+       bits=digit_bits)
+def test_grouped_topk_over_group_keys_past_the_first_step(length, data, budget, recent, group, group_block, parts,
+                                                          bits):
+    """More group keys than a selection's first step holds, as a cache a few positions past a
+    power of two has (one short step past it) or several steps past it, rows shorter than the
+    cache, ties everywhere: the keys past the first step stream in steps of the plan's group
+    tail, and the grouped top-k equals a sort."""
+    valid = data.draw(st.integers(1, length))
+    row = [float(v) for v in data.draw(st.lists(st.integers(-4, 4), min_size=length, max_size=length))]
+    logits = torch.tensor([[row]], dtype=torch.float32)
+    logits[..., valid:] = float("inf")  # past the valid length: never read
+    mask = torch.zeros(1, 1, 1, length, dtype=torch.bool)
+    mask[..., :valid] = True
+    summary = kernels.summarize_mask(mask, 1, length, logits.device, 0, recent)
+    forced = set(range(summary.recent_start.item(), valid))
+    plan = kernels.plan_topk(1, length, budget, logits.device, grouped=True, chunk=16, block=16, group=group,
+                             gather_programs=parts, digit_bits=bits, group_block=group_block)
+    assert plan.group_tail(length) <= group_block
+    expected = _topk_by_sorting(row[:valid], forced, budget)
+    expected += [-1] * (budget - len(expected))
+    assert kernels.select_topk(logits, logits[..., 0], summary, budget, 1, False, plan).tolist() == [[expected]]
+
+
+def test_group_tail_covers_the_group_keys_past_the_first_step_in_one_short_step_where_it_can():
+    plan = kernels.TopkPlan(grouped=True, chunk=4096, group=32, group_block=4096)
+    assert [plan.group_tail(n) for n in (131072, 131072 + 16, 131072 + 32 * 300, 131072 * 2, 131072 * 4)] == [
+        kernels.GROUP_TAIL_MIN, kernels.GROUP_TAIL_MIN, 512, 4096, 4096]
+
+
 def test_logits_rows_are_aligned_for_any_cache_length():
     """flash_decode's logits rows start 16-element aligned (Triton's stride specialization) for a
     cache length that is not a multiple of 16, and the top-k over them equals the reference."""

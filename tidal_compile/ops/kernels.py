@@ -446,6 +446,7 @@ CANDIDATES_PER_BUDGET = 4
 GATHER_BLOCK_FEW_ROWS = 4096  # with at most half as many rows as SMs: SELECT_BLOCK, and gathers this long
 GROUP_BLOCK_MAX = 4096  # radix_select's first selection holds up to this many group keys in registers ...
 GROUP_BLOCK_MAX_MANY_ROWS = 2048  # ... this many when the rows fill the GPU (4096: B8 32K k=2048 193 us, not 121)
+GROUP_TAIL_MIN = 256  # group keys per step past the first step: at least this many (TopkPlan.group_tail)
 SELECT_WARPS = 8
 SELECT_WARPS_LONG_ROWS = 16  # few rows with long gathers: one program's chain of phases decides the time
 GATHER_SPLIT_MIN = 8192  # with few rows a candidate gather of this many positions or more is its own launch ...
@@ -508,6 +509,9 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
       (decode step, H200: 56 us a selection; one step of 4096: 65; two of 2048: 67.5); but with
       the gather split over programs radix_select_groups holds them in one step (128K + 16, k =
       256: 45.2 us in the sweep, 46.9 in `tune_topk.py --quick`, against 47.0: about even).
+      Group keys past the first step stream in steps of `TopkPlan.group_tail` (a row a few keys
+      past GROUP_BLOCK_MAX, 4097 groups at 128K + 16 with k=2048, streamed two whole steps a
+      pass: radix_select_groups 36.8 us against 15.8 at 128K; with the tail not yet measured).
     - Candidates (a few per budget slot): steps of SELECT_BLOCK (SELECT_BLOCK_LARGE from a budget
       of LARGE_BUDGET where the gather is not split: radix_select_candidates alone is faster in
       steps of SELECT_BLOCK, 71.6 us against 75.0 at B1 128K k=2048), at most
@@ -568,8 +572,9 @@ def topk_gather_programs(rows: int, budget: int, group: int, device: torch.devic
 class TopkPlan:
     """How one `select_topk` runs. Grouped (radix_topk.py.jinja): radix_group_max over chunks of
     `chunk` positions per row in steps of `block`, then one radix_select program per row
-    (`select_warps` warps; group keys in steps of `group_block`, candidates in steps of
-    `select_block`, the candidate gather in steps of `gather_block` positions) over groups of
+    (`select_warps` warps; the first `group_block` group keys held in registers, the rest in
+    steps of `group_tail`, candidates in steps of `select_block`, the candidate gather in steps
+    of `gather_block` positions) over groups of
     `group` positions; with `gather_programs` > 1 the gather is its own launch on that many
     programs per row, between radix_select_groups and radix_select_candidates. Its selections
     find each threshold `digit_bits` bits at a time (32 / digit_bits histograms of 2 ** digit_bits
@@ -593,6 +598,15 @@ class TopkPlan:
 
     def chunks(self, length: int) -> int:
         return triton.cdiv(length, self.chunk)
+
+    def group_tail(self, length: int) -> int:
+        """Group keys per step of a selection past its first `group_block` (held in registers):
+        as many as a row of `length` positions has beyond them (a cache a few tokens past a
+        power of two: a short step, not a second group_block), at least GROUP_TAIL_MIN (scaled
+        with the block), at most group_block."""
+        past = triton.cdiv(length, self.group) - self.group_block
+        least = max(1, GROUP_TAIL_MIN * self.block // TOPK_BLOCK)
+        return min(self.group_block, max(least, triton.next_power_of_2(max(past, 1))))
 
 
 def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped: Optional[bool] = None,
@@ -661,7 +675,7 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     """Two launches (radix_topk.py.jinja), one when `group_keys` are given: the largest key of
     each group of positions, then per row the top groups and the top positions among them (three
     launches with `plan.gather_programs` > 1: the top groups, the gather, the top positions)."""
-    rows, length, device = out.shape[0] * out.shape[1], logits.shape[2], logits.device
+    rows, length, device = out.shape[0] * out.shape[1], sizes(logits)[2], logits.device
     module = codegen.load("radix_topk.py.jinja")
     written = group_keys is not None
     group_max = group_keys if written else topk_group_keys(rows, length, plan, device)
@@ -682,7 +696,8 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     if plan.gather_programs == 1 or plan.group == 1:
         wrap_triton(module.radix_select)[(rows,)](
             **row_args, GroupMax=group_max, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, **out_args,
-            **constants, GROUP_BLOCK=plan.group_block, BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block,
+            **constants, GROUP_BLOCK=plan.group_block, GROUP_TAIL=plan.group_tail(length), BLOCK=plan.select_block,
+            GATHER_BLOCK=plan.gather_block,
             DIGIT_BITS=plan.digit_bits, num_warps=plan.select_warps)
         return
     parts = plan.gather_programs
@@ -692,7 +707,8 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     wrap_triton(module.radix_select_groups)[(rows,)](
         KvLen=summary.kv_len, SinkEnd=summary.sink_end, RecentStart=summary.recent_start, GroupMax=group_max,
         Groups=groups, Chosen=chosen, Threshold=threshold, stride_gr=group_max.stride(0), budget=budget,
-        NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, GROUP_BLOCK=plan.group_block, PAGE=page_size,
+        NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, GROUP_BLOCK=plan.group_block,
+        GROUP_TAIL=plan.group_tail(length), PAGE=page_size,
         DIGIT_BITS=plan.digit_bits, num_warps=plan.select_warps)
     wrap_triton(module.radix_gather)[(rows, parts)](
         **row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys, CandPos=cand_pos,

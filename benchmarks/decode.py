@@ -63,6 +63,7 @@ from tidal_compile import TidalCache, TidalConfig, hf_compat
 from tidal_compile.passes.masked_fill import MaskedFillAsWhere
 from tidal_compile.step_graph import capture_cuda_graph, side_stream
 from attention import copy_bandwidth  # benchmarks/attention.py, beside this script
+from decode_table import CAPTURED as STEP_GRAPH  # rows captured whole: one suffix for both scripts
 from decode_table import METHODS  # the methods a full sweep runs, the table's columns
 
 FLOOR_CONTEXT = 1024
@@ -158,8 +159,6 @@ class Method:
 
 
 BASELINES = ("inductor", "inductor+where")
-STEP_GRAPH = "+graph"
-"""Suffix of the rows whose whole step (forward, argmax, next position) is one hand-captured CUDA graph."""
 SEPARATE = "+separate"
 """Suffix of the rows compiled with `merge_projections=False` (q, k, v, gate and up as separate products)."""
 STEP_GRAPH_WARMUP = 2  # steps run before the capture (on a side stream, as torch.cuda.graph asks)

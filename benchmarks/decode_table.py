@@ -30,7 +30,9 @@ from typing import Optional
 
 METHODS = ("inductor", "full", "tidal:256", "tidal:2048", "quest:256", "topk_oracle:256")
 HEADLINE = "tidal:256"
-CAPTURED = "+graph"  # decode.py's STEP_GRAPH: a row whose whole step ran in one CUDA graph (--step-graph)
+CAPTURED = "+graph"
+"""Suffix of decode.py's rows whose whole step (forward, argmax, next position) ran in one hand-captured
+CUDA graph (--step-graph; decode.py's STEP_GRAPH)."""
 Key = tuple[str, int, int, str]  # shape, batch, context, method
 
 

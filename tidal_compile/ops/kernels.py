@@ -574,11 +574,10 @@ class TopkPlan:
     `chunk` positions per row in steps of `block`, then one radix_select program per row
     (`select_warps` warps; the first `group_block` group keys held in registers, the rest in
     steps of `group_tail`, candidates in steps of `select_block`, the candidate gather in steps
-    of `gather_block` positions) over groups of
-    `group` positions; with `gather_programs` > 1 the gather is its own launch on that many
-    programs per row, between radix_select_groups and radix_select_candidates. Its selections
-    find each threshold `digit_bits` bits at a time (32 / digit_bits histograms of 2 ** digit_bits
-    bins).
+    of `gather_block` positions) over groups of `group` positions; with `gather_programs` > 1
+    the gather is its own launch on that many programs per row, between radix_select_groups and
+    radix_select_candidates. Its selections find each threshold `digit_bits` bits at a time
+    (32 / digit_bits histograms of 2 ** digit_bits bins).
     Chunked (radix_topk_chunked.py.jinja): every pass on (rows, chunks of `chunk`) programs."""
 
     grouped: bool
@@ -685,6 +684,7 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
                     RecentStart=summary.recent_start, Rank=rank,
                     stride_xb=logits.stride(0), stride_xh=logits.stride(1), stride_gr=group_max.stride(0))
     constants = dict(**sets_args, BY_PROB=rank_by_prob, GROUP=plan.group, PAGE=page_size)
+    group_tail = plan.group_tail(length)
     if not written:
         wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
             **row_args, GroupMax=group_max, **constants, BLOCK=block, CHUNK=plan.chunk)
@@ -696,9 +696,8 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     if plan.gather_programs == 1 or plan.group == 1:
         wrap_triton(module.radix_select)[(rows,)](
             **row_args, GroupMax=group_max, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, **out_args,
-            **constants, GROUP_BLOCK=plan.group_block, GROUP_TAIL=plan.group_tail(length), BLOCK=plan.select_block,
-            GATHER_BLOCK=plan.gather_block,
-            DIGIT_BITS=plan.digit_bits, num_warps=plan.select_warps)
+            **constants, GROUP_BLOCK=plan.group_block, GROUP_TAIL=group_tail, BLOCK=plan.select_block,
+            GATHER_BLOCK=plan.gather_block, DIGIT_BITS=plan.digit_bits, num_warps=plan.select_warps)
         return
     parts = plan.gather_programs
     chosen = torch.empty(rows, dtype=torch.int32, device=device)
@@ -707,8 +706,8 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     wrap_triton(module.radix_select_groups)[(rows,)](
         KvLen=summary.kv_len, SinkEnd=summary.sink_end, RecentStart=summary.recent_start, GroupMax=group_max,
         Groups=groups, Chosen=chosen, Threshold=threshold, stride_gr=group_max.stride(0), budget=budget,
-        NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, GROUP_BLOCK=plan.group_block,
-        GROUP_TAIL=plan.group_tail(length), PAGE=page_size,
+        NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, GROUP_BLOCK=plan.group_block, GROUP_TAIL=group_tail,
+        PAGE=page_size,
         DIGIT_BITS=plan.digit_bits, num_warps=plan.select_warps)
     wrap_triton(module.radix_gather)[(rows, parts)](
         **row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys, CandPos=cand_pos,

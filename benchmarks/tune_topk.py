@@ -8,6 +8,7 @@ plan (group length, select and gather blocks, warps), side by side on flash_deco
     python benchmarks/tune_topk.py --quick --split-sweep   # the split plans' steps and warps
     python benchmarks/tune_topk.py --quick --split-sweep --budgets 2048   # those of one budget
     python benchmarks/tune_topk.py --quick --digit-bits 4 8   # radix digits of 4 bits against 8
+    python benchmarks/tune_topk.py --quick --group-tail 256 2048   # steps over the group keys past the first
 
 Per shape, budget and granularity: the grouped and the chunked plan's time (the one
 `kernels.plan_topk` picks marked *) and `torch.topk`'s on the same ranks (the logits for
@@ -25,8 +26,9 @@ row (1: inside radix_select), with 8 and 16 warps, and the selection layer with 
 `radix_select_groups` and `radix_select_candidates` and the warps (one kernel no longer holds the
 gather's registers beside them). `--digit-bits` times the picked plan with radix digits of each
 width (4 bits: eight histograms of 16 bins a selection; 8: four of 256), and the selection layer
-with each. The results feed `kernels.topk_grouped_is_faster`, `topk_group`
-and `topk_select_steps`.
+with each. `--group-tail` does the same with each least step over the group keys past a
+selection's first step (`TopkPlan.group_tail_min`). The results feed
+`kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
 """
 
 from __future__ import annotations
@@ -160,13 +162,11 @@ def gather_programs_line(picked: kernels.TopkPlan, logits: torch.Tensor, lse: to
             + " ".join(cell for _, cell in cells))
 
 
-def digit_bits_line(picked: kernels.TopkPlan, logits: torch.Tensor, lse: torch.Tensor,
-                    summary: kernels.MaskSummary, budget: int, sets: int, by_prob: bool, default: torch.Tensor,
-                    widths: list[int]) -> str:
-    """us of the top-k by the picked grouped plan with radix digits of each of `widths` bits."""
-    plans = {f"{bits}-bit": dataclasses.replace(picked, digit_bits=bits) for bits in widths}
+def plans_line(title: str, plans: dict[str, kernels.TopkPlan], logits: torch.Tensor, lse: torch.Tensor,
+               summary: kernels.MaskSummary, budget: int, sets: int, by_prob: bool, default: torch.Tensor) -> str:
+    """us of the top-k by each labelled variant of the picked plan, after `title`."""
     cells = timed_plans(plans, logits, lse, summary, budget, sets, by_prob, default)
-    return f"  digit widths (picked {picked.digit_bits}-bit): " + " ".join(cell for _, cell in cells)
+    return f"  {title}: " + " ".join(cell for _, cell in cells)
 
 
 def split_sweep_line(picked: kernels.TopkPlan, logits: torch.Tensor, lse: torch.Tensor,
@@ -195,6 +195,8 @@ def main() -> None:
                         help="where the picked plan splits its gather: sweep its group length, steps and warps")
     parser.add_argument("--digit-bits", nargs="*", type=int, default=[], choices=[4, 8],
                         help="time the picked grouped plan with radix digits of each of these widths")
+    parser.add_argument("--group-tail", nargs="*", type=int, default=[],
+                        help="time the picked grouped plan with each least step over the group keys past its first")
     parser.add_argument("--budgets", nargs="*", type=int, default=None,
                         help="only these budgets of the shapes (default: every budget)")
     args = parser.parse_args()
@@ -234,7 +236,13 @@ def main() -> None:
             if picked.grouped and args.gather_programs:
                 print(gather_programs_line(picked, *selection, args.gather_programs), flush=True)
             if picked.grouped and args.digit_bits:
-                print(digit_bits_line(picked, *selection, args.digit_bits), flush=True)
+                print(plans_line(f"digit widths (picked {picked.digit_bits}-bit)",
+                                 {f"{bits}-bit": dataclasses.replace(picked, digit_bits=bits) for bits in args.digit_bits},
+                                 *selection), flush=True)
+            if picked.grouped and args.group_tail:
+                print(plans_line(f"group tails (picked {picked.group_tail_min})",
+                                 {f"tail {tail}": dataclasses.replace(picked, group_tail_min=tail)
+                                  for tail in args.group_tail}, *selection), flush=True)
             if picked.grouped and picked.gather_programs > 1 and args.split_sweep:
                 print(split_sweep_line(picked, *selection), flush=True)
             if not by_prob:
@@ -246,6 +254,9 @@ def main() -> None:
                 for bits in args.digit_bits if picked.grouped else ():
                     plan = dataclasses.replace(picked, digit_bits=bits)
                     print(f"  {bits}-bit digits:" + selection_line(q, k, mask, summary, budget, plan)[1:], flush=True)
+                for tail in args.group_tail if picked.grouped else ():
+                    plan = dataclasses.replace(picked, group_tail_min=tail)
+                    print(f"  group tail {tail}:" + selection_line(q, k, mask, summary, budget, plan)[1:], flush=True)
         del q, k, lse, logits
         torch.cuda.empty_cache()
 

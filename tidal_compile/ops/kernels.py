@@ -509,9 +509,9 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
       (decode step, H200: 56 us a selection; one step of 4096: 65; two of 2048: 67.5); but with
       the gather split over programs radix_select_groups holds them in one step (128K + 16, k =
       256: 45.2 us in the sweep, 46.9 in `tune_topk.py --quick`, against 47.0: about even).
-      Group keys past the first step stream in steps of `TopkPlan.group_tail` (a row a few keys
-      past GROUP_BLOCK_MAX, 4097 groups at 128K + 16 with k=2048, streamed two whole steps a
-      pass: radix_select_groups 36.8 us against 15.8 at 128K; with the tail not yet measured).
+      A row a few keys past the step holds them too (`TopkPlan.group_tail`): 4097 groups at 128K
+      + 16 with k=2048 streamed two whole steps a pass, radix_select_groups 36.8 us against 15.8
+      at 128K; held, 23.8 (the top-k 89.9 -> 71.2 us; docs/results/tune-topk-h200-2026-12-03-*).
     - Candidates (a few per budget slot): steps of SELECT_BLOCK (SELECT_BLOCK_LARGE from a budget
       of LARGE_BUDGET where the gather is not split: radix_select_candidates alone is faster in
       steps of SELECT_BLOCK, 71.6 us against 75.0 at B1 128K k=2048), at most
@@ -572,11 +572,11 @@ def topk_gather_programs(rows: int, budget: int, group: int, device: torch.devic
 class TopkPlan:
     """How one `select_topk` runs. Grouped (radix_topk.py.jinja): radix_group_max over chunks of
     `chunk` positions per row in steps of `block`, then one radix_select program per row
-    (`select_warps` warps; the first `group_block` group keys held in registers, the rest in
-    steps of `group_tail`, candidates in steps of `select_block`, the candidate gather in steps
-    of `gather_block` positions) over groups of `group` positions; with `gather_programs` > 1
-    the gather is its own launch on that many programs per row, between radix_select_groups and
-    radix_select_candidates. Its selections find each threshold `digit_bits` bits at a time
+    (`select_warps` warps; group keys in steps of `group_block`, a row of at most group_block +
+    `group_tail(length)` of them held in registers, candidates in steps of `select_block`, the
+    candidate gather in steps of `gather_block` positions) over groups of `group` positions;
+    with `gather_programs` > 1 the gather is its own launch on that many programs per row,
+    between radix_select_groups and radix_select_candidates. Its selections find each threshold `digit_bits` bits at a time
     (32 / digit_bits histograms of 2 ** digit_bits bins).
     Chunked (radix_topk_chunked.py.jinja): every pass on (rows, chunks of `chunk`) programs."""
 
@@ -590,6 +590,7 @@ class TopkPlan:
     gather_block: int = SELECT_BLOCK
     gather_programs: int = 1
     digit_bits: int = RADIX_BITS
+    group_tail_min: int = GROUP_TAIL_MIN
 
     def __post_init__(self) -> None:
         if self.digit_bits not in (4, 8):
@@ -599,12 +600,13 @@ class TopkPlan:
         return triton.cdiv(length, self.chunk)
 
     def group_tail(self, length: int) -> int:
-        """Group keys per step of a selection past its first `group_block` (held in registers):
-        as many as a row of `length` positions has beyond them (a cache a few tokens past a
-        power of two: a short step, not a second group_block), at least GROUP_TAIL_MIN (scaled
-        with the block), at most group_block."""
+        """Group keys a selection holds in registers past its first `group_block`: as many as a
+        row of `length` positions has beyond them (a cache a few tokens past a power of two: one
+        short step, not a second group_block), at least `group_tail_min` (scaled with the block);
+        group_block where that is more than half a step (then nothing is held: the row streams in
+        whole steps; a second whole step held: B8 32K k=2048 180 us against 116 streamed)."""
         past = triton.cdiv(length, self.group) - self.group_block
-        least = max(1, GROUP_TAIL_MIN * self.block // TOPK_BLOCK)
+        least = max(1, self.group_tail_min * self.block // TOPK_BLOCK)
         return min(self.group_block, max(least, triton.next_power_of_2(max(past, 1))))
 
 
@@ -693,11 +695,12 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     cand_keys = torch.empty(rows, slots, dtype=torch.int64, device=device)
     cand_pos = torch.empty(rows, slots, dtype=torch.int32, device=device)
     out_args = dict(Out=out, stride_ob=out.stride(0), stride_os=out.stride(1), budget=budget)
+    selection = dict(DIGIT_BITS=plan.digit_bits, num_warps=plan.select_warps)
     if plan.gather_programs == 1 or plan.group == 1:
         wrap_triton(module.radix_select)[(rows,)](
             **row_args, GroupMax=group_max, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, **out_args,
             **constants, GROUP_BLOCK=plan.group_block, GROUP_TAIL=group_tail, BLOCK=plan.select_block,
-            GATHER_BLOCK=plan.gather_block, DIGIT_BITS=plan.digit_bits, num_warps=plan.select_warps)
+            GATHER_BLOCK=plan.gather_block, **selection)
         return
     parts = plan.gather_programs
     chosen = torch.empty(rows, dtype=torch.int32, device=device)
@@ -707,16 +710,14 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
         KvLen=summary.kv_len, SinkEnd=summary.sink_end, RecentStart=summary.recent_start, GroupMax=group_max,
         Groups=groups, Chosen=chosen, Threshold=threshold, stride_gr=group_max.stride(0), budget=budget,
         NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, GROUP_BLOCK=plan.group_block, GROUP_TAIL=group_tail,
-        PAGE=page_size,
-        DIGIT_BITS=plan.digit_bits, num_warps=plan.select_warps)
+        PAGE=page_size, **selection)
     wrap_triton(module.radix_gather)[(rows, parts)](
         **row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys, CandPos=cand_pos,
         CandCount=counts, budget=budget, **constants, GATHER_BLOCK=plan.gather_block, PARTS=parts)
     wrap_triton(module.radix_select_candidates)[(rows,)](
         CandKeys=cand_keys, CandPos=cand_pos, CandCount=counts, PackedKeys=torch.empty_like(cand_keys),
         PackedPos=torch.empty_like(cand_pos), **out_args, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group,
-        BLOCK=plan.select_block, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts), DIGIT_BITS=plan.digit_bits,
-        num_warps=plan.select_warps)
+        BLOCK=plan.select_block, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts), **selection)
 
 
 def _select_chunked(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary, budget: int, rank_by_prob: bool,

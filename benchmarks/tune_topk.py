@@ -8,7 +8,8 @@ plan (group length, select and gather blocks, warps), side by side on flash_deco
     python benchmarks/tune_topk.py --quick --split-sweep   # the split plans' steps and warps
     python benchmarks/tune_topk.py --quick --split-sweep --budgets 2048   # those of one budget
     python benchmarks/tune_topk.py --quick --digit-bits 4 8   # radix digits of 4 bits against 8
-    python benchmarks/tune_topk.py --quick --group-tail 256 2048   # steps over the group keys past the first
+    python benchmarks/tune_topk.py --quick --group-tail 256 2048   # group keys held past the first step
+    python benchmarks/tune_topk.py --quick --hold-tail   # longer rows hold a step and a tail, or stream
 
 Per shape, budget and granularity: the grouped and the chunked plan's time (the one
 `kernels.plan_topk` picks marked *) and `torch.topk`'s on the same ranks (the logits for
@@ -26,8 +27,9 @@ row (1: inside radix_select), with 8 and 16 warps, and the selection layer with 
 `radix_select_groups` and `radix_select_candidates` and the warps (one kernel no longer holds the
 gather's registers beside them). `--digit-bits` times the picked plan with radix digits of each
 width (4 bits: eight histograms of 16 bins a selection; 8: four of 256), and the selection layer
-with each. `--group-tail` does the same with each least step over the group keys past a
-selection's first step (`TopkPlan.group_tail_min`). The results feed
+with each. `--group-tail` does the same with each least tail of group keys held past a
+selection's first step (`TopkPlan.group_tail_min`), `--hold-tail` with longer rows streamed and
+held (`TopkPlan.hold_tail`). The results feed
 `kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
 """
 
@@ -197,6 +199,8 @@ def main() -> None:
                         help="time the picked grouped plan with radix digits of each of these widths")
     parser.add_argument("--group-tail", nargs="*", type=int, default=[],
                         help="time the picked grouped plan with each least step over the group keys past its first")
+    parser.add_argument("--hold-tail", action="store_true",
+                        help="time the picked grouped plan with longer rows streamed and with them held")
     parser.add_argument("--budgets", nargs="*", type=int, default=None,
                         help="only these budgets of the shapes (default: every budget)")
     args = parser.parse_args()
@@ -243,6 +247,10 @@ def main() -> None:
                 print(plans_line(f"group tails (picked {picked.group_tail_min})",
                                  {f"tail {tail}": dataclasses.replace(picked, group_tail_min=tail)
                                   for tail in args.group_tail}, *selection), flush=True)
+            if picked.grouped and args.hold_tail:
+                print(plans_line(f"longer rows (picked {'held' if picked.hold_tail else 'streamed'})",
+                                 {held: dataclasses.replace(picked, hold_tail=held == "held")
+                                  for held in ("streamed", "held")}, *selection), flush=True)
             if picked.grouped and picked.gather_programs > 1 and args.split_sweep:
                 print(split_sweep_line(picked, *selection), flush=True)
             if not by_prob:
@@ -254,6 +262,10 @@ def main() -> None:
                 for bits in args.digit_bits if picked.grouped else ():
                     plan = dataclasses.replace(picked, digit_bits=bits)
                     print(f"  {bits}-bit digits:" + selection_line(q, k, mask, summary, budget, plan)[1:], flush=True)
+                if picked.grouped and args.hold_tail:
+                    plan = dataclasses.replace(picked, hold_tail=not picked.hold_tail)
+                    print(f"  hold_tail={plan.hold_tail}:" + selection_line(q, k, mask, summary, budget, plan)[1:],
+                          flush=True)
                 for tail in args.group_tail if picked.grouped else ():
                     plan = dataclasses.replace(picked, group_tail_min=tail)
                     print(f"  group tail {tail}:" + selection_line(q, k, mask, summary, budget, plan)[1:], flush=True)

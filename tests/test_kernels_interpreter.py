@@ -236,13 +236,13 @@ def test_grouped_topk_of_keys_in_a_narrow_band(base, length, offsets, budget, si
 @settings(max_examples=20, deadline=None)
 @given(length=st.integers(24, 160), data=st.data(), budget=st.integers(1, 12), recent=st.integers(0, 2),
        group=st.sampled_from([1, 2, 4]), group_block=st.sampled_from([4, 8, 16]), parts=gather_programs,
-       bits=digit_bits)
+       bits=digit_bits, hold_tail=st.booleans())
 def test_grouped_topk_over_group_keys_past_the_first_step(length, data, budget, recent, group, group_block, parts,
-                                                          bits):
+                                                          bits, hold_tail):
     """More group keys than a selection's first step holds, as a cache a few positions past a
-    power of two has (one short step past it) or several steps past it, rows shorter than the
-    cache, ties everywhere: the keys past the first step stream in steps of the plan's group
-    tail, and the grouped top-k equals a sort."""
+    power of two has (a short tail past it, held) or several steps past it (streamed, or with
+    `hold_tail` a step and a tail held and the rest streamed), rows shorter than the cache, ties
+    everywhere: the grouped top-k equals a sort."""
     valid = data.draw(st.integers(1, length))
     row = [float(v) for v in data.draw(st.lists(st.integers(-4, 4), min_size=length, max_size=length))]
     logits = torch.tensor([[row]], dtype=torch.float32)
@@ -252,7 +252,8 @@ def test_grouped_topk_over_group_keys_past_the_first_step(length, data, budget, 
     summary = kernels.summarize_mask(mask, 1, length, logits.device, 0, recent)
     forced = set(range(summary.recent_start.item(), valid))
     plan = kernels.plan_topk(1, length, budget, logits.device, grouped=True, chunk=16, block=16, group=group,
-                             gather_programs=parts, digit_bits=bits, group_block=group_block)
+                             gather_programs=parts, digit_bits=bits, group_block=group_block,
+                             hold_tail=hold_tail)
     assert plan.group_tail(length) <= group_block
     expected = _topk_by_sorting(row[:valid], forced, budget)
     expected += [-1] * (budget - len(expected))

@@ -576,8 +576,12 @@ class TopkPlan:
     `group_tail(length)` of them held in registers, candidates in steps of `select_block`, the
     candidate gather in steps of `gather_block` positions) over groups of `group` positions;
     with `gather_programs` > 1 the gather is its own launch on that many programs per row,
-    between radix_select_groups and radix_select_candidates. Its selections find each threshold `digit_bits` bits at a time
-    (32 / digit_bits histograms of 2 ** digit_bits bins).
+    between radix_select_groups and radix_select_candidates. Its selections find each threshold
+    `digit_bits` bits at a time (32 / digit_bits histograms of 2 ** digit_bits bins); with
+    `hold_tail`, rows longer than their step and tail (group keys; candidates: two steps) hold
+    those in registers too and stream the rest (off: this form not yet timed, `benchmarks/
+    tune_topk.py --hold-tail`; holding two whole steps lost with many rows, B8 32K k=2048 116 ->
+    180 us, and saved 5 us of radix_select_candidates at B1 128K k=2048).
     Chunked (radix_topk_chunked.py.jinja): every pass on (rows, chunks of `chunk`) programs."""
 
     grouped: bool
@@ -591,6 +595,7 @@ class TopkPlan:
     gather_programs: int = 1
     digit_bits: int = RADIX_BITS
     group_tail_min: int = GROUP_TAIL_MIN
+    hold_tail: bool = False
 
     def __post_init__(self) -> None:
         if self.digit_bits not in (4, 8):
@@ -695,7 +700,7 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     cand_keys = torch.empty(rows, slots, dtype=torch.int64, device=device)
     cand_pos = torch.empty(rows, slots, dtype=torch.int32, device=device)
     out_args = dict(Out=out, stride_ob=out.stride(0), stride_os=out.stride(1), budget=budget)
-    selection = dict(DIGIT_BITS=plan.digit_bits, num_warps=plan.select_warps)
+    selection = dict(DIGIT_BITS=plan.digit_bits, HOLD_TAIL=plan.hold_tail, num_warps=plan.select_warps)
     if plan.gather_programs == 1 or plan.group == 1:
         wrap_triton(module.radix_select)[(rows,)](
             **row_args, GroupMax=group_max, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, **out_args,

@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--digit-bits", nargs="*", type=int, default=[], choices=[4, 8],
                         help="time the picked grouped plan with radix digits of each of these widths")
     parser.add_argument("--group-tail", nargs="*", type=int, default=[],
-                        help="time the picked grouped plan with each least step over the group keys past its first")
+                        help="time the picked grouped plan with each least tail of group keys held past its first step")
     parser.add_argument("--hold-tail", action="store_true",
                         help="time the picked grouped plan with longer rows streamed and with them held")
     parser.add_argument("--budgets", nargs="*", type=int, default=None,
@@ -241,8 +241,8 @@ def main() -> None:
                 print(gather_programs_line(picked, *selection, args.gather_programs), flush=True)
             if picked.grouped and args.digit_bits:
                 print(plans_line(f"digit widths (picked {picked.digit_bits}-bit)",
-                                 {f"{bits}-bit": dataclasses.replace(picked, digit_bits=bits) for bits in args.digit_bits},
-                                 *selection), flush=True)
+                                 {f"{bits}-bit": dataclasses.replace(picked, digit_bits=bits)
+                                  for bits in args.digit_bits}, *selection), flush=True)
             if picked.grouped and args.group_tail:
                 print(plans_line(f"group tails (picked {picked.group_tail_min})",
                                  {f"tail {tail}": dataclasses.replace(picked, group_tail_min=tail)

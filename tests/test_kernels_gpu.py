@@ -3,6 +3,8 @@ skipped without one)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -44,7 +46,7 @@ def test_gpu_dense_and_sparse_ops_equal_reference(length, batch, heads, kv_heads
 
 
 # Rows not a multiple of 16 positions; 128K + 17: 2049 groups of 64 (one step of 4096) and, at k=2048,
-# 4097 groups of 32 (two steps), both with the gather split over programs where the rows are few.
+# 4097 groups of 32 (a step and a held tail), both with the gather split over programs where the rows are few.
 @pytest.mark.parametrize("length, budget", [(1000, 256), (33000, 2048), (131072 + 17, 256), (131072 + 17, 2048)])
 @pytest.mark.parametrize("granularity", ["query_head", "kv_head", "layer"])
 def test_gpu_topk_is_exactly_the_reference_set(length, budget, granularity):
@@ -70,6 +72,23 @@ def test_gpu_topk_is_exact_at_every_group_length(group, granularity):
     plan = kernels.plan_topk(2 * sets, length, 256, q.device, grouped=True, group=group)
     idx = kernels.select_topk(logits, lse, summary, 256, sets, granularity != "query_head", plan)
     _, expected = reference.selection_attention(q, k, v, mask, 1.0, 256, granularity, 4, 8)
+    torch.testing.assert_close(idx, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("length, batch", [(131072 + 17, 2), (32768, 16)])
+def test_gpu_topk_holding_longer_rows_is_exact(length, batch):
+    """`TopkPlan.hold_tail`: rows longer than a step and its tail (the candidates of k=2048,
+    the group keys of many rows) hold both in registers and stream the rest; the reference's
+    indices, ties included."""
+    from tidal_compile.ops import kernels
+
+    q, k, v, mask = _real_problem(batch, 32, 8, length, torch.bfloat16, integer_valued=True, seed=2)
+    length = k.shape[2]
+    summary = kernels.summarize_mask(mask, batch, length, q.device, 4, 8)
+    _, lse, logits = kernels.flash_decode(q, k, v, mask, 1.0, emit_logits=True, summary=summary)
+    plan = dataclasses.replace(kernels.plan_topk(batch * 32, length, 2048, q.device, grouped=True), hold_tail=True)
+    idx = kernels.select_topk(logits, lse, summary, 2048, 32, False, plan)
+    _, expected = reference.selection_attention(q, k, v, mask, 1.0, 2048, "query_head", 4, 8)
     torch.testing.assert_close(idx, expected, rtol=0, atol=0)
 
 

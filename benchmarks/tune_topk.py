@@ -171,6 +171,24 @@ def plans_line(title: str, plans: dict[str, kernels.TopkPlan], logits: torch.Ten
     return f"  {title}: " + " ".join(cell for _, cell in cells)
 
 
+def plan_variants(picked: kernels.TopkPlan, digit_bits: list[int], group_tails: list[int],
+                  hold_tail: bool) -> list[tuple[str, dict[str, kernels.TopkPlan]]]:
+    """(title, labelled plans): the picked grouped plan with each radix digit width of
+    `digit_bits`, each least group tail of `group_tails` and, with `hold_tail`, longer rows
+    streamed and held (--digit-bits, --group-tail, --hold-tail)."""
+    variants = []
+    if digit_bits:
+        variants.append((f"digit widths (picked {picked.digit_bits}-bit)",
+                         {f"{bits}-bit": dataclasses.replace(picked, digit_bits=bits) for bits in digit_bits}))
+    if group_tails:
+        variants.append((f"group tails (picked {picked.group_tail_min})",
+                         {f"tail {tail}": dataclasses.replace(picked, group_tail_min=tail) for tail in group_tails}))
+    if hold_tail:
+        variants.append((f"longer rows (picked {'held' if picked.hold_tail else 'streamed'})",
+                         {how: dataclasses.replace(picked, hold_tail=how == "held") for how in ("streamed", "held")}))
+    return variants
+
+
 def split_sweep_line(picked: kernels.TopkPlan, logits: torch.Tensor, lse: torch.Tensor,
                      summary: kernels.MaskSummary, budget: int, sets: int, by_prob: bool,
                      default: torch.Tensor) -> str:
@@ -239,18 +257,9 @@ def main() -> None:
             selection = (logits, lse, summary, budget, sets, by_prob, default)
             if picked.grouped and args.gather_programs:
                 print(gather_programs_line(picked, *selection, args.gather_programs), flush=True)
-            if picked.grouped and args.digit_bits:
-                print(plans_line(f"digit widths (picked {picked.digit_bits}-bit)",
-                                 {f"{bits}-bit": dataclasses.replace(picked, digit_bits=bits)
-                                  for bits in args.digit_bits}, *selection), flush=True)
-            if picked.grouped and args.group_tail:
-                print(plans_line(f"group tails (picked {picked.group_tail_min})",
-                                 {f"tail {tail}": dataclasses.replace(picked, group_tail_min=tail)
-                                  for tail in args.group_tail}, *selection), flush=True)
-            if picked.grouped and args.hold_tail:
-                print(plans_line(f"longer rows (picked {'held' if picked.hold_tail else 'streamed'})",
-                                 {held: dataclasses.replace(picked, hold_tail=held == "held")
-                                  for held in ("streamed", "held")}, *selection), flush=True)
+            variants = plan_variants(picked, args.digit_bits, args.group_tail, args.hold_tail) if picked.grouped else []
+            for title, plans in variants:
+                print(plans_line(title, plans, *selection), flush=True)
             if picked.grouped and picked.gather_programs > 1 and args.split_sweep:
                 print(split_sweep_line(picked, *selection), flush=True)
             if not by_prob:
@@ -259,16 +268,8 @@ def main() -> None:
                     plan = kernels.plan_topk(batch * sets, length, budget, logits.device, gather_programs=parts)
                     print(f"  gather programs {parts}:" + selection_line(q, k, mask, summary, budget, plan)[1:],
                           flush=True)
-                for bits in args.digit_bits if picked.grouped else ():
-                    plan = dataclasses.replace(picked, digit_bits=bits)
-                    print(f"  {bits}-bit digits:" + selection_line(q, k, mask, summary, budget, plan)[1:], flush=True)
-                if picked.grouped and args.hold_tail:
-                    plan = dataclasses.replace(picked, hold_tail=not picked.hold_tail)
-                    print(f"  hold_tail={plan.hold_tail}:" + selection_line(q, k, mask, summary, budget, plan)[1:],
-                          flush=True)
-                for tail in args.group_tail if picked.grouped else ():
-                    plan = dataclasses.replace(picked, group_tail_min=tail)
-                    print(f"  group tail {tail}:" + selection_line(q, k, mask, summary, budget, plan)[1:], flush=True)
+                for label, plan in ((label, plan) for _, plans in variants for label, plan in plans.items()):
+                    print(f"  {label}:" + selection_line(q, k, mask, summary, budget, plan)[1:], flush=True)
         del q, k, lse, logits
         torch.cuda.empty_cache()
 

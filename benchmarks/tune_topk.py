@@ -268,8 +268,9 @@ def main() -> None:
                     plan = kernels.plan_topk(batch * sets, length, budget, logits.device, gather_programs=parts)
                     print(f"  gather programs {parts}:" + selection_line(q, k, mask, summary, budget, plan)[1:],
                           flush=True)
-                for label, plan in ((label, plan) for _, plans in variants for label, plan in plans.items()):
-                    print(f"  {label}:" + selection_line(q, k, mask, summary, budget, plan)[1:], flush=True)
+                for _, plans in variants:
+                    for label, plan in plans.items():
+                        print(f"  {label}:" + selection_line(q, k, mask, summary, budget, plan)[1:], flush=True)
         del q, k, lse, logits
         torch.cuda.empty_cache()
 

@@ -446,7 +446,7 @@ CANDIDATES_PER_BUDGET = 4
 GATHER_BLOCK_FEW_ROWS = 4096  # with at most half as many rows as SMs: SELECT_BLOCK, and gathers this long
 GROUP_BLOCK_MAX = 4096  # radix_select's first selection holds up to this many group keys in registers ...
 GROUP_BLOCK_MAX_MANY_ROWS = 2048  # ... this many when the rows fill the GPU (4096: B8 32K k=2048 193 us, not 121)
-GROUP_TAIL_MIN = 256  # group keys per step past the first step: at least this many (TopkPlan.group_tail)
+GROUP_TAIL_MIN = 256  # group keys a selection holds past its first step: at least this many (TopkPlan.group_tail)
 SELECT_WARPS = 8
 SELECT_WARPS_LONG_ROWS = 16  # few rows with long gathers: one program's chain of phases decides the time
 GATHER_SPLIT_MIN = 8192  # with few rows a candidate gather of this many positions or more is its own launch ...

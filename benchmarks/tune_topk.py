@@ -10,6 +10,7 @@ plan (group length, select and gather blocks, warps), side by side on flash_deco
     python benchmarks/tune_topk.py --quick --digit-bits 4 8   # radix digits of 4 bits against 8
     python benchmarks/tune_topk.py --quick --group-tail 256 2048   # group keys held past the first step
     python benchmarks/tune_topk.py --quick --hold-tail   # longer rows hold a step and a tail, or stream
+    python benchmarks/tune_topk.py --quick --select-block 1024 4096   # candidates in steps of each
 
 Per shape, budget and granularity: the grouped and the chunked plan's time (the one
 `kernels.plan_topk` picks marked *) and `torch.topk`'s on the same ranks (the logits for
@@ -172,10 +173,11 @@ def plans_line(title: str, plans: dict[str, kernels.TopkPlan], logits: torch.Ten
 
 
 def plan_variants(picked: kernels.TopkPlan, digit_bits: list[int], group_tails: list[int],
-                  hold_tail: bool) -> list[tuple[str, dict[str, kernels.TopkPlan]]]:
+                  hold_tail: bool, select_blocks: list[int] = ()) -> list[tuple[str, dict[str, kernels.TopkPlan]]]:
     """(title, labelled plans): the picked grouped plan with each radix digit width of
-    `digit_bits`, each least group tail of `group_tails` and, with `hold_tail`, longer rows
-    streamed and held (--digit-bits, --group-tail, --hold-tail)."""
+    `digit_bits`, each least group tail of `group_tails`, with `hold_tail` longer rows streamed
+    and held, and with each candidate step of `select_blocks` (--digit-bits, --group-tail,
+    --hold-tail, --select-block)."""
     variants = []
     if digit_bits:
         variants.append((f"digit widths (picked {picked.digit_bits}-bit)",
@@ -186,6 +188,9 @@ def plan_variants(picked: kernels.TopkPlan, digit_bits: list[int], group_tails: 
     if hold_tail:
         variants.append((f"longer rows (picked {'held' if picked.hold_tail else 'streamed'})",
                          {how: dataclasses.replace(picked, hold_tail=how == "held") for how in ("streamed", "held")}))
+    if select_blocks:
+        variants.append((f"candidate steps (picked {picked.select_block})",
+                         {f"step {block}": dataclasses.replace(picked, select_block=block) for block in select_blocks}))
     return variants
 
 
@@ -219,6 +224,8 @@ def main() -> None:
                         help="time the picked grouped plan with each least tail of group keys held past its first step")
     parser.add_argument("--hold-tail", action="store_true",
                         help="time the picked grouped plan with longer rows streamed and with them held")
+    parser.add_argument("--select-block", nargs="*", type=int, default=[],
+                        help="time the picked grouped plan with its candidates in steps of each of these")
     parser.add_argument("--budgets", nargs="*", type=int, default=None,
                         help="only these budgets of the shapes (default: every budget)")
     args = parser.parse_args()
@@ -257,7 +264,8 @@ def main() -> None:
             selection = (logits, lse, summary, budget, sets, by_prob, default)
             if picked.grouped and args.gather_programs:
                 print(gather_programs_line(picked, *selection, args.gather_programs), flush=True)
-            variants = plan_variants(picked, args.digit_bits, args.group_tail, args.hold_tail) if picked.grouped else []
+            variants = plan_variants(picked, args.digit_bits, args.group_tail, args.hold_tail,
+                                     args.select_block) if picked.grouped else []
             for title, plans in variants:
                 print(plans_line(title, plans, *selection), flush=True)
             if picked.grouped and picked.gather_programs > 1 and args.split_sweep:

@@ -30,8 +30,8 @@ gather's registers beside them). `--digit-bits` times the picked plan with radix
 width (4 bits: eight histograms of 16 bins a selection; 8: four of 256), and the selection layer
 with each. `--group-tail` does the same with each least tail of group keys held past a
 selection's first step (`TopkPlan.group_tail_min`), `--hold-tail` with longer rows streamed and
-held (`TopkPlan.hold_tail`). The results feed
-`kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
+held (`TopkPlan.hold_tail`), `--select-block` with each step of candidates (`TopkPlan.select_block`).
+The results feed `kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
 """
 
 from __future__ import annotations

@@ -357,18 +357,24 @@ def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
     positions each, at most 2 per SM; docs/results/tune-topk-h200-2026-12-02-gather-programs-*.log)
     and 16 warps where a program still gathers 4096 positions; a split plan's group keys in one step
     and its candidates in steps of 1024 (docs/results/tune-topk-h200-2026-12-02-split-sweep-*-b419b79.log);
-    radix digits of 4 bits with at most 66 rows, else 8 (tune-topk-h200-2026-12-02-digit-bits-55b92fc.log)."""
+    radix digits of 4 bits with at most 66 rows, else 8 (tune-topk-h200-2026-12-02-digit-bits-55b92fc.log);
+    candidates in steps of 1024 at every budget, longer rows held with at most 66 rows (the many rows'
+    large-budget gather in steps of 2048; tune-topk-h200-2026-12-03-hold-tail-dcdf4a9.log)."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    expected = {(32, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4), (8, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4),
-                (32, 131072 + 16, 256, 64): (4096, 1024, 2048, 8, 8, 4),
-                (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 2048, 8, 8, 4),
-                (64, 32768, 256, 16): (2048, 1024, 4096, 16, 1, 4), (64, 32768, 2048, 8): (4096, 1024, 4096, 16, 4, 4),
-                (256, 32768, 256, 16): (2048, 1024, 1024, 8, 1, 8), (256, 32768, 2048, 8): (2048, 2048, 2048, 8, 1, 8),
-                (32, 131072, 2048, 8): (4096, 1024, 2048, 8, 8, 4), (32, 131072, 2048, 32): (4096, 1024, 4096, 16, 8, 4),
-                (32, 8192, 16, 64): (128, 128, 1024, 8, 1, 4), (32, 8192 + 1, 16, 64): (256, 128, 1024, 8, 1, 4)}
+    expected = {(32, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4, True),
+                (8, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4, True),
+                (32, 131072 + 16, 256, 64): (4096, 1024, 2048, 8, 8, 4, True),
+                (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 2048, 8, 8, 4, True),
+                (64, 32768, 256, 16): (2048, 1024, 4096, 16, 1, 4, True),
+                (64, 32768, 2048, 8): (4096, 1024, 4096, 16, 4, 4, True),
+                (256, 32768, 256, 16): (2048, 1024, 1024, 8, 1, 8, False),
+                (256, 32768, 2048, 8): (2048, 1024, 2048, 8, 1, 8, False),
+                (32, 131072, 2048, 8): (4096, 1024, 2048, 8, 8, 4, True),
+                (32, 131072, 2048, 32): (4096, 1024, 4096, 16, 8, 4, True),
+                (32, 8192, 16, 64): (128, 128, 1024, 8, 1, 4, True), (32, 8192 + 1, 16, 64): (256, 128, 1024, 8, 1, 4, True)}
     assert {shape: tuple(kernels.topk_select_steps(*shape, cuda).values()) for shape in expected} == expected
-    assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64, 16, 8, 4)
+    assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64, 16, 8, 4, True)
     fused = kernels.topk_select_steps(32, 131072, 256, 64, cuda, gather_programs=1)
     assert (fused["gather_block"], fused["select_warps"], fused["gather_programs"]) == (4096, 16, 1)
 

@@ -439,11 +439,11 @@ TOPK_CHUNK = 4096  # the longest chunk of a row one top-k program takes
 TOPK_PROGRAMS_PER_SM = 8  # chunks shrink (to TOPK_BLOCK) until rows x chunks reaches this per SM
 TOPK_MAX_GROUP = 128
 SELECT_BLOCK = 1024  # candidate keys per step of radix_select (benchmarks/tune_topk.py on an H200) ...
-SELECT_BLOCK_LARGE = 2048  # ... and from a budget of LARGE_BUDGET on (more candidates) ...
-LARGE_BUDGET = 1024
 SELECT_BLOCK_MIN = 128  # ... but no more than CANDIDATES_PER_BUDGET x budget (at least this)
 CANDIDATES_PER_BUDGET = 4
-GATHER_BLOCK_FEW_ROWS = 4096  # with at most half as many rows as SMs: SELECT_BLOCK, and gathers this long
+GATHER_BLOCK_FEW_ROWS = 4096  # with at most half as many rows as SMs: gathers this long ...
+GATHER_BLOCK_LARGE = 2048  # ... else this long from a budget of LARGE_BUDGET on (more candidates), else SELECT_BLOCK
+LARGE_BUDGET = 1024
 GROUP_BLOCK_MAX = 4096  # radix_select's first selection holds up to this many group keys in registers ...
 GROUP_BLOCK_MAX_MANY_ROWS = 2048  # ... this many when the rows fill the GPU (4096: B8 32K k=2048 193 us, not 121)
 GROUP_TAIL_MIN = 256  # group keys a selection holds past its first step: at least this many (TopkPlan.group_tail)
@@ -500,8 +500,8 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
 def topk_select_steps(rows: int, length: int, budget: int, group: int, device: torch.device,
                       block: int = TOPK_BLOCK, gather_programs: Optional[int] = None) -> dict[str, int]:
     """radix_select's steps, warps and digits (TopkPlan's group_block, select_block, gather_block,
-    select_warps, gather_programs (`topk_gather_programs` by default), digit_bits) for a group-max step of
-    `block` (TOPK_BLOCK; smaller blocks scale the constants down).
+    select_warps, gather_programs (`topk_gather_programs` by default), digit_bits, hold_tail) for a
+    group-max step of `block` (TOPK_BLOCK; smaller blocks scale the constants down).
     - Group keys: in one step where they fit (GROUP_BLOCK_MAX, fewer when the rows fill the GPU)
       and fill three quarters of it: loaded once for the four digit passes; a short row (Quest's
       pages) takes a short step. A histogram costs its whole step, so a row just past a power
@@ -512,13 +512,18 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
       A row a few keys past the step holds them too (`TopkPlan.group_tail`): 4097 groups at 128K
       + 16 with k=2048 streamed two whole steps a pass, radix_select_groups 36.8 us against 15.8
       at 128K; held, 23.8 (the top-k 89.9 -> 71.2 us; docs/results/tune-topk-h200-2026-12-03-*).
-    - Candidates (a few per budget slot): steps of SELECT_BLOCK (SELECT_BLOCK_LARGE from a budget
-      of LARGE_BUDGET where the gather is not split: radix_select_candidates alone is faster in
-      steps of SELECT_BLOCK, 71.6 us against 75.0 at B1 128K k=2048), at most
-      CANDIDATES_PER_BUDGET x budget.
+    - Candidates (a few per budget slot): steps of SELECT_BLOCK, at most CANDIDATES_PER_BUDGET x
+      budget; with few rows the selections hold a step and a tail in registers and stream the
+      rest (`TopkPlan.hold_tail`). Longer steps lose now that a step is held (`tune_topk.py
+      --select-block`, docs/results/tune-topk-h200-2026-12-03-hold-tail-dcdf4a9.log: B1 128K
+      k=2048 70.6 us in steps of 1024, 73.1 of 2048; B8 32K k=2048 110.4 against 114.9), and
+      holding loses with many rows (B8 32K query_head k=256 51.6 -> 70.6 us) but wins with few
+      (B1 128K k=2048 69.8 -> 65.8: radix_select_candidates 26.9 -> 22.4 in a selection layer;
+      B8 32K kv_head k=2048, 64 rows, 87.7 -> 82.7).
     - Candidate gather: with at most half as many rows as SMs each program's chain of passes
-      decides and long steps pay (5-7 us at 128K, k = 256); at most the length of a gather
-      program's share of the chosen groups.
+      decides and long steps pay (5-7 us at 128K, k = 256); else GATHER_BLOCK_LARGE from a
+      budget of LARGE_BUDGET; at most the length of a gather program's share of the chosen
+      groups.
     - Radix digits: RADIX_BITS_FEW_ROWS with at most half as many rows as SMs (each row's chain of
       histograms decides: eight of 16 bins beat four of 256; B1 128K k=256 37.9 -> 35.2 us, k=2048
       73.0 -> 68.6, B8 32K kv_head 61.6 -> 57.0), else RADIX_BITS (B8 32K query_head k=2048, 256
@@ -535,10 +540,12 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
 
     few_rows = rows <= _sm_count(device) // 2
     programs = gather_programs or topk_gather_programs(rows, budget, group, device)
-    large = budget >= LARGE_BUDGET and programs == 1
-    select = scaled(SELECT_BLOCK_LARGE if large else SELECT_BLOCK)
-    select = min(select, max(scaled(SELECT_BLOCK_MIN), triton.next_power_of_2(CANDIDATES_PER_BUDGET * budget)))
-    gather = scaled(GATHER_BLOCK_FEW_ROWS) if few_rows else select
+    select = min(scaled(SELECT_BLOCK),
+                 max(scaled(SELECT_BLOCK_MIN), triton.next_power_of_2(CANDIDATES_PER_BUDGET * budget)))
+    if few_rows:
+        gather = scaled(GATHER_BLOCK_FEW_ROWS)
+    else:
+        gather = scaled(GATHER_BLOCK_LARGE) if budget >= LARGE_BUDGET else select
     groups = triton.cdiv(length, group)
     group_block = triton.next_power_of_2(groups)
     if 4 * groups <= 3 * group_block and programs == 1:  # a quarter empty or more: steps of at most SELECT_BLOCK
@@ -548,7 +555,7 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
     long_rows = few_rows and gather >= scaled(GATHER_BLOCK_FEW_ROWS)
     return {"group_block": group_block, "select_block": select, "gather_block": gather,
             "select_warps": SELECT_WARPS_LONG_ROWS if long_rows else SELECT_WARPS, "gather_programs": programs,
-            "digit_bits": RADIX_BITS_FEW_ROWS if few_rows else RADIX_BITS}
+            "digit_bits": RADIX_BITS_FEW_ROWS if few_rows else RADIX_BITS, "hold_tail": few_rows}
 
 
 def topk_gather_programs(rows: int, budget: int, group: int, device: torch.device) -> int:
@@ -579,9 +586,7 @@ class TopkPlan:
     between radix_select_groups and radix_select_candidates. Its selections find each threshold
     `digit_bits` bits at a time (32 / digit_bits histograms of 2 ** digit_bits bins); with
     `hold_tail`, rows longer than their step and tail (group keys; candidates: two steps) hold
-    those in registers too and stream the rest (off: this form not yet timed, `benchmarks/
-    tune_topk.py --hold-tail`; holding two whole steps lost with many rows, B8 32K k=2048 116 ->
-    180 us, and saved 5 us of radix_select_candidates at B1 128K k=2048).
+    those in registers too and stream the rest (`topk_select_steps` turns it on for few rows).
     Chunked (radix_topk_chunked.py.jinja): every pass on (rows, chunks of `chunk`) programs."""
 
     grouped: bool

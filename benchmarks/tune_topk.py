@@ -39,7 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from triton.testing import do_bench_cudagraph
@@ -173,7 +173,7 @@ def plans_line(title: str, plans: dict[str, kernels.TopkPlan], logits: torch.Ten
 
 
 def plan_variants(picked: kernels.TopkPlan, digit_bits: list[int], group_tails: list[int],
-                  hold_tail: bool, select_blocks: Sequence[int] = ()) -> list[tuple[str, dict[str, kernels.TopkPlan]]]:
+                  hold_tail: bool, select_blocks: list[int]) -> list[tuple[str, dict[str, kernels.TopkPlan]]]:
     """(title, labelled plans): the picked grouped plan with each radix digit width of
     `digit_bits`, each least group tail of `group_tails`, with `hold_tail` longer rows streamed
     and held, and with each candidate step of `select_blocks` (--digit-bits, --group-tail,

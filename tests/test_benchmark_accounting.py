@@ -173,8 +173,9 @@ def test_host_gaps_attribute_the_hosts_events_to_the_gpus_long_waits():
 
 def test_tune_topk_times_each_gather_split_and_split_plan_it_names_and_each_is_exact(monkeypatch):
     """benchmarks/tune_topk.py's --gather-programs, --split-sweep, --digit-bits, --group-tail,
-    --hold-tail and --select-block lines: a cell per plan, labelled as it was built, none marked "!" (indices other
-    than the default plan's); interpreted kernels, the timing replaced (it needs a GPU)."""
+    --hold-tail and --select-block lines: a cell per plan, labelled as it was built, none marked
+    "!" (indices other than the default plan's); interpreted kernels, the timing replaced (it
+    needs a GPU)."""
     import tune_topk
     from tidal_compile.ops import kernels
 

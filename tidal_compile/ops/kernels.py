@@ -498,7 +498,7 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
 
 
 def topk_select_steps(rows: int, length: int, budget: int, group: int, device: torch.device,
-                      block: int = TOPK_BLOCK, gather_programs: Optional[int] = None) -> dict[str, int]:
+                      block: int = TOPK_BLOCK, gather_programs: Optional[int] = None) -> dict[str, int | bool]:
     """radix_select's steps, warps and digits (TopkPlan's group_block, select_block, gather_block,
     select_warps, gather_programs (`topk_gather_programs` by default), digit_bits, hold_tail) for a
     group-max step of `block` (TOPK_BLOCK; smaller blocks scale the constants down).
@@ -544,8 +544,10 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
                  max(scaled(SELECT_BLOCK_MIN), triton.next_power_of_2(CANDIDATES_PER_BUDGET * budget)))
     if few_rows:
         gather = scaled(GATHER_BLOCK_FEW_ROWS)
+    elif budget >= LARGE_BUDGET:
+        gather = scaled(GATHER_BLOCK_LARGE)
     else:
-        gather = scaled(GATHER_BLOCK_LARGE) if budget >= LARGE_BUDGET else select
+        gather = select
     groups = triton.cdiv(length, group)
     group_block = triton.next_power_of_2(groups)
     if 4 * groups <= 3 * group_block and programs == 1:  # a quarter empty or more: steps of at most SELECT_BLOCK
@@ -613,8 +615,9 @@ class TopkPlan:
         """Group keys a selection holds in registers past its first `group_block`: as many as a
         row of `length` positions has beyond them (a cache a few tokens past a power of two: one
         short step, not a second group_block), at least `group_tail_min` (scaled with the block);
-        group_block where that is more than half a step (then nothing is held: the row streams in
-        whole steps; a second whole step held: B8 32K k=2048 180 us against 116 streamed)."""
+        group_block where that is more than half a step: then, without `hold_tail`, nothing is held
+        and the row streams in whole steps (a second whole step held: B8 32K k=2048 180 us against
+        116 streamed); with `hold_tail` (few rows) two whole steps are held and the rest streamed."""
         past = triton.cdiv(length, self.group) - self.group_block
         least = max(1, self.group_tail_min * self.block // TOPK_BLOCK)
         return min(self.group_block, max(least, triton.next_power_of_2(max(past, 1))))

@@ -11,6 +11,7 @@ plan (group length, select and gather blocks, warps), side by side on flash_deco
     python benchmarks/tune_topk.py --quick --group-tail 256 2048   # group keys held past the first step
     python benchmarks/tune_topk.py --quick --hold-tail   # longer rows hold a step and a tail, or stream
     python benchmarks/tune_topk.py --quick --select-block 1024 4096   # candidates in steps of each
+    python benchmarks/tune_topk.py --quick --group-block 2048 4096   # group keys in steps of each
 
 Per shape, budget and granularity: the grouped and the chunked plan's time (the one
 `kernels.plan_topk` picks marked *) and `torch.topk`'s on the same ranks (the logits for
@@ -30,7 +31,8 @@ gather's registers beside them). `--digit-bits` times the picked plan with radix
 width (4 bits: eight histograms of 16 bins a selection; 8: four of 256), and the selection layer
 with each. `--group-tail` does the same with each least tail of group keys held past a
 selection's first step (`TopkPlan.group_tail_min`), `--hold-tail` with longer rows streamed and
-held (`TopkPlan.hold_tail`), `--select-block` with each step of candidates (`TopkPlan.select_block`).
+held (`TopkPlan.hold_tail`), `--select-block` with each step of candidates (`TopkPlan.select_block`),
+`--group-block` with each step of group keys (`TopkPlan.group_block`; a row past it holds a tail).
 The results feed `kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
 """
 
@@ -172,25 +174,25 @@ def plans_line(title: str, plans: dict[str, kernels.TopkPlan], logits: torch.Ten
     return f"  {title}: " + " ".join(cell for _, cell in cells)
 
 
-def plan_variants(picked: kernels.TopkPlan, digit_bits: list[int], group_tails: list[int],
-                  hold_tail: bool, select_blocks: list[int]) -> list[tuple[str, dict[str, kernels.TopkPlan]]]:
-    """(title, labelled plans): the picked grouped plan with each radix digit width of
-    `digit_bits`, each least group tail of `group_tails`, with `hold_tail` longer rows streamed
-    and held, and with each candidate step of `select_blocks` (--digit-bits, --group-tail,
-    --hold-tail, --select-block)."""
+# The TopkPlan fields whose flags time the picked plan at each given value: (field, title, label).
+FIELD_VARIANTS = (("digit_bits", "digit widths", "{}-bit"), ("group_tail_min", "group tails", "tail {}"),
+                  ("group_block", "group-key steps", "step {}"), ("select_block", "candidate steps", "step {}"))
+
+
+def plan_variants(picked: kernels.TopkPlan, values: dict[str, list[int]],
+                  hold_tail: bool) -> list[tuple[str, dict[str, kernels.TopkPlan]]]:
+    """(title, labelled plans): the picked grouped plan with each value of `values` of a field of
+    FIELD_VARIANTS (--digit-bits, --group-tail, --group-block, --select-block) and, with
+    `hold_tail`, with longer rows streamed and held (--hold-tail)."""
     variants = []
-    if digit_bits:
-        variants.append((f"digit widths (picked {picked.digit_bits}-bit)",
-                         {f"{bits}-bit": dataclasses.replace(picked, digit_bits=bits) for bits in digit_bits}))
-    if group_tails:
-        variants.append((f"group tails (picked {picked.group_tail_min})",
-                         {f"tail {tail}": dataclasses.replace(picked, group_tail_min=tail) for tail in group_tails}))
+    for field, title, label in FIELD_VARIANTS:
+        if values.get(field):
+            variants.append((f"{title} (picked {label.format(getattr(picked, field))})",
+                             {label.format(value): dataclasses.replace(picked, **{field: value})
+                              for value in values[field]}))
     if hold_tail:
         variants.append((f"longer rows (picked {'held' if picked.hold_tail else 'streamed'})",
                          {how: dataclasses.replace(picked, hold_tail=how == "held") for how in ("streamed", "held")}))
-    if select_blocks:
-        variants.append((f"candidate steps (picked {picked.select_block})",
-                         {f"step {block}": dataclasses.replace(picked, select_block=block) for block in select_blocks}))
     return variants
 
 
@@ -226,6 +228,8 @@ def main() -> None:
                         help="time the picked grouped plan with longer rows streamed and with them held")
     parser.add_argument("--select-block", nargs="*", type=int, default=[],
                         help="time the picked grouped plan with its candidates in steps of each of these")
+    parser.add_argument("--group-block", nargs="*", type=int, default=[],
+                        help="time the picked grouped plan with its group keys in steps of each of these")
     parser.add_argument("--budgets", nargs="*", type=int, default=None,
                         help="only these budgets of the shapes (default: every budget)")
     args = parser.parse_args()
@@ -264,8 +268,9 @@ def main() -> None:
             selection = (logits, lse, summary, budget, sets, by_prob, default)
             if picked.grouped and args.gather_programs:
                 print(gather_programs_line(picked, *selection, args.gather_programs), flush=True)
-            variants = plan_variants(picked, args.digit_bits, args.group_tail, args.hold_tail,
-                                     args.select_block) if picked.grouped else []
+            values = {"digit_bits": args.digit_bits, "group_tail_min": args.group_tail,
+                      "group_block": args.group_block, "select_block": args.select_block}
+            variants = plan_variants(picked, values, args.hold_tail) if picked.grouped else []
             for title, plans in variants:
                 print(plans_line(title, plans, *selection), flush=True)
             if picked.grouped and picked.gather_programs > 1 and args.split_sweep:

@@ -30,8 +30,7 @@ GHZ = 1.98
 CASES = [(1, 32, 8, 131072, 256, {}), (1, 32, 8, 131072, 2048, {}), (8, 32, 8, 32768, 256, {}),
          (8, 32, 8, 32768, 2048, {})]
 # radix_select's phases, each timed from the statement that starts it to the next phase's
-PHASES = {"group threshold": "    threshold, need = _threshold(group_keys",
-          "group emit": "        chosen = _emit(group_keys",
+PHASES = {"groups": "        chosen, threshold = _choose_groups(group_keys",
           "gather": "        count = _gather_candidates(",
           "candidate threshold": "        threshold, need = _threshold(cand_keys",
           "emit": "        _emit(cand_keys"}

@@ -243,18 +243,38 @@ def test_grouped_topk_over_group_keys_past_the_first_step(length, data, budget, 
     power of two has (a short tail past it, held) or several steps past it (streamed, or with
     `hold_tail` a step and a tail held and the rest streamed), rows shorter than the cache, ties
     everywhere: the grouped top-k equals a sort."""
+    plan = kernels.plan_topk(1, length, budget, torch.device("cpu"), grouped=True, chunk=16, block=16, group=group,
+                             gather_programs=parts, digit_bits=bits, group_block=group_block,
+                             hold_tail=hold_tail)
+    assert plan.group_tail(length) <= group_block
+    _assert_topk_of_a_shorter_row_is_a_sort(data, length, budget, recent, plan)
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), group=st.sampled_from([2, 4]), past=st.integers(1, 4), budget=st.integers(1, 12),
+       recent=st.integers(0, 2), parts=gather_programs, bits=digit_bits)
+def test_grouped_topk_takes_a_short_tail_of_groups_whole(data, group, past, budget, recent, parts, bits):
+    """A cache a few groups past a selection's step ranks the step's groups and takes every tail
+    group whole (`TopkPlan.taken_tail`), at every valid length up to the cache's: still a sort."""
+    length = (16 + past) * group - data.draw(st.integers(0, group - 1))
+    plan = kernels.plan_topk(1, length, budget, torch.device("cpu"), grouped=True, chunk=16, block=16, group=group,
+                             gather_programs=parts, digit_bits=bits, group_block=16)
+    assert plan.taken_tail(length) == plan.least_tail == 4
+    _assert_topk_of_a_shorter_row_is_a_sort(data, length, budget, recent, plan)
+
+
+def _assert_topk_of_a_shorter_row_is_a_sort(data: st.DataObject, length: int, budget: int, recent: int,
+                                             plan: kernels.TopkPlan) -> None:
+    """A drawn row of `length` logits with many ties, valid for a drawn length (inf past it: never
+    read), `recent` positions forced: `select_topk` by `plan` equals a sort."""
     valid = data.draw(st.integers(1, length))
     row = [float(v) for v in data.draw(st.lists(st.integers(-4, 4), min_size=length, max_size=length))]
     logits = torch.tensor([[row]], dtype=torch.float32)
-    logits[..., valid:] = float("inf")  # past the valid length: never read
+    logits[..., valid:] = float("inf")
     mask = torch.zeros(1, 1, 1, length, dtype=torch.bool)
     mask[..., :valid] = True
     summary = kernels.summarize_mask(mask, 1, length, logits.device, 0, recent)
     forced = set(range(summary.recent_start.item(), valid))
-    plan = kernels.plan_topk(1, length, budget, logits.device, grouped=True, chunk=16, block=16, group=group,
-                             gather_programs=parts, digit_bits=bits, group_block=group_block,
-                             hold_tail=hold_tail)
-    assert plan.group_tail(length) <= group_block
     expected = _topk_by_sorting(row[:valid], forced, budget)
     expected += [-1] * (budget - len(expected))
     assert kernels.select_topk(logits, logits[..., 0], summary, budget, 1, False, plan).tolist() == [[expected]]
@@ -359,12 +379,14 @@ def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
     and its candidates in steps of 1024 (docs/results/tune-topk-h200-2026-12-02-split-sweep-*-b419b79.log);
     radix digits of 4 bits with at most 66 rows, else 8 (tune-topk-h200-2026-12-02-digit-bits-55b92fc.log);
     candidates in steps of 1024 at every budget, longer rows held with at most 66 rows (the many rows'
-    large-budget gather in steps of 2048; tune-topk-h200-2026-12-03-hold-tail-dcdf4a9.log)."""
+    large-budget gather in steps of 2048; tune-topk-h200-2026-12-03-hold-tail-dcdf4a9.log); a row a
+    few group keys past a power of two (128K + 16) in steps of that power, its tail's groups taken
+    whole (tune-topk-h200-2026-12-03-taken-tail-*.log)."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
     expected = {(32, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4, True),
                 (8, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4, True),
-                (32, 131072 + 16, 256, 64): (4096, 1024, 2048, 8, 8, 4, True),
+                (32, 131072 + 16, 256, 64): (2048, 1024, 2048, 8, 8, 4, True),
                 (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 2048, 8, 8, 4, True),
                 (64, 32768, 256, 16): (2048, 1024, 4096, 16, 1, 4, True),
                 (64, 32768, 2048, 8): (4096, 1024, 4096, 16, 4, 4, True),

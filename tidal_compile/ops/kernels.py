@@ -550,7 +550,9 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
         gather = select
     groups = triton.cdiv(length, group)
     group_block = triton.next_power_of_2(groups)
-    if 4 * groups <= 3 * group_block and programs == 1:  # a quarter empty or more: steps of at most SELECT_BLOCK
+    if group > 1 and groups - group_block // 2 <= scaled(GROUP_TAIL_MIN) < group_block // 2:
+        group_block //= 2  # a few group keys past a power of two: its tail's groups are taken whole
+    elif 4 * groups <= 3 * group_block and programs == 1:  # a quarter empty or more: steps of at most SELECT_BLOCK
         group_block = min(group_block, scaled(SELECT_BLOCK))
     group_block = min(group_block, scaled(GROUP_BLOCK_MAX if few_rows else GROUP_BLOCK_MAX_MANY_ROWS))
     gather = min(gather, triton.next_power_of_2(triton.cdiv(budget, programs) * group))
@@ -619,8 +621,20 @@ class TopkPlan:
         and the row streams in whole steps (a second whole step held: B8 32K k=2048 180 us against
         116 streamed); with `hold_tail` (few rows) two whole steps are held and the rest streamed."""
         past = triton.cdiv(length, self.group) - self.group_block
-        least = max(1, self.group_tail_min * self.block // TOPK_BLOCK)
-        return min(self.group_block, max(least, triton.next_power_of_2(max(past, 1))))
+        return min(self.group_block, max(self.least_tail, triton.next_power_of_2(max(past, 1))))
+
+    @property
+    def least_tail(self) -> int:
+        """`group_tail_min`, scaled with the block."""
+        return max(1, self.group_tail_min * self.block // TOPK_BLOCK)
+
+    def taken_tail(self, length: int) -> int:
+        """Group keys past the first `group_block` whose groups a selection takes whole, unranked
+        (radix_topk.py.jinja): `group_tail(length)` where that is the least tail (a row a few keys
+        past its step: rows of `length` positions or fewer), else 0 (the tail is ranked)."""
+        tail = self.group_tail(length)
+        past = triton.cdiv(length, self.group) > self.group_block
+        return tail if self.group > 1 and past and tail <= self.least_tail < self.group_block else 0
 
 
 def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped: Optional[bool] = None,
@@ -699,21 +713,22 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
                     RecentStart=summary.recent_start, Rank=rank,
                     stride_xb=logits.stride(0), stride_xh=logits.stride(1), stride_gr=group_max.stride(0))
     constants = dict(**sets_args, BY_PROB=rank_by_prob, GROUP=plan.group, PAGE=page_size)
-    group_tail = plan.group_tail(length)
     if not written:
         wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
             **row_args, GroupMax=group_max, **constants, BLOCK=block, CHUNK=plan.chunk)
-    groups = torch.empty(rows, budget, dtype=torch.int32, device=device)
-    slots = budget * plan.group if plan.group > 1 else 1
+    taken_tail = plan.taken_tail(length)
+    capacity = budget + taken_tail  # groups a row may choose
+    groups = torch.empty(rows, capacity, dtype=torch.int32, device=device)
+    slots = capacity * plan.group if plan.group > 1 else 1
     cand_keys = torch.empty(rows, slots, dtype=torch.int64, device=device)
     cand_pos = torch.empty(rows, slots, dtype=torch.int32, device=device)
-    out_args = dict(Out=out, stride_ob=out.stride(0), stride_os=out.stride(1), budget=budget)
+    out_args = dict(Out=out, stride_ob=out.stride(0), stride_os=out.stride(1), budget=budget, capacity=capacity)
     selection = dict(DIGIT_BITS=plan.digit_bits, HOLD_TAIL=plan.hold_tail, num_warps=plan.select_warps)
+    group_steps = dict(GROUP_BLOCK=plan.group_block, GROUP_TAIL=plan.group_tail(length), TAKEN_TAIL=taken_tail)
     if plan.gather_programs == 1 or plan.group == 1:
         wrap_triton(module.radix_select)[(rows,)](
             **row_args, GroupMax=group_max, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, **out_args,
-            **constants, GROUP_BLOCK=plan.group_block, GROUP_TAIL=group_tail, BLOCK=plan.select_block,
-            GATHER_BLOCK=plan.gather_block, **selection)
+            **constants, **group_steps, BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block, **selection)
         return
     parts = plan.gather_programs
     chosen = torch.empty(rows, dtype=torch.int32, device=device)
@@ -722,11 +737,11 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     wrap_triton(module.radix_select_groups)[(rows,)](
         KvLen=summary.kv_len, SinkEnd=summary.sink_end, RecentStart=summary.recent_start, GroupMax=group_max,
         Groups=groups, Chosen=chosen, Threshold=threshold, stride_gr=group_max.stride(0), budget=budget,
-        NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, GROUP_BLOCK=plan.group_block, GROUP_TAIL=group_tail,
-        PAGE=page_size, **selection)
+        capacity=capacity, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, **group_steps, PAGE=page_size,
+        **selection)
     wrap_triton(module.radix_gather)[(rows, parts)](
         **row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys, CandPos=cand_pos,
-        CandCount=counts, budget=budget, **constants, GATHER_BLOCK=plan.gather_block, PARTS=parts)
+        CandCount=counts, capacity=capacity, **constants, GATHER_BLOCK=plan.gather_block, PARTS=parts)
     wrap_triton(module.radix_select_candidates)[(rows,)](
         CandKeys=cand_keys, CandPos=cand_pos, CandCount=counts, PackedKeys=torch.empty_like(cand_keys),
         PackedPos=torch.empty_like(cand_pos), **out_args, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group,

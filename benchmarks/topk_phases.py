@@ -30,7 +30,7 @@ GHZ = 1.98
 CASES = [(1, 32, 8, 131072, 256, {}), (1, 32, 8, 131072, 2048, {}), (8, 32, 8, 32768, 256, {}),
          (8, 32, 8, 32768, 2048, {})]
 # radix_select's phases, each timed from the statement that starts it to the next phase's
-PHASES = {"groups": "        chosen, threshold = _choose_groups(group_keys",
+PHASES = {"groups": "        top, tail, threshold = _choose_groups(group_keys",
           "gather": "        count = _gather_candidates(",
           "candidate threshold": "        threshold, need = _threshold(cand_keys",
           "emit": "        _emit(cand_keys"}
@@ -62,7 +62,7 @@ def timed_templates() -> Path:
     stores += [f"{indent}tl.store(Lse + row * {SLOTS} + {p}, (t{p + 1} - t{p}).to(tl.float32))"
                for p in range(len(PHASES))]
     stores += [f"{indent}tl.store(Lse + row * {SLOTS} + {len(PHASES)}, count.to(tl.float32))",
-               f"{indent}tl.store(Lse + row * {SLOTS} + {len(PHASES) + 1}, chosen.to(tl.float32))"]
+               f"{indent}tl.store(Lse + row * {SLOTS} + {len(PHASES) + 1}, (top + tail).to(tl.float32))"]
     body = "\n".join(lines + stores) + "\n"
     include = '{% include "radix_keys.py.jinja" %}\n'
     path.write_text(head.replace(include, include + CLOCK) + "def radix_select(" + body)

@@ -251,16 +251,19 @@ def test_grouped_topk_over_group_keys_past_the_first_step(length, data, budget, 
 
 
 @settings(max_examples=15, deadline=None)
-@given(data=st.data(), group=st.sampled_from([2, 4]), past=st.integers(1, 4), budget=st.integers(1, 12),
-       recent=st.integers(0, 2), parts=gather_programs, bits=digit_bits)
-def test_grouped_topk_takes_a_short_tail_of_groups_whole(data, group, past, budget, recent, parts, bits):
+@given(data=st.data(), group=st.sampled_from([2, 4]), past=st.integers(1, 4), budget=st.integers(1, 20),
+       recent=st.integers(0, 2), bits=digit_bits)
+def test_grouped_topk_takes_a_short_tail_of_groups_whole(data, group, past, budget, recent, bits):
     """A cache a few groups past a selection's step ranks the step's groups and takes every tail
-    group whole (`TopkPlan.taken_tail`), at every valid length up to the cache's: still a sort."""
+    group whole (`TopkPlan.taken_tail`), at every valid length up to the cache's, with the gather
+    in radix_select or split over parts that divide the budget or not (the tail's groups on a part
+    of their own), and budgets above the step's groups: still a sort."""
     length = (16 + past) * group - data.draw(st.integers(0, group - 1))
-    plan = kernels.plan_topk(1, length, budget, torch.device("cpu"), grouped=True, chunk=16, block=16, group=group,
-                             gather_programs=parts, digit_bits=bits, group_block=16)
-    assert plan.taken_tail(length) == plan.least_tail == 4
-    _assert_topk_of_a_shorter_row_is_a_sort(data, length, budget, recent, plan)
+    for parts in (1, 3, 8):
+        plan = kernels.plan_topk(1, length, budget, torch.device("cpu"), grouped=True, chunk=16, block=16,
+                                 group=group, gather_programs=parts, digit_bits=bits, group_block=16)
+        assert plan.taken_tail(length) == plan.least_tail == 4
+        _assert_topk_of_a_shorter_row_is_a_sort(data, length, budget, recent, plan)
 
 
 def _assert_topk_of_a_shorter_row_is_a_sort(data: st.DataObject, length: int, budget: int, recent: int,

@@ -717,7 +717,8 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
         wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
             **row_args, GroupMax=group_max, **constants, BLOCK=block, CHUNK=plan.chunk)
     taken_tail = plan.taken_tail(length)
-    capacity = budget + taken_tail  # groups a row may choose
+    parts = plan.gather_programs if plan.group > 1 else 1
+    capacity = parts * triton.cdiv(budget, parts) + taken_tail  # groups a row may choose: parts' shares, the tail
     groups = torch.empty(rows, capacity, dtype=torch.int32, device=device)
     slots = capacity * plan.group if plan.group > 1 else 1
     cand_keys = torch.empty(rows, slots, dtype=torch.int64, device=device)
@@ -725,27 +726,28 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     out_args = dict(Out=out, stride_ob=out.stride(0), stride_os=out.stride(1), budget=budget, capacity=capacity)
     selection = dict(DIGIT_BITS=plan.digit_bits, HOLD_TAIL=plan.hold_tail, num_warps=plan.select_warps)
     group_steps = dict(GROUP_BLOCK=plan.group_block, GROUP_TAIL=plan.group_tail(length), TAKEN_TAIL=taken_tail)
-    if plan.gather_programs == 1 or plan.group == 1:
+    if parts == 1:
         wrap_triton(module.radix_select)[(rows,)](
             **row_args, GroupMax=group_max, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, **out_args,
             **constants, **group_steps, BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block, **selection)
         return
-    parts = plan.gather_programs
-    chosen = torch.empty(rows, dtype=torch.int32, device=device)
+    programs = parts + (taken_tail > 0)  # the top groups' shares, and the tail's
+    chosen = torch.empty(rows, 2, dtype=torch.int32, device=device)
     threshold = torch.empty(rows, dtype=torch.int64, device=device)
-    counts = torch.empty(rows, parts, dtype=torch.int32, device=device)
+    counts = torch.empty(rows, programs, dtype=torch.int32, device=device)
     wrap_triton(module.radix_select_groups)[(rows,)](
         KvLen=summary.kv_len, SinkEnd=summary.sink_end, RecentStart=summary.recent_start, GroupMax=group_max,
         Groups=groups, Chosen=chosen, Threshold=threshold, stride_gr=group_max.stride(0), budget=budget,
         capacity=capacity, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, **group_steps, PAGE=page_size,
         **selection)
-    wrap_triton(module.radix_gather)[(rows, parts)](
+    wrap_triton(module.radix_gather)[(rows, programs)](
         **row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys, CandPos=cand_pos,
-        CandCount=counts, capacity=capacity, **constants, GATHER_BLOCK=plan.gather_block, PARTS=parts)
+        CandCount=counts, budget=budget, capacity=capacity, **constants, GATHER_BLOCK=plan.gather_block, PARTS=parts)
     wrap_triton(module.radix_select_candidates)[(rows,)](
         CandKeys=cand_keys, CandPos=cand_pos, CandCount=counts, PackedKeys=torch.empty_like(cand_keys),
         PackedPos=torch.empty_like(cand_pos), **out_args, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group,
-        BLOCK=plan.select_block, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts), **selection)
+        BLOCK=plan.select_block, PARTS=parts, PROGRAMS=programs, PROGRAMS_PAD=triton.next_power_of_2(programs),
+        **selection)
 
 
 def _select_chunked(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary, budget: int, rank_by_prob: bool,

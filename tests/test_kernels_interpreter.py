@@ -251,19 +251,36 @@ def test_grouped_topk_over_group_keys_past_the_first_step(length, data, budget, 
 
 
 @settings(max_examples=15, deadline=None)
-@given(data=st.data(), group=st.sampled_from([2, 4]), past=st.integers(1, 4), budget=st.integers(1, 20),
+@given(data=st.data(), group=st.sampled_from([2, 4]), past=st.integers(1, 4), budget=st.integers(4, 20),
        recent=st.integers(0, 2), bits=digit_bits)
 def test_grouped_topk_takes_a_short_tail_of_groups_whole(data, group, past, budget, recent, bits):
     """A cache a few groups past a selection's step ranks the step's groups and takes every tail
-    group whole (`TopkPlan.taken_tail`), at every valid length up to the cache's, with the gather
-    in radix_select or split over parts that divide the budget or not (the tail's groups on a part
-    of their own), and budgets above the step's groups: still a sort."""
+    group whole (`TopkPlan.taken_tail`; ranked where a gather part's share is shorter), at every
+    valid length up to the cache's, with the gather in radix_select or split over parts that divide
+    the budget or not (the tail's groups on a part of their own), and budgets above the step's
+    groups: still a sort."""
     length = (16 + past) * group - data.draw(st.integers(0, group - 1))
     for parts in (1, 3, 8):
         plan = kernels.plan_topk(1, length, budget, torch.device("cpu"), grouped=True, chunk=16, block=16,
                                  group=group, gather_programs=parts, digit_bits=bits, group_block=16)
-        assert plan.taken_tail(length) == plan.least_tail == 4
+        assert plan.taken_tail(length, budget) > 0 or parts > 1
         _assert_topk_of_a_shorter_row_is_a_sort(data, length, budget, recent, plan)
+
+
+def test_a_taken_tail_is_a_few_groups_no_more_than_a_gather_share(monkeypatch):
+    """A cache a group past a power of two (128K + 16) ranks the power's groups and takes that one
+    whole; a tail longer than a gather program's share of the top groups (k=256 on 8 programs: 32
+    groups) is ranked, in a step that holds it (the held tail's plan)."""
+    monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
+
+    def steps_and_tail(length: int, budget: int) -> tuple[int, int]:
+        plan = kernels.plan_topk(32, length, budget, torch.device("cuda"))
+        return plan.group_block, plan.taken_tail(length, budget)
+
+    assert steps_and_tail(131072, 256) == (2048, 0)
+    assert steps_and_tail(131072 + 16, 256) == (2048, 1)
+    assert steps_and_tail(131072 + 16, 2048) == (4096, 1)
+    assert steps_and_tail(131072 + 64 * 33, 256) == (4096, 0)
 
 
 def _assert_topk_of_a_shorter_row_is_a_sort(data: st.DataObject, length: int, budget: int, recent: int,

@@ -555,7 +555,7 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
         gather = select
     groups = triton.cdiv(length, group)
     group_block = triton.next_power_of_2(groups)
-    if group > 1 and groups - group_block // 2 <= scaled(GROUP_TAIL_MIN) < group_block // 2:
+    if topk_taken_tail(groups, group_block // 2, group, triton.cdiv(budget, programs), scaled(GROUP_TAIL_MIN)):
         group_block //= 2  # a few group keys past a power of two: its tail's groups are taken whole
     elif 4 * groups <= 3 * group_block and programs == 1:  # a quarter empty or more: steps of at most SELECT_BLOCK
         group_block = min(group_block, scaled(SELECT_BLOCK))
@@ -633,13 +633,21 @@ class TopkPlan:
         """`group_tail_min`, scaled with the block."""
         return max(1, self.group_tail_min * self.block // TOPK_BLOCK)
 
-    def taken_tail(self, length: int) -> int:
-        """Group keys past the first `group_block` whose groups a selection takes whole, unranked
-        (radix_topk.py.jinja): `group_tail(length)` where that is the least tail (a row a few keys
-        past its step: rows of `length` positions or fewer), else 0 (the tail is ranked)."""
-        tail = self.group_tail(length)
-        past = triton.cdiv(length, self.group) > self.group_block
-        return tail if self.group > 1 and past and tail <= self.least_tail < self.group_block else 0
+    def taken_tail(self, length: int, budget: int) -> int:
+        """`topk_taken_tail` of this plan's rows of up to `length` positions."""
+        return topk_taken_tail(triton.cdiv(length, self.group), self.group_block, self.group,
+                               triton.cdiv(budget, self.gather_programs), self.least_tail)
+
+
+def topk_taken_tail(groups: int, group_block: int, group: int, share: int, least: int) -> int:
+    """Group keys past the first `group_block` (of `groups`) whose groups a selection takes whole,
+    unranked (radix_topk.py.jinja): the power of two at or above those past it where that is at
+    most `least` (the least tail: a row a few keys past a step longer than it) and a gather
+    program's `share` of the top groups (the tail's program gathers no more than the others),
+    else 0: the tail is ranked."""
+    past = groups - group_block
+    tail = triton.next_power_of_2(max(past, 1))
+    return tail if group > 1 and past > 0 and tail <= min(least, share) and least < group_block else 0
 
 
 def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped: Optional[bool] = None,
@@ -721,7 +729,7 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     if not written:
         wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
             **row_args, GroupMax=group_max, **constants, BLOCK=block, CHUNK=plan.chunk)
-    taken_tail = plan.taken_tail(length)
+    taken_tail = plan.taken_tail(length, budget)
     parts = plan.gather_programs if plan.group > 1 else 1
     capacity = parts * triton.cdiv(budget, parts) + taken_tail  # groups a row may choose: parts' shares, the tail
     groups = torch.empty(rows, capacity, dtype=torch.int32, device=device)

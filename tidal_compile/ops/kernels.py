@@ -512,9 +512,9 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
       A row a few keys past the step holds them too (`TopkPlan.group_tail`): 4097 groups at 128K
       + 16 with k=2048 streamed two whole steps a pass, radix_select_groups 36.8 us against 15.8
       at 128K; held, 23.8 (the top-k 89.9 -> 71.2 us; docs/results/tune-topk-h200-2026-12-03-*).
-      Where those few are the least tail past a power of two and groups are longer than one
-      position, the step is that power and the tail's groups are taken whole, unranked
-      (`TopkPlan.taken_tail`): at 128K + 16 radix_select_groups in a selection layer 19.3 -> 12.0
+      Where those few past a power of two are no more than the least tail and a gather program's
+      share of the top groups, and groups are longer than one position, the step is that power
+      and the tail's groups are taken whole, unranked (`topk_taken_tail`): at 128K + 16 radix_select_groups in a selection layer 19.3 -> 12.0
       us (k = 256, its step 4096 -> 2048) and 26.0 -> 16.0 (k = 2048), as at 128K (docs/results/
       tune-topk-h200-2026-12-03-taken-tail-9b13b7f.log).
     - Candidates (a few per budget slot): steps of SELECT_BLOCK, at most CANDIDATES_PER_BUDGET x

@@ -414,9 +414,11 @@ def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
                 (256, 32768, 2048, 8): (2048, 1024, 2048, 8, 1, 8, False),
                 (32, 131072, 2048, 8): (4096, 1024, 2048, 8, 8, 4, True),
                 (32, 131072, 2048, 32): (4096, 1024, 4096, 16, 8, 4, True),
-                (32, 8192, 16, 64): (128, 128, 1024, 8, 1, 4, True), (32, 8192 + 1, 16, 64): (256, 128, 1024, 8, 1, 4, True)}
+                (32, 8192, 16, 64): (128, 128, 1024, 8, 1, 4, True),
+                (32, 8192 + 1, 16, 64): (256, 128, 1024, 8, 1, 4, True)}
     assert {shape: tuple(kernels.topk_select_steps(*shape, cuda).values()) for shape in expected} == expected
-    assert tuple(kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16).values()) == (64, 16, 64, 16, 8, 4, True)
+    scaled_down = kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16)
+    assert tuple(scaled_down.values()) == (64, 16, 64, 16, 8, 4, True)
     fused = kernels.topk_select_steps(32, 131072, 256, 64, cuda, gather_programs=1)
     assert (fused["gather_block"], fused["select_warps"], fused["gather_programs"]) == (4096, 16, 1)
 

@@ -514,9 +514,10 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
       at 128K; held, 23.8 (the top-k 89.9 -> 71.2 us; docs/results/tune-topk-h200-2026-12-03-*).
       Where those few past a power of two are no more than the least tail and a gather program's
       share of the top groups, and groups are longer than one position, the step is that power
-      and the tail's groups are taken whole, unranked (`topk_taken_tail`): at 128K + 16 radix_select_groups in a selection layer 19.3 -> 12.0
-      us (k = 256, its step 4096 -> 2048) and 26.0 -> 16.0 (k = 2048), as at 128K (docs/results/
-      tune-topk-h200-2026-12-03-taken-tail-9b13b7f.log).
+      and the tail's groups are taken whole, unranked (`topk_taken_tail`): at 128K + 16
+      radix_select_groups in a selection layer 19.3 -> 12.0 us (k = 256, its step 4096 -> 2048)
+      and 26.0 -> 16.0 (k = 2048), as at 128K (docs/results/tune-topk-h200-2026-12-03-taken-tail-
+      9b13b7f.log).
     - Candidates (a few per budget slot): steps of SELECT_BLOCK, at most CANDIDATES_PER_BUDGET x
       budget; with few rows the selections hold a step and a tail in registers and stream the
       rest (`TopkPlan.hold_tail`). Longer steps lose now that a step is held (`tune_topk.py

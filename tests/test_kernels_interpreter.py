@@ -319,6 +319,14 @@ def test_logits_rows_are_aligned_for_any_cache_length():
     torch.testing.assert_close(idx, oracle.selection_indices(q, k, None, 1.0, 9, "query_head"), rtol=0, atol=0)
 
 
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(1, 1 << 20))
+def test_scratch_rows_are_aligned_and_never_a_power_of_two_apart(length):
+    stride = kernels.scratch_row_stride(length)
+    assert length <= stride < length + 2 * kernels.ROW_ALIGN
+    assert stride % kernels.ROW_ALIGN == 0 and (stride // kernels.ROW_ALIGN) % 2 == 1
+
+
 def test_radix_topk_on_a_row_longer_than_a_block():
     """Production chunk sizes, both top-k plans (the default group; the grouped one also with a
     candidate gather in longer steps than its selections): several blocks per chunk, all radix

@@ -753,23 +753,18 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
             **row_args, GroupMax=group_max, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, **out_args,
             **constants, **group_steps, BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block, **selection)
         return
-    programs = parts + (taken_tail > 0)  # the top groups' shares, and the tail's
-    chosen = torch.empty(rows, 2, dtype=torch.int32, device=device)
+    chosen = torch.empty(rows, dtype=torch.int32, device=device)
     threshold = torch.empty(rows, dtype=torch.int64, device=device)
-    counts = torch.empty(rows, programs, dtype=torch.int32, device=device)
-    wrap_triton(module.radix_select_groups)[(rows,)](
-        KvLen=summary.kv_len, SinkEnd=summary.sink_end, RecentStart=summary.recent_start, GroupMax=group_max,
-        Groups=groups, Chosen=chosen, Threshold=threshold, stride_gr=group_max.stride(0), budget=budget,
-        capacity=capacity, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, **group_steps, PAGE=page_size,
-        **selection)
-    wrap_triton(module.radix_gather)[(rows, programs)](
-        **row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys, CandPos=cand_pos,
-        CandCount=counts, budget=budget, capacity=capacity, **constants, GATHER_BLOCK=plan.gather_block, PARTS=parts)
+    counts = torch.empty(rows, parts + 1, dtype=torch.int32, device=device)  # the shares' candidates, the tail's
+    gathered = dict(**row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys,
+                    CandPos=cand_pos, CandCount=counts, budget=budget, capacity=capacity, **constants,
+                    GATHER_BLOCK=plan.gather_block, PARTS=parts)
+    wrap_triton(module.radix_select_groups)[(rows,)](**gathered, GroupMax=group_max, **group_steps, **selection)
+    wrap_triton(module.radix_gather)[(rows, parts)](**gathered)
     wrap_triton(module.radix_select_candidates)[(rows,)](
         CandKeys=cand_keys, CandPos=cand_pos, CandCount=counts, PackedKeys=torch.empty_like(cand_keys),
         PackedPos=torch.empty_like(cand_pos), **out_args, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group,
-        BLOCK=plan.select_block, PARTS=parts, PROGRAMS=programs, PROGRAMS_PAD=triton.next_power_of_2(programs),
-        **selection)
+        BLOCK=plan.select_block, PARTS=parts, PARTS_PAD=triton.next_power_of_2(parts), **selection)
 
 
 def _select_chunked(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary, budget: int, rank_by_prob: bool,

@@ -114,11 +114,14 @@ def selection_launches() -> None:
     q, k, v, mask = decode_inputs()
     summary = kernels.summarize_mask(mask, 2, k.shape[2], q.device, sink=4, recent=8)
     _, lse, logits = kernels.flash_decode(q, k, v, mask, 0.1, emit_logits=True, summary=summary)
+    taken_tail = dict(group=16, block=16, group_block=16)  # 19 groups: a step and a tail taken whole
     for sets, by_prob in ((8, False), (2, True), (1, True)):
-        for grouped, gather_programs, digit_bits in ((True, 1, 8), (True, 4, 8), (True, 1, 4), (True, 4, 4),
-                                                     (False, 1, 8)):
-            plan = kernels.plan_topk(2 * sets, k.shape[2], 64, q.device, grouped=grouped, group=4,
-                                     gather_programs=gather_programs, digit_bits=digit_bits)
+        for grouped, gather_programs, digit_bits, steps in ((True, 1, 8, {}), (True, 4, 8, {}), (True, 1, 4, {}),
+                                                            (True, 4, 4, {}), (False, 1, 8, {}),
+                                                            (True, 1, 4, taken_tail), (True, 4, 4, taken_tail)):
+            plan = kernels.plan_topk(2 * sets, k.shape[2], 64, q.device, grouped=grouped, gather_programs=gather_programs,
+                                     digit_bits=digit_bits, **{"group": 4, **steps})
+            assert (plan.taken_tail(k.shape[2], 64) > 0) == bool(steps)
             kernels.select_topk(logits, lse, summary, 64, sets, by_prob, plan)
 
 
@@ -176,7 +179,7 @@ def test_every_launched_kernel_variant_compiles_for_hopper(scenario_launches):
 
 
 OVERCOUNTED = {"radix_select": {"Logits", "Lse", "Rank", "GroupMax"}, "radix_emit": {"Rank", "Hist"},
-               "radix_select_groups": {"GroupMax"}, "radix_gather": {"Logits", "Lse", "Rank"}}
+               "radix_select_groups": {"GroupMax"}, "radix_gather": {"Logits", "Lse", "Rank", "Groups"}}
 """Arguments Inductor counts as written that these kernels only read: their helpers' results
 decide where they store, and the analysis then counts every pointer the helpers read
 (templates/radix_keys.py.jinja). Harmless while each is a buffer of the layer's own that no other

@@ -257,7 +257,7 @@ def test_grouped_topk_takes_a_short_tail_of_groups_whole(data, group, past, budg
     """A cache a few groups past a selection's step ranks the step's groups and takes every tail
     group whole (`TopkPlan.taken_tail`; ranked where a gather part's share is shorter), at every
     valid length up to the cache's, with the gather in radix_select or split over parts that divide
-    the budget or not (the tail's groups on a part of their own), and budgets above the step's
+    the budget or not (the tail's groups gathered where the groups are chosen), and budgets above the step's
     groups: still a sort."""
     length = (16 + past) * group - data.draw(st.integers(0, group - 1))
     for parts in (1, 3, 8):
@@ -265,6 +265,20 @@ def test_grouped_topk_takes_a_short_tail_of_groups_whole(data, group, past, budg
                                  group=group, gather_programs=parts, digit_bits=bits, group_block=16)
         assert plan.taken_tail(length, budget) > 0 or parts > 1
         _assert_topk_of_a_shorter_row_is_a_sort(data, length, budget, recent, plan)
+
+
+@pytest.mark.parametrize("parts", [1, 3, 8])
+def test_a_taken_tail_and_the_last_gather_share_both_hold_top_positions(parts):
+    """Logits rising with position: the top-k is the row's last `budget` positions, so the taken
+    tail's candidates and the last gather share's (whose slots the tail's follow) must all be kept."""
+    group, budget, length = 2, 8, 2 * (16 + 1)
+    plan = kernels.plan_topk(1, length, budget, torch.device("cpu"), grouped=True, chunk=16, block=16, group=group,
+                             gather_programs=parts, group_block=16)
+    assert plan.taken_tail(length, budget) == 1
+    logits = torch.arange(length, dtype=torch.float32).view(1, 1, length)
+    summary = kernels.summarize_mask(None, 1, length, logits.device)
+    top = kernels.select_topk(logits, logits[..., 0], summary, budget, 1, False, plan)
+    assert top.tolist() == [[list(range(length - budget, length))]]
 
 
 def test_a_taken_tail_is_a_few_groups_no_more_than_a_gather_share(monkeypatch):

@@ -652,8 +652,8 @@ def topk_taken_tail(groups: int, group_block: int, group: int, share: int, least
     """Group keys past the first `group_block` (of `groups`) whose groups a selection takes whole,
     unranked (radix_topk.py.jinja): the power of two at or above those past it where that is at
     most `least` (the least tail: a row a few keys past a step longer than it) and a gather
-    program's `share` of the top groups (the tail's program gathers no more than the others),
-    else 0: the tail is ranked."""
+    program's `share` of the top groups (the tail's gather, in the one program per row that
+    chooses the groups, stays short), else 0: the tail is ranked."""
     past = groups - group_block
     tail = triton.next_power_of_2(max(past, 1))
     return tail if group > 1 and past > 0 and tail <= min(least, share) and least < group_block else 0
@@ -753,14 +753,18 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
             **row_args, GroupMax=group_max, Groups=groups, CandKeys=cand_keys, CandPos=cand_pos, **out_args,
             **constants, **group_steps, BLOCK=plan.select_block, GATHER_BLOCK=plan.gather_block, **selection)
         return
-    chosen = torch.empty(rows, dtype=torch.int32, device=device)
+    chosen = torch.empty(rows, 2, dtype=torch.int32, device=device)  # top groups, tail groups
     threshold = torch.empty(rows, dtype=torch.int64, device=device)
-    counts = torch.empty(rows, parts + 1, dtype=torch.int32, device=device)  # the shares' candidates, the tail's
-    gathered = dict(**row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys,
-                    CandPos=cand_pos, CandCount=counts, budget=budget, capacity=capacity, **constants,
-                    GATHER_BLOCK=plan.gather_block, PARTS=parts)
-    wrap_triton(module.radix_select_groups)[(rows,)](**gathered, GroupMax=group_max, **group_steps, **selection)
-    wrap_triton(module.radix_gather)[(rows, parts)](**gathered)
+    counts = torch.empty(rows, parts, dtype=torch.int32, device=device)
+    wrap_triton(module.radix_select_groups)[(rows,)](
+        KvLen=summary.kv_len, SinkEnd=summary.sink_end, RecentStart=summary.recent_start, GroupMax=group_max,
+        Groups=groups, Chosen=chosen, Threshold=threshold, stride_gr=group_max.stride(0), budget=budget,
+        capacity=capacity, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, **group_steps, PAGE=page_size,
+        **selection)
+    wrap_triton(module.radix_gather)[(rows, parts)](
+        **row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys, CandPos=cand_pos,
+        CandCount=counts, budget=budget, capacity=capacity, **constants, GATHER_BLOCK=plan.gather_block, PARTS=parts,
+        TAKEN_TAIL=taken_tail)
     wrap_triton(module.radix_select_candidates)[(rows,)](
         CandKeys=cand_keys, CandPos=cand_pos, CandCount=counts, PackedKeys=torch.empty_like(cand_keys),
         PackedPos=torch.empty_like(cand_pos), **out_args, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group,

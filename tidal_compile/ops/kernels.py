@@ -652,8 +652,8 @@ def topk_taken_tail(groups: int, group_block: int, group: int, share: int, least
     """Group keys past the first `group_block` (of `groups`) whose groups a selection takes whole,
     unranked (radix_topk.py.jinja): the power of two at or above those past it where that is at
     most `least` (the least tail: a row a few keys past a step longer than it) and a gather
-    program's `share` of the top groups (the tail's gather, in the one program per row that
-    chooses the groups, stays short), else 0: the tail is ranked."""
+    program's `share` of the top groups (the last gather program, which appends the tail's
+    candidates, does at most twice the others' work), else 0: the tail is ranked."""
     past = groups - group_block
     tail = triton.next_power_of_2(max(past, 1))
     return tail if group > 1 and past > 0 and tail <= min(least, share) and least < group_block else 0

@@ -257,7 +257,7 @@ def test_grouped_topk_takes_a_short_tail_of_groups_whole(data, group, past, budg
     """A cache a few groups past a selection's step ranks the step's groups and takes every tail
     group whole (`TopkPlan.taken_tail`; ranked where a gather part's share is shorter), at every
     valid length up to the cache's, with the gather in radix_select or split over parts that divide
-    the budget or not (the tail's groups gathered where the groups are chosen), and budgets above the step's
+    the budget or not (the last part appends the tail's candidates), and budgets above the step's
     groups: still a sort."""
     length = (16 + past) * group - data.draw(st.integers(0, group - 1))
     for parts in (1, 3, 8):

@@ -119,8 +119,8 @@ def selection_launches() -> None:
         for grouped, gather_programs, digit_bits, steps in ((True, 1, 8, {}), (True, 4, 8, {}), (True, 1, 4, {}),
                                                             (True, 4, 4, {}), (False, 1, 8, {}),
                                                             (True, 1, 4, taken_tail), (True, 4, 4, taken_tail)):
-            plan = kernels.plan_topk(2 * sets, k.shape[2], 64, q.device, grouped=grouped, gather_programs=gather_programs,
-                                     digit_bits=digit_bits, **{"group": 4, **steps})
+            plan = kernels.plan_topk(2 * sets, k.shape[2], 64, q.device, grouped=grouped,
+                                     gather_programs=gather_programs, digit_bits=digit_bits, **{"group": 4, **steps})
             assert (plan.taken_tail(k.shape[2], 64) > 0) == bool(steps)
             kernels.select_topk(logits, lse, summary, 64, sets, by_prob, plan)
 

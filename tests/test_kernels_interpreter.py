@@ -8,7 +8,8 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+import triton
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import oracle
@@ -487,6 +488,44 @@ def test_sparse_decode_equals_reference(p, budget, granularity):
     _, idx = reference.selection_attention(p.query, p.key, p.value, p.mask, p.scale, budget, granularity)
     out = kernels.sparse_decode(p.query, p.key, p.value, idx, p.scale)
     assert oracle.relative_error(out, oracle.sparse(p.query, p.key, p.value, idx, p.scale)) < TOLERANCE[p.query.dtype]
+
+
+@settings(max_examples=3, deadline=None)
+@given(p=decode_problems(max_len=260), budget=st.integers(129, 256), granularity=granularities)
+def test_sparse_decode_of_few_programs_takes_a_budget_past_the_tile_in_one_tile(p, budget, granularity):
+    """With few programs a budget of 129-256 slots is one tile of 256 (`sparse_blocks`), its
+    unused rows masked, and equals the reference."""
+    _, idx = reference.selection_attention(p.query, p.key, p.value, p.mask, p.scale, budget, granularity)
+    b, h, _, d = p.query.shape
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_sm_count", lambda device: 132)
+        plan = kernels.plan_sparse_decode(b, h, p.num_kv_heads, idx.shape[1], budget, d, p.query.device, False,
+                                          "none")
+        out = kernels.sparse_decode(p.query, p.key, p.value, idx, p.scale)
+    assert (plan.blocks.block_n, plan.splits) == (256, 1)
+    assert oracle.relative_error(out, oracle.sparse(p.query, p.key, p.value, idx, p.scale)) < TOLERANCE[p.query.dtype]
+
+
+@settings(max_examples=200, deadline=None)
+@given(head_dim=st.sampled_from([32, 64, 128, 256]), programs=st.integers(1, 1024), slots=st.integers(1, 8192))
+@example(head_dim=128, programs=66, slots=256).via("the last one-tile budget and program count")
+@example(head_dim=128, programs=67, slots=256).via("one program too many")
+@example(head_dim=128, programs=66, slots=257).via("one slot too many")
+@example(head_dim=256, programs=32, slots=128).via("the last one-tile budget at head dim 256")
+def test_sparse_blocks_take_few_programs_short_budgets_in_one_tile(head_dim, programs, slots):
+    """sparse_decode's tile on 132 SMs: with at most 66 programs and a budget of at most
+    SPARSE_ONE_TILE_MAX slots (scaled with the head dim) one tile holds them all; else
+    SPARSE_BLOCKS' tile, as many tile bytes at every head dim."""
+    cuda = torch.device("cuda")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "_sm_count", lambda device: 132)
+        blocks = kernels.sparse_blocks(head_dim, programs, slots, cuda)
+        splits, _ = kernels.split_work(programs, slots, blocks.block_n, cuda)
+    tile = kernels.SPARSE_BLOCKS.block_n * 128 // max(head_dim, 128)
+    one_tile = programs <= 66 and slots <= kernels.SPARSE_ONE_TILE_MAX * 128 // max(head_dim, 128)
+    assert blocks.block_n == (max(tile, triton.next_power_of_2(slots)) if one_tile else tile)
+    assert (blocks.num_warps, blocks.num_stages) == (kernels.SPARSE_BLOCKS.num_warps, kernels.SPARSE_BLOCKS.num_stages)
+    assert splits == 1 or not one_tile
 
 
 def test_additive_mask_matches_bool_mask():

@@ -359,12 +359,33 @@ class SparseDecodePlan:
         return dict(SHARED=self.shared, PAGED=self.paged, MASK_KIND=self.mask_kind)
 
 
+SPARSE_BLOCKS = DecodeBlocks(128, 4, 2)  # sparse_decode's tile at D = 128 (same tile bytes at other head dims) ...
+SPARSE_ONE_TILE_MAX = 256  # ... or, with few programs, all of a split's slots in one tile up to this many
+
+
+def sparse_blocks(head_dim: int, programs: int, slots: int, device: torch.device) -> DecodeBlocks:
+    """sparse_decode's tile: SPARSE_BLOCKS, or with at most half as many programs as SMs and at most
+    SPARSE_ONE_TILE_MAX slots (scaled with the head dim), every slot in one tile: the gathered rows
+    in one step, no chain of dependent index and row loads. On an H200 (benchmarks/
+    tune_sparse_decode.py, docs/results/tune-sparse-decode-h200-2026-12-03-*.log; us a layer, eight
+    layers of their own caches in one graph; before: the dense launch's tiles, 128 positions, 8 warps
+    (4 with many sequence-heads), 3 stages): B1 128K k=256 query_head (32 programs) 7.46 -> 5.94 in
+    one tile of 256; kv_head (8) 6.88 -> 5.43; B8 32K k=256 (256 programs) 16.31 -> 13.44 and k=2048
+    72.3 -> 66.2 with SPARSE_BLOCKS; B1 128K k=2048 (8 splits of 256) 16.60 -> 15.53."""
+    shrink = max(1, triton.next_power_of_2(head_dim) // 128)
+    block_n = max(16, SPARSE_BLOCKS.block_n // shrink)
+    one_tile = max(16, SPARSE_ONE_TILE_MAX // shrink)
+    if programs <= _sm_count(device) // 2 and slots <= one_tile:
+        block_n = max(block_n, triton.next_power_of_2(slots))
+    return DecodeBlocks(block_n, SPARSE_BLOCKS.num_warps, SPARSE_BLOCKS.num_stages)
+
+
 def plan_sparse_decode(batch: int, heads: int, kv_heads: int, sets: int, slots: int, head_dim: int,
                        device: torch.device, paged: bool, mask_kind: str) -> SparseDecodePlan:
     """The launch plan of `sparse_decode` for `slots` index slots per set (pages x page size)."""
     shared = sets != heads or heads == kv_heads
-    blocks = decode_blocks(head_dim, batch * kv_heads)
     programs = batch * kv_heads if shared else batch * heads
+    blocks = sparse_blocks(head_dim, programs, slots, device)
     splits, split_len = split_work(programs, slots, blocks.block_n, device)
     return SparseDecodePlan(programs=programs, splits=splits, split_len=split_len, blocks=blocks, shared=shared,
                             paged=paged, mask_kind=mask_kind)

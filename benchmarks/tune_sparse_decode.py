@@ -8,8 +8,8 @@ Per shape: the default plan's time (`kernels.plan_sparse_decode`) and each swept
 layer, from CUDA-graph replays of LAYERS launches in a row, each layer over a cache of its own
 (as a decode step runs them: the K/V rows a layer gathers are not in L2 from the previous
 launch; a split plan's combine launch included). "!" marks a plan whose output differs from the
-default's by more than bf16 rounding (it never should). The results feed `_DECODE_BLOCKS`,
-`MIN_SPLIT` and `kernels.plan_sparse_decode`.
+default's by more than bf16 rounding (it never should). The results feed `kernels.SPARSE_BLOCKS`,
+`SPARSE_ONE_TILE_MAX` and `MIN_SPLIT` (`kernels.sparse_blocks`, `plan_sparse_decode`).
 """
 
 from __future__ import annotations

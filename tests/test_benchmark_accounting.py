@@ -353,3 +353,27 @@ def test_projections_merged_and_separate_read_the_same_weights_and_compute_the_s
     q_rows = 4 * decode.HEAD_DIM
     k_expected = activations["hidden"] @ weights["qkv"][q_rows:q_rows + 2 * decode.HEAD_DIM].T
     assert torch.allclose(outs[0][1], k_expected, atol=1e-5)
+
+
+def test_tune_sparse_decode_runs_each_plan_it_builds_and_restores_the_default(monkeypatch):
+    """benchmarks/tune_sparse_decode.py: a swept plan keeps the default's programs and switches,
+    splits the budget into whole tiles or is skipped, runs as built (interpreted kernels, its
+    output the default's), and the default planner is back after each run."""
+    import tune_sparse_decode
+    from tidal_compile.ops import kernels
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 1, 128, generator=gen), torch.randn(1, 2, 300, 128, generator=gen)
+    idx = torch.rand(1, 4, 300, generator=gen).topk(96, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    layers = [(q, k, k, idx)]
+    default = kernels.plan_sparse_decode(1, 4, 2, 4, 96, 128, q.device, False, "none")
+    expected = tune_sparse_decode.run_layers(layers, None)[0]
+    splits = []
+    partials = kernels._partials
+    monkeypatch.setattr(kernels, "_partials", lambda *args: splits.append(args[2]) or partials(*args))
+    assert tune_sparse_decode.plan_of(default, 96, 32, 4, 2, 8) is None  # 8 splits of 32 exceed 96 slots
+    plan = tune_sparse_decode.plan_of(default, 96, 32, 4, 2, 3)
+    assert (plan.splits, plan.split_len, plan.programs, plan.shared) == (3, 32, default.programs, default.shared)
+    out = tune_sparse_decode.run_layers(layers, plan)[0]
+    assert splits == [3] and torch.allclose(out, expected, atol=1e-5)
+    assert kernels.plan_sparse_decode.__name__ == "plan_sparse_decode"

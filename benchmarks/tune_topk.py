@@ -10,6 +10,7 @@ plan (group length, select and gather blocks, warps), side by side on flash_deco
     python benchmarks/tune_topk.py --quick --digit-bits 4 8   # radix digits of 4 bits against 8
     python benchmarks/tune_topk.py --quick --group-tail 256 2048   # group keys held past the first step
     python benchmarks/tune_topk.py --quick --hold-tail   # longer rows hold a step and a tail, or stream
+    python benchmarks/tune_topk.py --quick --early-exit 0 128   # selections stopping early, top groups' slacks
     python benchmarks/tune_topk.py --quick --select-block 1024 4096   # candidates in steps of each
     python benchmarks/tune_topk.py --quick --group-block 2048 4096   # group keys in steps of each
 
@@ -31,7 +32,9 @@ gather's registers beside them). `--digit-bits` times the picked plan with radix
 width (4 bits: eight histograms of 16 bins a selection; 8: four of 256), and the selection layer
 with each. `--group-tail` does the same with each least tail of group keys held past a
 selection's first step (`TopkPlan.group_tail_min`), `--hold-tail` with longer rows streamed and
-held (`TopkPlan.hold_tail`), `--select-block` with each step of candidates (`TopkPlan.select_block`),
+held (`TopkPlan.hold_tail`), `--early-exit` with every digit read and with the selections
+stopping at the first bin that leaves nothing over (each slack: the top groups'
+`TopkPlan.group_slack`), `--select-block` with each step of candidates (`TopkPlan.select_block`),
 `--group-block` with each step of group keys (`TopkPlan.group_block`; a row past it holds a tail).
 The results feed `kernels.topk_grouped_is_faster`, `topk_group` and `topk_select_steps`.
 """
@@ -184,7 +187,8 @@ def plan_variants(picked: kernels.TopkPlan, values: dict[str, list[int]],
                   hold_tail: bool) -> list[tuple[str, dict[str, kernels.TopkPlan]]]:
     """(title, labelled plans): the picked grouped plan with each value of `values` of a field of
     FIELD_VARIANTS (--digit-bits, --group-tail, --group-block, --select-block) and, with
-    `hold_tail`, with longer rows streamed and held (--hold-tail)."""
+    `hold_tail`, with longer rows streamed and held (--hold-tail); with values["early_exit"] (--early-exit),
+    with every digit read and with early exits of each top-group slack."""
     variants = []
     for field, title, label in FIELD_VARIANTS:
         if values.get(field):
@@ -194,6 +198,12 @@ def plan_variants(picked: kernels.TopkPlan, values: dict[str, list[int]],
     if hold_tail:
         variants.append((f"longer rows (picked {'held' if picked.hold_tail else 'streamed'})",
                          {how: dataclasses.replace(picked, hold_tail=how == "held") for how in ("streamed", "held")}))
+    if values.get("early_exit"):
+        exits = {f"exit slack {slack}": dataclasses.replace(picked, early_exit=True, group_slack=slack)
+                 for slack in values["early_exit"]}
+        picked_label = f"exit slack {picked.group_slack}" if picked.early_exit else "every digit"
+        variants.append((f"selections (picked {picked_label})",
+                         {"every digit": dataclasses.replace(picked, early_exit=False, group_slack=0), **exits}))
     return variants
 
 
@@ -227,6 +237,8 @@ def main() -> None:
                         help="time the picked grouped plan with each least tail of group keys held past its first step")
     parser.add_argument("--hold-tail", action="store_true",
                         help="time the picked grouped plan with longer rows streamed and with them held")
+    parser.add_argument("--early-exit", nargs="*", type=int, default=[],
+                        help="time the picked grouped plan with every digit read and with early exits of these slacks")
     parser.add_argument("--select-block", nargs="*", type=int, default=[],
                         help="time the picked grouped plan with its candidates in steps of each of these")
     parser.add_argument("--group-block", nargs="*", type=int, default=[],
@@ -270,7 +282,8 @@ def main() -> None:
             if picked.grouped and args.gather_programs:
                 print(gather_programs_line(picked, *selection, args.gather_programs), flush=True)
             values = {"digit_bits": args.digit_bits, "group_tail_min": args.group_tail,
-                      "group_block": args.group_block, "select_block": args.select_block}
+                      "group_block": args.group_block, "select_block": args.select_block,
+                      "early_exit": args.early_exit}
             variants = plan_variants(picked, values, args.hold_tail) if picked.grouped else []
             for title, plans in variants:
                 print(plans_line(title, plans, *selection), flush=True)

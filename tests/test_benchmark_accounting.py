@@ -173,7 +173,7 @@ def test_host_gaps_attribute_the_hosts_events_to_the_gpus_long_waits():
 
 def test_tune_topk_times_each_gather_split_and_split_plan_it_names_and_each_is_exact(monkeypatch):
     """benchmarks/tune_topk.py's --gather-programs, --split-sweep, --digit-bits, --group-tail,
-    --hold-tail and --select-block lines: a cell per plan, labelled as it was built, none marked
+    --hold-tail, --select-block and --early-exit lines: a cell per plan, labelled as it was built, none marked
     "!" (indices other than the default plan's); interpreted kernels, the timing replaced (it
     needs a GPU)."""
     import tune_topk
@@ -192,13 +192,14 @@ def test_tune_topk_times_each_gather_split_and_split_plan_it_names_and_each_is_e
     variants = [tune_topk.plans_line(title, plans, *selection)
                 for title, plans in tune_topk.plan_variants(
                     picked, {"digit_bits": [4, 8], "group_tail_min": [4, 16], "group_block": [32],
-                             "select_block": [16, 64]}, True)]
+                             "select_block": [16, 64], "early_exit": [0, 8]}, True)]
     assert programs.split(": ", 1)[1] == "1/8w:1.0 1/16w:1.0 2/8w:1.0 2/16w:1.0"
     assert variants == ["  digit widths (picked 8-bit): 4-bit:1.0 8-bit:1.0",
                         "  group tails (picked tail 256): tail 4:1.0 tail 16:1.0",
                         f"  group-key steps (picked step {picked.group_block}): step 32:1.0",
                         f"  candidate steps (picked step {picked.select_block}): step 16:1.0 step 64:1.0",
-                        "  longer rows (picked streamed): streamed:1.0 held:1.0"]
+                        "  longer rows (picked streamed): streamed:1.0 held:1.0",
+                        "  selections (picked every digit): every digit:1.0 exit slack 0:1.0 exit slack 8:1.0"]
     assert split.split("): ", 1)[1] == "4/16/16/8w:1.0 4/32/64/16w:1.0 8/16/16/8w:1.0 8/32/64/16w:1.0; best 4/16/16/8w:1.0"
 
 

@@ -115,12 +115,15 @@ def selection_launches() -> None:
     summary = kernels.summarize_mask(mask, 2, k.shape[2], q.device, sink=4, recent=8)
     _, lse, logits = kernels.flash_decode(q, k, v, mask, 0.1, emit_logits=True, summary=summary)
     taken_tail = dict(group=16, block=16, group_block=16)  # 19 groups: a step and a tail taken whole
+    early = dict(early_exit=True, group_slack=8)  # selections that stop at a bin
     for sets, by_prob in ((8, False), (2, True), (1, True)):
-        for grouped, gather_programs, digit_bits, steps in ((True, 1, 8, {}), (True, 4, 8, {}), (True, 1, 4, {}),
-                                                            (True, 4, 4, {}), (False, 1, 8, {}),
-                                                            (True, 1, 4, taken_tail), (True, 4, 4, taken_tail)):
+        for grouped, gather_programs, digit_bits, steps, exit in (
+                (True, 1, 8, {}, {}), (True, 4, 8, {}, {}), (True, 1, 4, {}, {}), (True, 4, 4, {}, {}),
+                (False, 1, 8, {}, {}), (True, 1, 4, taken_tail, {}), (True, 4, 4, taken_tail, {}),
+                (True, 1, 8, {}, early), (True, 4, 4, taken_tail, early)):
             plan = kernels.plan_topk(2 * sets, k.shape[2], 64, q.device, grouped=grouped,
-                                     gather_programs=gather_programs, digit_bits=digit_bits, **{"group": 4, **steps})
+                                     gather_programs=gather_programs, digit_bits=digit_bits,
+                                     **{"group": 4, **steps, **exit})
             assert (plan.taken_tail(k.shape[2], 64) > 0) == bool(steps)
             kernels.select_topk(logits, lse, summary, 64, sets, by_prob, plan)
 

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import triton
+import triton.language as tl
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -45,6 +46,9 @@ small = dict(dtypes=(torch.float32, torch.float16), max_len=70)
 groups = st.sampled_from([None, 1, 2, 4, 16])  # top-k plans: chunked, or grouped by that many positions
 gather_programs = st.sampled_from([1, 2, 3, 8])  # the grouped plan's candidate gather: in radix_select, or split
 digit_bits = st.sampled_from([4, 8])  # the grouped plan's radix digits
+# the grouped plan's selections: every digit, or stopping at the first bin that leaves nothing (or, for the top
+# groups, at most 5 groups) over
+exits = st.sampled_from([{}, {"early_exit": True}, {"early_exit": True, "group_slack": 5}])
 
 
 @settings(max_examples=12, deadline=None)
@@ -156,14 +160,16 @@ def test_flash_decode_bounds_large_masked_launches_only(monkeypatch):
 
 @settings(max_examples=8, deadline=None)
 @given(p=decode_problems(integer_valued=True, max_len=70), budget=st.integers(1, 24),
-       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups, parts=gather_programs, bits=digit_bits)
-def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent, group, parts, bits):
+       sink=st.integers(0, 2), recent=st.integers(0, 2), group=groups, parts=gather_programs, bits=digit_bits,
+       exit=exits)
+def test_radix_topk_returns_exactly_the_reference_set(p, budget, sink, recent, group, parts, bits, exit):
     """Integer inputs make logits exact, so ties are real: the kernel must break them like the
     reference (lower position first) and return the same sorted indices, its candidate gather in
-    radix_select or split over `parts` programs per row, its digits of 4 or 8 bits."""
+    radix_select or split over `parts` programs per row, its digits of 4 or 8 bits, its selections
+    stopping early or not."""
     budget = max(budget, sink + max(recent, 1))
     _, idx = kernel_selection(p, budget, "query_head", sink, recent, group=group, gather_programs=parts,
-                              digit_bits=bits)
+                              digit_bits=bits, **exit)
     expected = oracle.selection_indices(p.query, p.key, p.mask, p.scale, budget, "query_head", sink, recent)
     torch.testing.assert_close(idx, expected, rtol=0, atol=0)
 
@@ -180,14 +186,14 @@ def test_radix_topk_is_a_topk_of_float_scores(p, budget, granularity, sink, rece
 
 @settings(max_examples=6, deadline=None)
 @given(p=decode_problems(integer_valued=True, max_len=70), granularity=granularities, group=groups,
-       parts=gather_programs, bits=digit_bits)
-def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group, parts, bits):
+       parts=gather_programs, bits=digit_bits, exit=exits)
+def test_radix_topk_breaks_exact_ties_by_lowest_position(p, granularity, group, parts, bits, exit):
     """Identical keys tie every position in every head (and in the summed kv_head / layer
     scores): the kernels pick the lowest valid positions plus the current token."""
     key = p.key[:, :, :1].expand_as(p.key).contiguous()
     tied = type("P", (), dict(query=p.query, key=key, value=p.value, mask=p.mask, scale=p.scale,
                               num_kv_heads=p.num_kv_heads))
-    _, idx = kernel_selection(tied, 3, granularity, group=group, gather_programs=parts, digit_bits=bits)
+    _, idx = kernel_selection(tied, 3, granularity, group=group, gather_programs=parts, digit_bits=bits, **exit)
     for b in range(idx.shape[0]):
         valid = oracle.valid_positions(p.mask, b, key.shape[2])
         expected = sorted(set(valid[:2]) | {valid[-1]})
@@ -207,6 +213,56 @@ def test_grouped_topk_breaks_ties_at_the_candidate_threshold_across_groups_by_po
         assert kernels.select_topk(logits, logits[..., 0], summary, 3, 1, False, plan).tolist() == [[[0, 1, 15]]]
 
 
+threshold_of = kernels.codegen.load("radix_topk.py.jinja")._threshold
+
+
+@triton.jit
+def _threshold_kernel(Keys, Out, count, budget, slack, BLOCK: tl.constexpr, BITS: tl.constexpr,
+                      EARLY_EXIT: tl.constexpr):
+    threshold, need = threshold_of(Keys, count, budget, slack, BLOCK, BITS, BLOCK, False, EARLY_EXIT)
+    tl.store(Out, threshold)
+    tl.store(Out + 1, need.to(tl.int64))
+
+
+def test_early_exit_stops_at_the_first_bin_that_leaves_at_most_the_slack_over():
+    """`_threshold` over keys whose leading byte splits them 2 / 1 / 1: for a budget of 2 the
+    leading byte's bin 0x05 holds exactly that, so with EARLY_EXIT the passes stop there (T its
+    least key, both taken); for a budget of 1 only with a slack of 1; with none, every digit is
+    read. Keys fewer than budget + slack are all taken (T 1)."""
+    keys = torch.tensor([0x05000002, 0x04000003, 0x05000001, 0x03000000], dtype=torch.int64)
+
+    def threshold(budget: int, slack: int, early_exit: bool, bits: int = 8, count: int = 4) -> list[int]:
+        out = torch.zeros(2, dtype=torch.int64)
+        _threshold_kernel[(1,)](keys, out, count, budget, slack, BLOCK=4, BITS=bits, EARLY_EXIT=early_exit)
+        return out.tolist()
+
+    assert threshold(2, 0, False) == [0x05000001, 1]
+    assert threshold(2, 0, True) == [0x05000000, 2]
+    assert threshold(2, 0, True, bits=4) == [0x05000000, 2]
+    assert threshold(1, 0, True) == [0x05000002, 1]
+    assert threshold(1, 1, True) == [0x05000000, 2]
+    assert threshold(3, 0, True) == [0x04000000, 1]
+    assert threshold(3, 1, True) == [1, 4]
+    assert threshold(3, 1, False) == [0x04000003, 1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(length=st.integers(1, 5000), budget=st.integers(1, 300), group=st.sampled_from([1, 2, 4, 16]),
+       parts=gather_programs, slack=st.integers(0, 64), group_block=st.sampled_from([16, 64, 256]))
+def test_topk_scratch_holds_each_gather_share_of_the_budget_and_slack_then_the_taken_tail(
+        length, budget, group, parts, slack, group_block):
+    """radix_gather's part p writes from p x cdiv(budget + slack, parts) groups on and the last
+    part appends the taken tail after its share: all of it inside a row's scratch, which holds at
+    least every group the first selection may take."""
+    plan = kernels.plan_topk(1, length, budget, torch.device("cpu"), grouped=True, chunk=16, block=16, group=group,
+                             gather_programs=parts, group_block=group_block, early_exit=slack > 0, group_slack=slack)
+    share = -(-(budget + slack) // plan.gather_parts)
+    tail = plan.taken_tail(length, budget)
+    held = plan.scratch_groups(length, budget)
+    assert plan.gather_parts * share + tail <= held and budget + slack + tail <= held
+    assert plan.gather_parts == (parts if plan.group > 1 else 1)
+
+
 def _topk_by_sorting(row: list[float], forced: set[int], budget: int) -> list[int]:
     """The top-`budget` positions of one row of logits (forced first, then larger, then lower position), ascending."""
     order = sorted(range(len(row)), key=lambda n: (0, 0, n) if n in forced else (1, -row[n], n))
@@ -216,8 +272,9 @@ def _topk_by_sorting(row: list[float], forced: set[int], budget: int) -> list[in
 @settings(max_examples=25, deadline=None)
 @given(base=st.sampled_from([2.0, 2.0 ** 127, -3.0, 1e-30]), length=st.integers(8, 70),
        offsets=st.data(), budget=st.integers(1, 20), sink=st.integers(0, 3), recent=st.integers(0, 3),
-       group=st.sampled_from([2, 4, 8]), parts=gather_programs, bits=digit_bits)
-def test_grouped_topk_of_keys_in_a_narrow_band(base, length, offsets, budget, sink, recent, group, parts, bits):
+       group=st.sampled_from([2, 4, 8]), parts=gather_programs, bits=digit_bits, exit=exits)
+def test_grouped_topk_of_keys_in_a_narrow_band(base, length, offsets, budget, sink, recent, group, parts, bits,
+                                               exit):
     """Logits within a few percent of `base` (keys sharing their leading digits: the radix
     selections decide in the low digits; at 2 ** 127 the leading byte is all ones, as a forced
     key's), ties among them, sink and recent positions forced (more of them than the budget too):
@@ -228,7 +285,7 @@ def test_grouped_topk_of_keys_in_a_narrow_band(base, length, offsets, budget, si
     summary = kernels.summarize_mask(None, 1, length, logits.device, sink, recent)
     forced = {n for n in range(length) if n < summary.sink_end.item() or n >= summary.recent_start.item()}
     plan = kernels.plan_topk(1, length, budget, logits.device, grouped=True, chunk=16, block=16, group=group,
-                             gather_programs=parts, digit_bits=bits)
+                             gather_programs=parts, digit_bits=bits, **exit)
     expected = _topk_by_sorting(row, forced, budget)
     expected += [-1] * (budget - len(expected))
     assert kernels.select_topk(logits, logits[..., 0], summary, budget, 1, False, plan).tolist() == [[expected]]
@@ -237,24 +294,24 @@ def test_grouped_topk_of_keys_in_a_narrow_band(base, length, offsets, budget, si
 @settings(max_examples=20, deadline=None)
 @given(length=st.integers(24, 160), data=st.data(), budget=st.integers(1, 12), recent=st.integers(0, 2),
        group=st.sampled_from([1, 2, 4]), group_block=st.sampled_from([4, 8, 16]), parts=gather_programs,
-       bits=digit_bits, hold_tail=st.booleans())
+       bits=digit_bits, hold_tail=st.booleans(), exit=exits)
 def test_grouped_topk_over_group_keys_past_the_first_step(length, data, budget, recent, group, group_block, parts,
-                                                          bits, hold_tail):
+                                                          bits, hold_tail, exit):
     """More group keys than a selection's first step holds, as a cache a few positions past a
     power of two has (a short tail past it, held) or several steps past it (streamed, or with
     `hold_tail` a step and a tail held and the rest streamed), rows shorter than the cache, ties
     everywhere: the grouped top-k equals a sort."""
     plan = kernels.plan_topk(1, length, budget, torch.device("cpu"), grouped=True, chunk=16, block=16, group=group,
                              gather_programs=parts, digit_bits=bits, group_block=group_block,
-                             hold_tail=hold_tail)
+                             hold_tail=hold_tail, **exit)
     assert plan.group_tail(length) <= group_block
     _assert_topk_of_a_shorter_row_is_a_sort(data, length, budget, recent, plan)
 
 
 @settings(max_examples=15, deadline=None)
 @given(data=st.data(), group=st.sampled_from([2, 4]), past=st.integers(1, 4), budget=st.integers(4, 20),
-       recent=st.integers(0, 2), bits=digit_bits)
-def test_grouped_topk_takes_a_short_tail_of_groups_whole(data, group, past, budget, recent, bits):
+       recent=st.integers(0, 2), bits=digit_bits, exit=exits)
+def test_grouped_topk_takes_a_short_tail_of_groups_whole(data, group, past, budget, recent, bits, exit):
     """A cache a few groups past a selection's step ranks the step's groups and takes every tail
     group whole (`TopkPlan.taken_tail`; ranked where a gather part's share is shorter), at every
     valid length up to the cache's, with the gather in radix_select or split over parts that divide
@@ -263,7 +320,7 @@ def test_grouped_topk_takes_a_short_tail_of_groups_whole(data, group, past, budg
     length = (16 + past) * group - data.draw(st.integers(0, group - 1))
     for parts in (1, 3, 8):
         plan = kernels.plan_topk(1, length, budget, torch.device("cpu"), grouped=True, chunk=16, block=16,
-                                 group=group, gather_programs=parts, digit_bits=bits, group_block=16)
+                                 group=group, gather_programs=parts, digit_bits=bits, group_block=16, **exit)
         assert plan.taken_tail(length, budget) > 0 or parts > 1
         _assert_topk_of_a_shorter_row_is_a_sort(data, length, budget, recent, plan)
 

@@ -626,6 +626,9 @@ class TopkPlan:
     `digit_bits` bits at a time (32 / digit_bits histograms of 2 ** digit_bits bins); with
     `hold_tail`, rows longer than their step and tail (group keys; candidates: two steps) hold
     those in registers too and stream the rest (`topk_select_steps` turns it on for few rows).
+    With `early_exit` a selection stops at the first radix digit whose bin, taken whole, leaves
+    nothing over (the same keys, fewer passes) or, for the top groups, at most `group_slack`
+    groups over (more groups gathered, T0 a little lower: fewer passes again).
     Chunked (radix_topk_chunked.py.jinja): every pass on (rows, chunks of `chunk`) programs."""
 
     grouped: bool
@@ -640,10 +643,14 @@ class TopkPlan:
     digit_bits: int = RADIX_BITS
     group_tail_min: int = GROUP_TAIL_MIN
     hold_tail: bool = False
+    early_exit: bool = False
+    group_slack: int = 0
 
     def __post_init__(self) -> None:
         if self.digit_bits not in (4, 8):
             raise ValueError(f"TopkPlan.digit_bits must be 4 or 8, not {self.digit_bits}")
+        if self.group_slack < 0 or (self.group_slack and not self.early_exit):
+            raise ValueError(f"TopkPlan.group_slack must be >= 0, and 0 without early_exit, not {self.group_slack}")
 
     def chunks(self, length: int) -> int:
         return triton.cdiv(length, self.chunk)
@@ -663,10 +670,21 @@ class TopkPlan:
         """`group_tail_min`, scaled with the block."""
         return max(1, self.group_tail_min * self.block // TOPK_BLOCK)
 
+    @property
+    def gather_parts(self) -> int:
+        """The candidate gather's programs per row (1 where groups are positions: no gather)."""
+        return self.gather_programs if self.group > 1 else 1
+
+    def scratch_groups(self, length: int, budget: int) -> int:
+        """Groups a row's scratch must hold: the gather parts' shares of the most groups the first
+        selection takes (the budget, and `group_slack` more with `early_exit`), then a taken tail."""
+        parts = self.gather_parts
+        return parts * triton.cdiv(budget + self.group_slack, parts) + self.taken_tail(length, budget)
+
     def taken_tail(self, length: int, budget: int) -> int:
         """`topk_taken_tail` of this plan's rows of up to `length` positions."""
         return topk_taken_tail(triton.cdiv(length, self.group), self.group_block, self.group,
-                               triton.cdiv(budget, self.gather_programs), self.least_tail)
+                               triton.cdiv(budget + self.group_slack, self.gather_programs), self.least_tail)
 
 
 def topk_taken_tail(groups: int, group_block: int, group: int, share: int, least: int) -> int:
@@ -760,14 +778,16 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
         wrap_triton(module.radix_group_max)[(rows, plan.chunks(length))](
             **row_args, GroupMax=group_max, **constants, BLOCK=block, CHUNK=plan.chunk)
     taken_tail = plan.taken_tail(length, budget)
-    parts = plan.gather_programs if plan.group > 1 else 1
-    capacity = scratch_row_stride(parts * triton.cdiv(budget, parts) + taken_tail)  # parts' shares, the tail
+    parts = plan.gather_parts
+    capacity = scratch_row_stride(plan.scratch_groups(length, budget))
     groups = torch.empty(rows, capacity, dtype=torch.int32, device=device)
     slots = capacity * plan.group if plan.group > 1 else 1
     cand_keys = torch.empty(rows, slots, dtype=torch.int64, device=device)
     cand_pos = torch.empty(rows, slots, dtype=torch.int32, device=device)
-    out_args = dict(Out=out, stride_ob=out.stride(0), stride_os=out.stride(1), budget=budget, capacity=capacity)
-    selection = dict(DIGIT_BITS=plan.digit_bits, HOLD_TAIL=plan.hold_tail, num_warps=plan.select_warps)
+    budget_args = dict(budget=budget, group_slack=plan.group_slack, capacity=capacity)
+    out_args = dict(Out=out, stride_ob=out.stride(0), stride_os=out.stride(1), **budget_args)
+    selection = dict(DIGIT_BITS=plan.digit_bits, HOLD_TAIL=plan.hold_tail, EARLY_EXIT=plan.early_exit,
+                     num_warps=plan.select_warps)
     group_steps = dict(GROUP_BLOCK=plan.group_block, GROUP_TAIL=plan.group_tail(length), TAKEN_TAIL=taken_tail)
     if parts == 1:
         wrap_triton(module.radix_select)[(rows,)](
@@ -779,12 +799,11 @@ def _select_grouped(logits: Tensor, lse: Optional[Tensor], summary: MaskSummary,
     counts = torch.empty(rows, parts, dtype=torch.int32, device=device)
     wrap_triton(module.radix_select_groups)[(rows,)](
         KvLen=summary.kv_len, SinkEnd=summary.sink_end, RecentStart=summary.recent_start, GroupMax=group_max,
-        Groups=groups, Chosen=chosen, Threshold=threshold, stride_gr=group_max.stride(0), budget=budget,
-        capacity=capacity, NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, **group_steps, PAGE=page_size,
-        **selection)
+        Groups=groups, Chosen=chosen, Threshold=threshold, stride_gr=group_max.stride(0), **budget_args,
+        NUM_SETS=constants["NUM_SETS"], GROUP=plan.group, **group_steps, PAGE=page_size, **selection)
     wrap_triton(module.radix_gather)[(rows, parts)](
         **row_args, Groups=groups, Chosen=chosen, Threshold=threshold, CandKeys=cand_keys, CandPos=cand_pos,
-        CandCount=counts, budget=budget, capacity=capacity, **constants, GATHER_BLOCK=plan.gather_block, PARTS=parts,
+        CandCount=counts, **budget_args, **constants, GATHER_BLOCK=plan.gather_block, PARTS=parts,
         TAKEN_TAIL=taken_tail)
     wrap_triton(module.radix_select_candidates)[(rows,)](
         CandKeys=cand_keys, CandPos=cand_pos, CandCount=counts, PackedKeys=torch.empty_like(cand_keys),

@@ -60,13 +60,7 @@ def plan_of(default: kernels.SparseDecodePlan, slots: int, block_n: int, warps: 
 
 def run_layers(layers, plan: kernels.SparseDecodePlan | None):
     """Every layer's sparse_decode, by `plan` (None: the default)."""
-    original = kernels.plan_sparse_decode
-    if plan is not None:
-        kernels.plan_sparse_decode = lambda *args, **kwargs: plan
-    try:
-        return [kernels.sparse_decode(q, k, v, idx, SCALE) for q, k, v, idx in layers]
-    finally:
-        kernels.plan_sparse_decode = original
+    return [kernels.sparse_decode(q, k, v, idx, SCALE, plan=plan) for q, k, v, idx in layers]
 
 
 def us_per_layer(layers, plan) -> float:

@@ -72,13 +72,18 @@ SWITCHES = ("MASK_KIND", "EMIT_LOGITS", "SKIP_MASKED_BLOCKS", "BOUND_LOOP", "UNM
 """flash_decode's feature switches: part of the autotuning key (each variant is tuned apart)."""
 
 
+def tile_rows(rows_at_128: int, head_dim: int) -> int:
+    """A tile's rows at `head_dim` for `rows_at_128` at D = 128: as many tile bytes at larger head
+    dims (at least 16 rows), the same rows at smaller ones."""
+    return max(16, rows_at_128 // max(1, triton.next_power_of_2(head_dim) // 128))
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuned(kernel: triton.JITFunction, head_dim: int) -> triton.runtime.Autotuner:
     """`kernel` under triton.autotune over TUNE_CANDIDATES (tile bytes kept for other head dims).
     Triton times the candidates at the first launch of each key and caches the winner per process;
     under torch.compile, Inductor autotunes the same configs and keeps the result in its cache."""
-    shrink = max(1, triton.next_power_of_2(head_dim) // 128)
-    configs = [triton.Config({"BLOCK_N": max(16, n // shrink)}, num_warps=w, num_stages=st)
+    configs = [triton.Config({"BLOCK_N": tile_rows(n, head_dim)}, num_warps=w, num_stages=st)
                for n, w, st in TUNE_CANDIDATES]
     return triton.autotune(configs, key=["length", "split_len", "NUM_KV_HEADS", "GROUP", "HEAD_DIM", *SWITCHES])(kernel)
 
@@ -372,10 +377,8 @@ def sparse_blocks(head_dim: int, programs: int, slots: int, device: torch.device
     (4 with many sequence-heads), 3 stages): B1 128K k=256 query_head (32 programs) 7.46 -> 5.94 in
     one tile of 256; kv_head (8) 6.88 -> 5.43; B8 32K k=256 (256 programs) 16.31 -> 13.44 and k=2048
     72.3 -> 66.2 with SPARSE_BLOCKS; B1 128K k=2048 (8 splits of 256) 16.60 -> 15.53."""
-    shrink = max(1, triton.next_power_of_2(head_dim) // 128)
-    block_n = max(16, SPARSE_BLOCKS.block_n // shrink)
-    one_tile = max(16, SPARSE_ONE_TILE_MAX // shrink)
-    if programs <= _sm_count(device) // 2 and slots <= one_tile:
+    block_n = tile_rows(SPARSE_BLOCKS.block_n, head_dim)
+    if programs <= _sm_count(device) // 2 and slots <= tile_rows(SPARSE_ONE_TILE_MAX, head_dim):
         block_n = max(block_n, triton.next_power_of_2(slots))
     return DecodeBlocks(block_n, SPARSE_BLOCKS.num_warps, SPARSE_BLOCKS.num_stages)
 
@@ -392,15 +395,17 @@ def plan_sparse_decode(batch: int, heads: int, kv_heads: int, sets: int, slots: 
 
 
 def sparse_decode(query: Tensor, key: Tensor, value: Tensor, indices: Tensor, scale: float,
-                  attn_mask: Optional[Tensor] = None, page_size: int = 0) -> Tensor:
+                  attn_mask: Optional[Tensor] = None, page_size: int = 0,
+                  plan: Optional[SparseDecodePlan] = None) -> Tensor:
     """Attention over the positions in `indices` (int32 [B, S, k], -1 ignored). With `page_size`,
-    indices are pages (Quest): each covers `page_size` positions, those valid under `attn_mask` used."""
+    indices are pages (Quest): each covers `page_size` positions, those valid under `attn_mask` used.
+    `plan` defaults to `plan_sparse_decode`'s."""
     b, h, _, d = sizes(query)
     _, hkv, length, _ = sizes(key)
     _, sets, budget = sizes(indices)
     slots = budget * max(page_size, 1)
     mask, (stride_mb, stride_mn), mask_kind, mask_min = _mask_args(attn_mask if page_size else None, b, length, query)
-    plan = plan_sparse_decode(b, h, hkv, sets, slots, d, query.device, bool(page_size), mask_kind)
+    plan = plan or plan_sparse_decode(b, h, hkv, sets, slots, d, query.device, bool(page_size), mask_kind)
     q = query.contiguous()
     idx = indices.contiguous()
     part_out, part_lse = _partials(b, h, plan.splits, d, query.dtype, query.device)

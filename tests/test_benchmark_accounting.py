@@ -199,7 +199,7 @@ def test_tune_topk_times_each_gather_split_and_split_plan_it_names_and_each_is_e
                         f"  group-key steps (picked step {picked.group_block}): step 32:1.0",
                         f"  candidate steps (picked step {picked.select_block}): step 16:1.0 step 64:1.0",
                         "  longer rows (picked streamed): streamed:1.0 held:1.0",
-                        "  selections (picked every digit): every digit:1.0 exit slack 0:1.0 exit slack 8:1.0"]
+                        "  selections (picked exit slack 0): every digit:1.0 exit slack 0:1.0 exit slack 8:1.0"]
     assert split.split("): ", 1)[1] == "4/16/16/8w:1.0 4/32/64/16w:1.0 8/16/16/8w:1.0 8/32/64/16w:1.0; best 4/16/16/8w:1.0"
 
 

@@ -115,11 +115,12 @@ def selection_launches() -> None:
     summary = kernels.summarize_mask(mask, 2, k.shape[2], q.device, sink=4, recent=8)
     _, lse, logits = kernels.flash_decode(q, k, v, mask, 0.1, emit_logits=True, summary=summary)
     taken_tail = dict(group=16, block=16, group_block=16)  # 19 groups: a step and a tail taken whole
-    early = dict(early_exit=True, group_slack=8)  # selections that stop at a bin
+    every = dict(early_exit=False)  # selections that read every digit (plan_topk's stop early)
+    early = dict(early_exit=True, group_slack=8)  # top groups that stop at a bin up to 8 over
     for sets, by_prob in ((8, False), (2, True), (1, True)):
         for grouped, gather_programs, digit_bits, steps, exit in (
-                (True, 1, 8, {}, {}), (True, 4, 8, {}, {}), (True, 1, 4, {}, {}), (True, 4, 4, {}, {}),
-                (False, 1, 8, {}, {}), (True, 1, 4, taken_tail, {}), (True, 4, 4, taken_tail, {}),
+                (True, 1, 8, {}, every), (True, 4, 8, {}, {}), (True, 1, 4, {}, {}), (True, 4, 4, {}, every),
+                (False, 1, 8, {}, {}), (True, 1, 4, taken_tail, {}), (True, 4, 4, taken_tail, every),
                 (True, 1, 8, {}, early), (True, 4, 4, taken_tail, early)):
             plan = kernels.plan_topk(2 * sets, k.shape[2], 64, q.device, grouped=grouped,
                                      gather_programs=gather_programs, digit_bits=digit_bits,

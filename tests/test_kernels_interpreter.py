@@ -48,7 +48,7 @@ gather_programs = st.sampled_from([1, 2, 3, 8])  # the grouped plan's candidate 
 digit_bits = st.sampled_from([4, 8])  # the grouped plan's radix digits
 # the grouped plan's selections: every digit, or stopping at the first bin that leaves nothing (or, for the top
 # groups, at most 5 groups) over
-exits = st.sampled_from([{}, {"early_exit": True}, {"early_exit": True, "group_slack": 5}])
+exits = st.sampled_from([{"early_exit": False}, {"early_exit": True}, {"early_exit": True, "group_slack": 5}])
 
 
 @settings(max_examples=12, deadline=None)
@@ -481,26 +481,30 @@ def test_topk_select_steps_pick_the_h200_sweeps_best(monkeypatch):
     candidates in steps of 1024 at every budget, longer rows held with at most 66 rows (the many rows'
     large-budget gather in steps of 2048; tune-topk-h200-2026-12-03-hold-tail-dcdf4a9.log); a row a
     few group keys past a power of two (128K + 16) in steps of that power, its tail's groups taken
-    whole (tune-topk-h200-2026-12-03-taken-tail-*.log)."""
+    whole (tune-topk-h200-2026-12-03-taken-tail-*.log); selections that stop early, the top groups
+    with a slack of budget / 16 only with many rows and a budget of 1024 on
+    (tune-topk-h200-2026-12-03-early-exit-*.log)."""
     monkeypatch.setattr(kernels, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda")
-    expected = {(32, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4, True),
-                (8, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4, True),
-                (32, 131072 + 16, 256, 64): (2048, 1024, 2048, 8, 8, 4, True),
-                (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 2048, 8, 8, 4, True),
-                (64, 32768, 256, 16): (2048, 1024, 4096, 16, 1, 4, True),
-                (64, 32768, 2048, 8): (4096, 1024, 4096, 16, 4, 4, True),
-                (256, 32768, 256, 16): (2048, 1024, 1024, 8, 1, 8, False),
-                (256, 32768, 2048, 8): (2048, 1024, 2048, 8, 1, 8, False),
-                (32, 131072, 2048, 8): (4096, 1024, 2048, 8, 8, 4, True),
-                (32, 131072, 2048, 32): (4096, 1024, 4096, 16, 8, 4, True),
-                (32, 8192, 16, 64): (128, 128, 1024, 8, 1, 4, True),
-                (32, 8192 + 1, 16, 64): (256, 128, 1024, 8, 1, 4, True)}
+    expected = {(32, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4, True, True, 0),
+                (8, 131072, 256, 64): (2048, 1024, 2048, 8, 8, 4, True, True, 0),
+                (32, 131072 + 16, 256, 64): (2048, 1024, 2048, 8, 8, 4, True, True, 0),
+                (32, 131072 * 7 // 4, 256, 64): (4096, 1024, 2048, 8, 8, 4, True, True, 0),
+                (64, 32768, 256, 16): (2048, 1024, 4096, 16, 1, 4, True, True, 0),
+                (64, 32768, 2048, 8): (4096, 1024, 4096, 16, 4, 4, True, True, 0),
+                (256, 32768, 256, 16): (2048, 1024, 1024, 8, 1, 8, False, True, 0),
+                (256, 32768, 2048, 8): (2048, 1024, 2048, 8, 1, 8, False, True, 128),
+                (32, 131072, 2048, 8): (4096, 1024, 2048, 8, 8, 4, True, True, 0),
+                (32, 131072, 2048, 32): (4096, 1024, 4096, 16, 8, 4, True, True, 0),
+                (32, 8192, 16, 64): (128, 128, 1024, 8, 1, 4, True, True, 0),
+                (32, 8192 + 1, 16, 64): (256, 128, 1024, 8, 1, 4, True, True, 0)}
     assert {shape: tuple(kernels.topk_select_steps(*shape, cuda).values()) for shape in expected} == expected
     scaled_down = kernels.topk_select_steps(32, 131072, 256, 64, cuda, block=16)
-    assert tuple(scaled_down.values()) == (64, 16, 64, 16, 8, 4, True)
+    assert tuple(scaled_down.values()) == (64, 16, 64, 16, 8, 4, True, True, 0)
     fused = kernels.topk_select_steps(32, 131072, 256, 64, cuda, gather_programs=1)
     assert (fused["gather_block"], fused["select_warps"], fused["gather_programs"]) == (4096, 16, 1)
+    every_digit = kernels.plan_topk(256, 32768, 2048, cuda, grouped=True, early_exit=False)
+    assert (every_digit.early_exit, every_digit.group_slack) == (False, 0)
 
 
 def test_split_plans_take_the_h200_sweeps_group(monkeypatch):

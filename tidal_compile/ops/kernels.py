@@ -489,6 +489,7 @@ GATHER_PROGRAMS_PER_SM = 2  # ... and at most this many of its programs per SM .
 GATHER_PROGRAMS_MAX = 8  # ... and per row
 RADIX_BITS = 8  # bits per digit of 32-bit keys (radix_keys.py.jinja): the chunked plan's, the grouped one's default ...
 RADIX_BITS_FEW_ROWS = 4  # ... and with at most half as many rows as SMs, the grouped plan's
+GROUP_SLACK_PER_BUDGET = 16  # with many rows and a budget of LARGE_BUDGET on, the top groups up to budget / this over
 RADIX_LEVELS = 32 // RADIX_BITS
 
 
@@ -534,8 +535,8 @@ def topk_grouped_is_faster(rows: int, length: int, budget: int, device: torch.de
 def topk_select_steps(rows: int, length: int, budget: int, group: int, device: torch.device,
                       block: int = TOPK_BLOCK, gather_programs: Optional[int] = None) -> dict[str, int | bool]:
     """radix_select's steps, warps and digits (TopkPlan's group_block, select_block, gather_block,
-    select_warps, gather_programs (`topk_gather_programs` by default), digit_bits, hold_tail) for a
-    group-max step of `block` (TOPK_BLOCK; smaller blocks scale the constants down).
+    select_warps, gather_programs (`topk_gather_programs` by default), digit_bits, hold_tail,
+    early_exit, group_slack) for a group-max step of `block` (TOPK_BLOCK; smaller blocks scale the constants down).
     - Group keys: in one step where they fit (GROUP_BLOCK_MAX, fewer when the rows fill the GPU)
       and fill three quarters of it: loaded once for the four digit passes; a short row (Quest's
       pages) takes a short step. A histogram costs its whole step, so a row just past a power
@@ -573,6 +574,12 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
       us, k = 2048 140.7 -> 123.2 us with steps of 2048 candidates; docs/results/
       topk-warps-h200-2026-12-01.log), else SELECT_WARPS (Quest's page rows at B1 128K, 1024-
       position gathers: 12.9 us a launch with 8 warps, 17.6 with 16).
+    - Early exit (`TopkPlan.early_exit`): always; the same keys in fewer passes (B1 128K k=256,
+      selection layer: top-k 42.7 -> 39.6 us; never slower beyond noise). The top groups' slack
+      (budget / GROUP_SLACK_PER_BUDGET) with many rows and a budget of LARGE_BUDGET on: B8 32K
+      query_head k=2048 109.2 -> 97.8 us in the layer (radix_select 91.0 -> 79.1); elsewhere the
+      slack's groups can cost a gather step more than the passes it saves (B1 128K k=256 with 8
+      gather programs: 39.6 -> 40.9; docs/results/tune-topk-h200-2026-12-03-early-exit-*.log).
     Fitted to benchmarks/tune_topk.py on an H200 (docs/results/tune-topk-h200-2026-11-30-*.log,
     the split plans: tune-topk-h200-2026-12-02-split-sweep-*-b419b79.log)."""
     def scaled(step: int) -> int:
@@ -580,6 +587,7 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
 
     few_rows = rows <= _sm_count(device) // 2
     programs = gather_programs or topk_gather_programs(rows, budget, group, device)
+    slack = budget // GROUP_SLACK_PER_BUDGET if group > 1 and not few_rows and budget >= LARGE_BUDGET else 0
     select = min(scaled(SELECT_BLOCK),
                  max(scaled(SELECT_BLOCK_MIN), triton.next_power_of_2(CANDIDATES_PER_BUDGET * budget)))
     if few_rows:
@@ -590,7 +598,7 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
         gather = select
     groups = triton.cdiv(length, group)
     group_block = triton.next_power_of_2(groups)
-    if topk_taken_tail(groups, group_block // 2, group, triton.cdiv(budget, programs), scaled(GROUP_TAIL_MIN)):
+    if topk_taken_tail(groups, group_block // 2, group, triton.cdiv(budget + slack, programs), scaled(GROUP_TAIL_MIN)):
         group_block //= 2  # a few group keys past a power of two: its tail's groups are taken whole
     elif 4 * groups <= 3 * group_block and programs == 1:  # a quarter empty or more: steps of at most SELECT_BLOCK
         group_block = min(group_block, scaled(SELECT_BLOCK))
@@ -599,7 +607,8 @@ def topk_select_steps(rows: int, length: int, budget: int, group: int, device: t
     long_rows = few_rows and gather >= scaled(GATHER_BLOCK_FEW_ROWS)
     return {"group_block": group_block, "select_block": select, "gather_block": gather,
             "select_warps": SELECT_WARPS_LONG_ROWS if long_rows else SELECT_WARPS, "gather_programs": programs,
-            "digit_bits": RADIX_BITS_FEW_ROWS if few_rows else RADIX_BITS, "hold_tail": few_rows}
+            "digit_bits": RADIX_BITS_FEW_ROWS if few_rows else RADIX_BITS, "hold_tail": few_rows,
+            "early_exit": True, "group_slack": slack}
 
 
 def topk_gather_programs(rows: int, budget: int, group: int, device: torch.device) -> int:
@@ -708,7 +717,8 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
               gather_programs: Optional[int] = None, **select: int) -> TopkPlan:
     """The launch plan of `select_topk` (defaults: `topk_grouped_is_faster`, `topk_chunk`,
     TOPK_BLOCK, `topk_group` (at most the block; `topk_split_group`'s where the gather is split),
-    `topk_select_steps` for the gather programs and the steps they imply)."""
+    `topk_select_steps` for the gather programs and the steps they imply; `early_exit=False`
+    drops their top-group slack)."""
     if grouped is None:
         grouped = topk_grouped_is_faster(rows, length, budget, device)
     if group is None:
@@ -716,7 +726,10 @@ def plan_topk(rows: int, length: int, budget: int, device: torch.device, grouped
         if (gather_programs or topk_gather_programs(rows, budget, min(group, block), device)) > 1:
             group = topk_split_group(length, budget, group)
     group = min(group, block)
-    select = {**topk_select_steps(rows, length, budget, group, device, block, gather_programs), **select}
+    steps = topk_select_steps(rows, length, budget, group, device, block, gather_programs)
+    if not select.get("early_exit", True):
+        steps["group_slack"] = 0  # a slack needs the early exit
+    select = {**steps, **select}
     return TopkPlan(grouped=grouped, chunk=chunk or topk_chunk(rows, length, device), group=group, block=block,
                     **select)
 

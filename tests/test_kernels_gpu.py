@@ -79,7 +79,7 @@ def test_gpu_topk_is_exact_at_every_group_length(group, granularity):
 def test_gpu_topk_holding_longer_rows_is_exact(length, batch):
     """`TopkPlan.hold_tail`: rows longer than a step and its tail (the candidates of k=2048,
     the group keys of many rows) hold both in registers and stream the rest; the reference's
-    indices, ties included."""
+    indices, ties included (many rows: the top groups' early exit with its slack too)."""
     from tidal_compile.ops import kernels
 
     q, k, v, mask = _real_problem(batch, 32, 8, length, torch.bfloat16, integer_valued=True, seed=2)
